@@ -1,0 +1,1 @@
+"""Backends: `numpy` (the fast executor) and `reference` (the plain interpreter used as the oracle)."""

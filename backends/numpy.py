@@ -1,0 +1,350 @@
+"""The fast NumPy backend: compile a graph once into a flat list of kernel calls bound to arena views.
+
+Every temp value is a view into one preallocated arena at the offset the memory plan gave it; kernels
+write with `out=`, so a step allocates no activation memory. A program is specialised (its views bound)
+once per distinct number of new tokens S and KV-cache slot, then reused: a decode step is just a loop
+over prepared closures. Only the attention and KV-write kernels read the per-step position.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import GraphError
+from ..ir import Graph, Node, op_def
+from ..passes.memory_plan import MemoryPlan, workspace_key
+from .rope import is_position_dependent, rope_frequencies
+
+Kernel = Callable[[], None]
+KernelBuilder = Callable[..., Kernel]
+KERNELS: dict[str, KernelBuilder] = {}
+VIEWS: dict[str, Callable[[np.ndarray, dict, dict], np.ndarray]] = {}
+
+
+def kernel(op: str):
+    """Register `build(node, inputs, outputs, scratch, step) -> call` as the kernel for `op`."""
+
+    def register(build):
+        KERNELS[op] = build
+        return build
+
+    return register
+
+
+def view(op: str):
+    """Register `make(input_array, attrs, bindings) -> view` for an op whose output is a view of its input."""
+
+    def register(make):
+        VIEWS[op] = make
+        return make
+
+    return register
+
+
+class StepState:
+    """What changes every step without changing any buffer: how many positions the cache holds."""
+
+    __slots__ = ("total",)
+
+    def __init__(self):
+        self.total = 0
+
+
+class Program:
+    def __init__(self, graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]):
+        for node in graph.nodes:
+            if node.op not in KERNELS and node.op not in VIEWS:
+                raise GraphError(f"numpy backend has no kernel for op {node.op!r} (node {node.name})")
+            for value in node.outputs:
+                if value.kind == "temp" and "T" in {s.name for s in value.type.symbols}:
+                    raise GraphError(f"numpy backend: temp {value.ref} : {value.type} depends on T; only "
+                                     "kv_write and attention may see the cache length")
+        self.graph = graph
+        self.plan = plan
+        self.params = {name: params[name] for name in graph.params}
+        self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
+        self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
+        self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
+        self.step = StepState()
+        self._bound: dict[tuple[int, int], tuple[list[Kernel], list[np.ndarray]]] = {}
+        self.max_new_tokens = graph.symbols["S"].max
+
+    def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], total: int) -> list[np.ndarray]:
+        """One step: inputs hold S new tokens, the cache will hold `total` positions after it. Returns the outputs
+        as views of the program's own buffers (copy them to keep them past the next step)."""
+        seq = len(next(iter(inputs.values())))
+        if not 0 < seq <= self.max_new_tokens:
+            raise GraphError(f"a step takes 1..{self.max_new_tokens} new tokens, got {seq}")
+        for name, array in inputs.items():
+            self.input_buffers[name][:seq] = array
+        self.step.total = total
+        key = (seq, id(state))
+        if key not in self._bound:
+            self._bound[key] = self._bind(seq, state)
+        calls, outputs = self._bound[key]
+        for call in calls:
+            call()
+        return outputs
+
+    def _bind(self, seq: int, state: Mapping[str, np.ndarray]) -> tuple[list[Kernel], list[np.ndarray]]:
+        bindings = {"S": seq, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
+        arrays: dict[int, np.ndarray] = {}
+        for value in self.graph.inputs:
+            arrays[id(value)] = self.input_buffers[value.name][:seq]
+        for name, value in self.graph.params.items():
+            arrays[id(value)] = self.params[name]
+        for name, value in self.graph.states.items():
+            arrays[id(value)] = state[name]
+        outputs = {id(v) for v in self.graph.outputs}
+        calls = []
+        for node in self.graph.nodes:
+            spec = op_def(node.op)
+            ins = [arrays[id(v)] for v in node.inputs]
+            if node.op in VIEWS:
+                arrays[id(node.output)] = VIEWS[node.op](ins[0], node.attrs, bindings)
+                continue
+            outs = []
+            for value in node.outputs:
+                if value.kind == "state":
+                    outs.append(ins[1])          # kv_write: the whole cache; readers slice it per step
+                elif id(value) in outputs:
+                    outs.append(self.output_buffers[value.name][:value.type.concrete_shape(bindings)[0]])
+                else:
+                    outs.append(self._arena_view(self.plan.offsets[value.name], value.type.concrete_shape(bindings),
+                                                 value.type.np_dtype))
+                arrays[id(value)] = outs[-1]
+            scratch = None
+            if spec.workspace is not None:
+                elements = spec.workspace([v.type for v in node.inputs], node.attrs)
+                scratch = self._arena_view(self.plan.offsets[workspace_key(node)], (elements,), np.dtype(np.float32))
+            calls.append(KERNELS[node.op](node, ins, outs, scratch, self.step))
+        return calls, [arrays[id(v)] for v in self.graph.outputs]
+
+    def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count = int(np.prod(shape))
+        return np.frombuffer(self.arena, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def compile(graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]) -> Program:
+    return Program(graph, plan, params)
+
+
+# --- views ----------------------------------------------------------------------------------------
+
+@view("reshape")
+def _reshape(x, attrs, bindings):
+    shape = tuple(d if isinstance(d, int) else bindings[d.name] for d in attrs["shape"])
+    result = x.view()
+    result.shape = shape        # assigning .shape refuses (instead of copying) when a view is impossible
+    return result
+
+
+@view("slice_cols")
+def _slice_cols(x, attrs, bindings):
+    return x[:, attrs["start"]:attrs["stop"]]
+
+
+@view("last_row")
+def _last_row(x, attrs, bindings):
+    return x[-1:]
+
+
+# --- kernels --------------------------------------------------------------------------------------
+
+@kernel("embedding")
+def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
+    ids, table = ins
+    (y,) = outs
+    return lambda: np.take(table, ids, axis=0, out=y)
+
+
+@kernel("matmul")
+def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, w = ins
+    (y,) = outs
+    if x.shape[0] == 1:
+        # One row (decode): a matrix-vector product over the weight's contiguous rows (BLAS gemv).
+        x_row, y_row = x[0], y[0]
+        return lambda: np.matmul(w, x_row, out=y_row)
+    w_t = w.T
+    return lambda: np.matmul(x, w_t, out=y)
+
+
+@kernel("matmul_add")
+def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, w, c = ins
+    (y,) = outs
+    product = _matmul(node, [x, w], [scratch[:y.size].reshape(y.shape)], None, step)
+    if y is c or np.shares_memory(y, c):
+        def call():
+            product()
+            np.add(y, scratch[:y.size].reshape(y.shape), out=y)
+        return call
+    return lambda: (product(), np.add(c, scratch[:y.size].reshape(y.shape), out=y))
+
+
+@kernel("add")
+def _add(node: Node, ins, outs, scratch, step) -> Kernel:
+    a, b = ins
+    (y,) = outs
+    return lambda: np.add(a, b, out=y)
+
+
+@kernel("mul")
+def _mul(node: Node, ins, outs, scratch, step) -> Kernel:
+    a, b = ins
+    (y,) = outs
+    return lambda: np.multiply(a, b, out=y)
+
+
+def _silu_into(x: np.ndarray, y: np.ndarray) -> None:
+    """y = silu(x) = x * (1 + tanh(x/2)) / 2: the tanh form cannot overflow, unlike 1 / (1 + exp(-x))."""
+    np.multiply(x, np.float32(0.5), out=y)
+    np.tanh(y, out=y)
+    y += np.float32(1)
+    y *= np.float32(0.5)
+    y *= x
+
+
+@kernel("silu")
+def _silu(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    return lambda: _silu_into(x, y)
+
+
+@kernel("swiglu")
+def _swiglu(node: Node, ins, outs, scratch, step) -> Kernel:
+    (gate_up,), (y,) = ins, outs
+    width = y.shape[1]
+    gate, up = gate_up[:, :width], gate_up[:, width:]
+
+    def call():
+        _silu_into(gate, y)
+        np.multiply(y, up, out=y)
+    return call
+
+
+@kernel("rms_norm")
+def _rms_norm(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, weight = ins
+    (y,) = outs
+    rows = x.reshape(-1, x.shape[-1])
+    inverse_rms = np.empty((rows.shape[0], 1), np.float32)   # a few floats, bound once per program
+    mean_scale, eps = np.float32(1.0 / x.shape[-1]), np.float32(node.attrs["eps"])
+    y_rows = y.reshape(rows.shape)
+
+    def call():
+        np.einsum("ij,ij->i", rows, rows, out=inverse_rms[:, 0])
+        inverse_rms[:] *= mean_scale
+        inverse_rms[:] += eps
+        np.sqrt(inverse_rms, out=inverse_rms)
+        np.reciprocal(inverse_rms, out=inverse_rms)
+        np.multiply(rows, inverse_rms, out=y_rows)
+        np.multiply(y_rows, weight, out=y_rows)
+    return call
+
+
+@kernel("rope_table")
+def _rope_table(node: Node, ins, outs, scratch, step) -> Kernel:
+    (positions,) = ins
+    cos, sin = outs
+    head_dim, theta, scaling = node.attrs["head_dim"], node.attrs["theta"], node.attrs["scaling"]
+    fixed = None if is_position_dependent(scaling) else rope_frequencies(head_dim, theta, scaling, 0).astype(np.float32)
+    as_float = np.empty((positions.shape[0], 1), np.float32)
+
+    def call():
+        inv_freq = fixed
+        if inv_freq is None:
+            inv_freq = rope_frequencies(head_dim, theta, scaling, int(positions.max()) + 1).astype(np.float32)
+        as_float[:, 0] = positions
+        np.multiply(as_float, inv_freq, out=cos)      # the angles, for now
+        np.sin(cos, out=sin)
+        np.cos(cos, out=cos)
+    return call
+
+
+@kernel("rope")
+def _rope(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, cos, sin = ins
+    (y,) = outs
+    seq, heads, head_dim = x.shape
+    half = head_dim // 2
+    x1, x2, y1, y2 = x[..., :half], x[..., half:], y[..., :half], y[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    size = seq * heads * half
+    a, b = scratch[:size].reshape(seq, heads, half), scratch[size:2 * size].reshape(seq, heads, half)
+
+    def call():
+        # y may be x itself (in place): read x2 for the last time before writing y2, and x1 before y1.
+        np.multiply(x1, c, out=a)
+        np.multiply(x2, s, out=b)
+        np.subtract(a, b, out=a)        # new first half
+        np.multiply(x2, c, out=b)
+        np.multiply(x1, s, out=y2)
+        np.add(y2, b, out=y2)           # new second half
+        np.copyto(y1, a)
+    return call
+
+
+@kernel("kv_write")
+def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, cache = ins
+    seq = x.shape[0]
+    x_by_head = x.transpose(1, 0, 2)
+
+    def call():
+        total = step.total
+        np.copyto(cache[:, total - seq:total], x_by_head)
+    return call
+
+
+@kernel("attention")
+def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
+    q, k_cache, v_cache = ins
+    (out,) = outs
+    seq, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[0]
+    group = heads // kv_heads
+    rows = group * seq                      # query rows per kv head, ordered (group member, position)
+    scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
+    q_grouped = scratch[:heads * seq * head_dim].reshape(kv_heads, group, seq, head_dim)
+    q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+    out_start = heads * seq * head_dim
+    out_grouped = scratch[out_start:2 * out_start].reshape(kv_heads, rows, head_dim)
+    out_target = out.reshape(seq, kv_heads, group, head_dim)
+    out_source = out_grouped.reshape(kv_heads, group, seq, head_dim).transpose(2, 0, 1, 3)
+    row_stat = scratch[2 * out_start:2 * out_start + heads * seq].reshape(kv_heads, rows, 1)
+    score_space = scratch[2 * out_start + heads * seq:]
+
+    def call():
+        total = step.total
+        first = 0
+        if seq == 1 and window > 0:
+            first = max(0, total - window)  # one query: the window is just a range of keys
+        keys, values = k_cache[:, first:total], v_cache[:, first:total]
+        width = total - first
+        scores = score_space[:kv_heads * rows * width].reshape(kv_heads, rows, width)
+        np.multiply(q_source, scale, out=q_grouped)
+        np.matmul(q_grouped.reshape(kv_heads, rows, head_dim), keys.transpose(0, 2, 1), out=scores)
+        if seq > 1:
+            np.copyto(scores.reshape(kv_heads, group, seq, width), -np.inf, where=_hidden_keys(seq, total, window))
+        np.max(scores, axis=-1, keepdims=True, out=row_stat)
+        np.subtract(scores, row_stat, out=scores)
+        np.exp(scores, out=scores)
+        np.sum(scores, axis=-1, keepdims=True, out=row_stat)
+        np.divide(scores, row_stat, out=scores)
+        np.matmul(scores, values, out=out_grouped)
+        np.copyto(out_target, out_source)
+    return call
+
+
+def _hidden_keys(seq: int, total: int, window: int) -> np.ndarray:
+    """[S, T] True where query i (at position total-seq+i) must not see key j: the future, or past the window."""
+    query = np.arange(total - seq, total)[:, None]
+    key = np.arange(total)[None, :]
+    hidden = key > query
+    if window > 0:
+        hidden |= key <= query - window
+    return hidden

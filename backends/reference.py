@@ -1,0 +1,156 @@
+"""The reference backend: a plain interpreter that allocates freely. It is the oracle the fast backend and
+every pass are checked against, so each kernel is written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import GraphError
+from ..ir import Graph
+from .rope import rope_frequencies
+
+KERNELS: dict[str, Callable] = {}
+
+
+def kernel(op: str):
+    def register(fn):
+        KERNELS[op] = fn
+        return fn
+
+    return register
+
+
+def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray], bindings: Mapping[str, int]) -> list[np.ndarray]:
+    """Evaluate the graph node by node. `state` arrays (the KV cache) are updated in place."""
+    env: dict[int, np.ndarray] = {}
+    for value in graph.inputs:
+        env[id(value)] = np.asarray(inputs[value.name])
+    for name, value in graph.params.items():
+        env[id(value)] = params[name]
+    for name, value in graph.states.items():
+        env[id(value)] = state[name]
+    for node in graph.nodes:
+        if node.op not in KERNELS:
+            raise GraphError(f"reference backend has no kernel for op {node.op!r}")
+        results = KERNELS[node.op]([env[id(v)] for v in node.inputs], node.attrs, bindings)
+        results = results if isinstance(results, tuple) else (results,)
+        for value, result in zip(node.outputs, results):
+            env[id(value)] = result
+    return [env[id(v)] for v in graph.outputs]
+
+
+@kernel("embedding")
+def _embedding(args, attrs, bindings):
+    ids, table = args
+    return table[ids]
+
+
+@kernel("rms_norm")
+def _rms_norm(args, attrs, bindings):
+    x, weight = args
+    variance = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + np.float32(attrs["eps"])) * weight).astype(np.float32)
+
+
+@kernel("matmul")
+def _matmul(args, attrs, bindings):
+    x, w = args
+    return x @ w.T
+
+
+@kernel("matmul_add")
+def _matmul_add(args, attrs, bindings):
+    x, w, c = args
+    return x @ w.T + c
+
+
+@kernel("add")
+def _add(args, attrs, bindings):
+    return args[0] + args[1]
+
+
+@kernel("mul")
+def _mul(args, attrs, bindings):
+    return args[0] * args[1]
+
+
+def _silu_values(x):
+    return x / (np.float32(1) + np.exp(-x))
+
+
+@kernel("silu")
+def _silu(args, attrs, bindings):
+    return _silu_values(args[0])
+
+
+@kernel("swiglu")
+def _swiglu(args, attrs, bindings):
+    gate, up = np.split(args[0], 2, axis=1)
+    return _silu_values(gate) * up
+
+
+@kernel("reshape")
+def _reshape(args, attrs, bindings):
+    shape = tuple(d if isinstance(d, int) else bindings[d.name] for d in attrs["shape"])
+    return args[0].reshape(shape)
+
+
+@kernel("slice_cols")
+def _slice_cols(args, attrs, bindings):
+    return args[0][:, attrs["start"]:attrs["stop"]]
+
+
+@kernel("last_row")
+def _last_row(args, attrs, bindings):
+    return args[0][-1:]
+
+
+@kernel("rope_table")
+def _rope_table(args, attrs, bindings):
+    (positions,) = args
+    seq_len = int(positions.max()) + 1 if positions.size else 0
+    inv_freq = rope_frequencies(attrs["head_dim"], attrs["theta"], attrs["scaling"], seq_len)
+    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@kernel("rope")
+def _rope(args, attrs, bindings):
+    x, cos, sin = args
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+@kernel("kv_write")
+def _kv_write(args, attrs, bindings):
+    x, cache = args
+    total = bindings[attrs["total"].name]
+    start = total - x.shape[0]
+    cache[:, start:total, :] = x.transpose(1, 0, 2)
+    return cache[:, :total, :]
+
+
+@kernel("attention")
+def _attention(args, attrs, bindings):
+    q, k, v = args
+    seq, heads, head_dim = q.shape
+    kv_heads, total, _ = k.shape
+    group = heads // kv_heads
+    query_pos = np.arange(total - seq, total)[:, None]
+    key_pos = np.arange(total)[None, :]
+    visible = key_pos <= query_pos
+    if attrs["window"] > 0:
+        visible &= key_pos > query_pos - attrs["window"]
+    out = np.empty_like(q)
+    for h in range(heads):
+        scores = (q[:, h, :] @ k[h // group].T) * np.float32(attrs["scale"])
+        scores = np.where(visible, scores, -np.inf)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        out[:, h, :] = (scores / scores.sum(axis=-1, keepdims=True)) @ v[h // group]
+    return out

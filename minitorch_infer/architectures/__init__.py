@@ -1,0 +1,20 @@
+"""Architecture functions, and tracing one into a Graph for a given context length and prefill chunk."""
+
+from __future__ import annotations
+
+from ..ir import Graph, Sym, TensorType, trace
+from ..config import ARCHITECTURES, ModelConfig
+from .llama import llama
+
+# Every supported HF architecture is a member of the Llama family; config fields select the variant.
+ARCHITECTURE_FUNCTIONS = {family: llama for family in set(ARCHITECTURES.values())}
+
+
+def build_graph(config: ModelConfig, context: int, prefill_chunk: int, all_logits: bool = False) -> Graph:
+    """Trace the model: inputs tokens and positions [S], output logits [S or 1, vocab]; S <= chunk, T <= context."""
+    new_tokens = Sym("S", prefill_chunk)
+    total = Sym("T", context)
+    inputs = {"tokens": TensorType((new_tokens,), "i32"), "positions": TensorType((new_tokens,), "i32")}
+    function = ARCHITECTURE_FUNCTIONS[ARCHITECTURES[config.architecture]]
+    name = f"{ARCHITECTURES[config.architecture]}_{'all' if all_logits else 'last'}_logits"
+    return trace(function, inputs, name=name, config=config, total=total, all_logits=all_logits)

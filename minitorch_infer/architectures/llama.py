@@ -1,0 +1,58 @@
+"""The Llama family (Llama, Mistral, Qwen2) as a plain function over graph ops. Read it top to bottom.
+
+Weights are referred to by canonical names (`layers.3.attn.q`); minitorch_infer.weights maps HF and GGUF
+names onto them. Shapes: S = new tokens this step, T = past + new tokens, D = hidden size.
+"""
+
+from __future__ import annotations
+
+from ..ir import functional as F
+from ..ir.tracer import Tensor
+from ..ir.types import Sym
+from ..config import ModelConfig
+
+
+def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym, all_logits: bool) -> Tensor:
+    c = config
+    x = F.embedding(tokens, F.param("embed", (c.vocab_size, c.hidden_size)))       # [S, D]
+    cos, sin = F.rope_table(positions, c.head_dim, c.rope_theta, c.rope_scaling)    # [S, head_dim/2] each
+    for i in range(c.num_layers):
+        with F.scope(f"layers.{i}", layer=i):
+            x = x + attention_block(x, cos, sin, c, i, total)                         # [S, D]
+            x = x + mlp_block(x, c, i)                                                 # [S, D]
+    if not all_logits:
+        x = F.last_row(x)                                                               # [1, D]: generation needs one row
+    x = F.rms_norm(x, F.param("norm", (c.hidden_size,)), c.rms_norm_eps)
+    head = "embed" if c.tie_word_embeddings else "lm_head"
+    return F.matmul(x, F.param(head, (c.vocab_size, c.hidden_size)))                  # [S or 1, vocab]
+
+
+def attention_block(x: Tensor, cos: Tensor, sin: Tensor, c: ModelConfig, i: int, total: Sym) -> Tensor:
+    seq = x.shape[0]
+    q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    with F.scope("attn"):
+        h = F.rms_norm(x, F.param(f"layers.{i}.attn_norm", (c.hidden_size,)), c.rms_norm_eps)
+        q = linear(h, f"layers.{i}.attn.q", q_width, c.hidden_size, c.qkv_bias)       # [S, Hq*hd]
+        k = linear(h, f"layers.{i}.attn.k", kv_width, c.hidden_size, c.qkv_bias)      # [S, Hkv*hd]
+        v = linear(h, f"layers.{i}.attn.v", kv_width, c.hidden_size, c.qkv_bias)
+        q = F.rope(q.reshape(seq, c.num_heads, c.head_dim), cos, sin)                  # [S, Hq, hd]
+        k = F.rope(k.reshape(seq, c.num_kv_heads, c.head_dim), cos, sin)               # [S, Hkv, hd]
+        cache_shape = (c.num_kv_heads, total.max, c.head_dim)
+        keys = F.kv_write(k, F.state(f"kv.{i}.k", cache_shape), total)                 # [Hkv, T, hd]
+        values = F.kv_write(v.reshape(seq, c.num_kv_heads, c.head_dim), F.state(f"kv.{i}.v", cache_shape), total)
+        out = F.attention(q, keys, values, scale=c.head_dim ** -0.5, window=c.sliding_window or 0)
+        return linear(out.reshape(seq, q_width), f"layers.{i}.attn.o", c.hidden_size, q_width, c.o_bias)
+
+
+def mlp_block(x: Tensor, c: ModelConfig, i: int) -> Tensor:
+    with F.scope("mlp"):
+        h = F.rms_norm(x, F.param(f"layers.{i}.mlp_norm", (c.hidden_size,)), c.rms_norm_eps)
+        gate = linear(h, f"layers.{i}.mlp.gate", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        up = linear(h, f"layers.{i}.mlp.up", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        return linear(F.silu(gate) * up, f"layers.{i}.mlp.down", c.hidden_size, c.intermediate_size, c.mlp_bias)
+
+
+def linear(x: Tensor, name: str, out_features: int, in_features: int, bias: bool) -> Tensor:
+    """x · Wᵀ (+ b), with W in HF's [out, in] layout."""
+    y = F.matmul(x, F.param(name, (out_features, in_features)))
+    return y + F.param(f"{name}_bias", (out_features,)) if bias else y

@@ -1,0 +1,52 @@
+"""load(): from a model folder (config.json + safetensors + tokenizer.json) or a .gguf file to a compiled Model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import ModelFormatError
+from .model import Model
+from .model_files import find_model
+from .tokenizer import Tokenizer, read_generation_eos
+from .weights import WeightStore, load_safetensors_dir
+
+
+def load(name_or_path: str | os.PathLike, **options) -> Model:
+    """Load and compile a model. `name_or_path`: a folder, a .gguf file, or a known name ("story").
+
+    Options go to Model: context, prefill_chunk, max_sequences, passes, memory_plan.
+    """
+    path = find_model(name_or_path)
+    if path.is_dir():
+        config, weights, tokenizer = _read_hf_dir(path)
+    elif path.suffix == ".gguf":
+        config, weights, tokenizer = _read_gguf(path)
+    else:
+        raise ModelFormatError(f"{path}: not a model folder or a .gguf file")
+    if config.tie_word_embeddings:
+        weights.tie_embeddings()
+    return Model(config, weights, tokenizer, source=str(path), **options)
+
+
+def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise ModelFormatError(f"{path}: no config.json")
+    config = ModelConfig.from_file(config_path)
+    eos = tuple(dict.fromkeys(config.eos_token_ids + read_generation_eos(path)))
+    tokenizer = Tokenizer.from_dir(path, config.bos_token_id, eos)
+    return config, load_safetensors_dir(path), tokenizer
+
+
+def _read_gguf(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
+    from .gguf_loader import read_gguf
+
+    model = read_gguf(path)
+    config = ModelConfig.from_dict(model.config, source=str(path))
+    weights = WeightStore(source=str(path))
+    weights.add_hf_tensors(model.tensors.items())
+    tokenizer = Tokenizer(model.tokenizer, config.bos_token_id, config.eos_token_ids, model.add_bos_token,
+                          model.chat_template, source=str(path))
+    return config, weights, tokenizer

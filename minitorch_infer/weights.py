@@ -1,0 +1,179 @@
+"""WeightStore: float32 arrays by canonical name, and the map from HF tensor names onto those names.
+
+Canonical names are short and match the graph's params (`layers.3.attn.q`, `layers.3.mlp.gate`). A pass
+that packs weights (q|k|v, gate|up) asks the store to `pack` them: the packed array is built once and the
+originals become views into it, so packing costs no extra memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import ModelFormatError
+from .safetensors_file import read_safetensors
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "mlp_norm",
+    "self_attn.q_proj.weight": "attn.q",
+    "self_attn.k_proj.weight": "attn.k",
+    "self_attn.v_proj.weight": "attn.v",
+    "self_attn.o_proj.weight": "attn.o",
+    "self_attn.q_proj.bias": "attn.q_bias",
+    "self_attn.k_proj.bias": "attn.k_bias",
+    "self_attn.v_proj.bias": "attn.v_bias",
+    "self_attn.o_proj.bias": "attn.o_bias",
+    "mlp.gate_proj.weight": "mlp.gate",
+    "mlp.up_proj.weight": "mlp.up",
+    "mlp.down_proj.weight": "mlp.down",
+    "mlp.gate_proj.bias": "mlp.gate_bias",
+    "mlp.up_proj.bias": "mlp.up_bias",
+    "mlp.down_proj.bias": "mlp.down_bias",
+}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Buffers some checkpoints carry that the engine recomputes itself.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def canonical_name(hf_name: str) -> str | None:
+    """The engine's name for an HF tensor name; None for tensors that are safe to ignore."""
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    match = _LAYER_PATTERN.fullmatch(hf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    if _IGNORED.fullmatch(hf_name):
+        return None
+    return hf_name
+
+
+def hf_name(canonical: str) -> str:
+    """The HF tensor name for a canonical name (inverse of canonical_name)."""
+    for hf, name in _GLOBAL_NAMES.items():
+        if name == canonical:
+            return hf
+    layer, _, rest = canonical.removeprefix("layers.").partition(".")
+    for hf, name in _LAYER_NAMES.items():
+        if name == rest:
+            return f"model.layers.{layer}.{hf}"
+    return canonical
+
+
+class WeightStore:
+    def __init__(self, source: str = "<weights>"):
+        self.source = source
+        self._arrays: dict[str, np.ndarray] = {}
+        self._origin: dict[str, str] = {}   # canonical name -> name in the file, for error messages
+
+    def add(self, name: str, array: np.ndarray, origin: str | None = None) -> None:
+        if array.dtype != np.float32:
+            raise ModelFormatError(f"{self.source}: tensor {origin or name!r} is {array.dtype}, expected float32")
+        if name in self._arrays:
+            raise ModelFormatError(f"{self.source}: tensor {origin or name!r} appears twice")
+        self._arrays[name] = array
+        self._origin[name] = origin or name
+
+    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+        for name, array in tensors:
+            canonical = canonical_name(name)
+            if canonical is not None:
+                self.add(canonical, array, origin=name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def origin(self, name: str) -> str:
+        return self._origin.get(name, name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, counting a packed array once (its parts are views into it)."""
+        roots = {}
+        for array in self._arrays.values():
+            root = array.base if isinstance(array.base, np.ndarray) else array
+            roots[id(root)] = root.nbytes
+        return sum(roots.values())
+
+    def pack(self, new_name: str, names: list[str]) -> np.ndarray:
+        """Concatenate weights along axis 0 under `new_name`; the originals become views into the result."""
+        if new_name in self._arrays:
+            return self._arrays[new_name]
+        parts = [self._arrays[n] for n in names]
+        packed = np.concatenate(parts, axis=0)
+        start = 0
+        for name, part in zip(names, parts):
+            self._arrays[name] = packed[start:start + part.shape[0]]
+            start += part.shape[0]
+        self.add(new_name, packed, origin=" | ".join(self.origin(n) for n in names))
+        return packed
+
+    def tie_embeddings(self) -> None:
+        """For tied models: one matrix is both embedding and head. Checkpoints store either name (or both)."""
+        if "lm_head" not in self._arrays:
+            return
+        head, origin = self._arrays.pop("lm_head"), self._origin.pop("lm_head")
+        if "embed" not in self._arrays:
+            self.add("embed", head, origin=origin)
+
+    def check_params(self, params: dict, config_source: str) -> None:
+        """Every param the graph needs is here with the shape the config implies, and nothing is left over."""
+        for name, value in params.items():
+            if name not in self._arrays:
+                raise ModelFormatError(
+                    f"{self.source}: missing tensor {hf_name(name)!r}, which {config_source} implies "
+                    f"with shape {list(value.type.shape)}")
+            shape = tuple(self._arrays[name].shape)
+            if shape != tuple(value.type.shape):
+                raise ModelFormatError(
+                    f"{self.source}: tensor {self.origin(name)!r} has shape {list(shape)}, but {config_source} "
+                    f"implies {list(value.type.shape)}")
+        unused = sorted(set(self._arrays) - set(params))
+        if unused:
+            shown = ", ".join(repr(self.origin(n)) for n in unused[:5])
+            raise ModelFormatError(
+                f"{self.source}: {len(unused)} tensor(s) not used by the architecture in {config_source}: {shown}"
+                " (does the config match the weights? e.g. attention_bias, tie_word_embeddings)")
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files of an HF model folder: the shards an index names, or the single model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ModelFormatError(f"{index}: cannot read the shard index: {error!r}") from None
+        if not all(isinstance(f, str) and "/" not in f and "\\" not in f for f in files):
+            raise ModelFormatError(f"{index}: weight_map names a file outside the model folder: {files!r}")
+        paths = [model_dir / f for f in files]
+        for path in paths:
+            if not path.exists():
+                raise ModelFormatError(f"{index}: shard {path.name} is missing")
+        return paths
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if not found:
+        raise ModelFormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    return found
+
+
+def load_safetensors_dir(model_dir: Path) -> WeightStore:
+    store = WeightStore(source=str(model_dir))
+    for path in safetensors_files(model_dir):
+        store.add_hf_tensors(read_safetensors(path))
+    return store

@@ -1,0 +1,118 @@
+"""Passes and the PassManager that runs them.
+
+A pass is a function `(graph, ctx) -> PassResult` registered under a name. It may edit the graph in place
+and returns it with a count of the rewrites it made. The PassManager runs a pipeline, verifies the graph
+after every pass (naming the pass that broke it), times each pass and keeps per-pass statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import GraphError, MinitorchError
+from ..ir import Graph, verify
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the graph: the weights, to build packed params once at compile time."""
+
+    weights: Any
+
+
+@dataclass
+class PassResult:
+    graph: Graph
+    changed: int = 0                               # how many rewrites the pass made
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+PassFunction = Callable[[Graph, PassContext], PassResult]
+PASSES: dict[str, PassFunction] = {}
+
+
+def register_pass(name: str):
+    """Decorator: make a pass available by name (to Model.compile(passes=[...]) and the CLI's --passes)."""
+
+    def register(fn: PassFunction) -> PassFunction:
+        if name in PASSES and PASSES[name] is not fn:
+            raise GraphError(f"a pass named {name!r} is already registered")
+        PASSES[name] = fn
+        fn.pass_name = name
+        return fn
+
+    return register
+
+
+@dataclass
+class PassStats:
+    name: str
+    seconds: float
+    changed: int
+    nodes_before: int
+    nodes_after: int
+    notes: dict[str, Any]
+
+
+@dataclass
+class PassReport:
+    stats: list[PassStats] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.stats:
+            return "no passes run"
+        lines = [f"{'pass':<16} {'changed':>7} {'nodes':>13} {'ms':>8}"]
+        for s in self.stats:
+            lines.append(f"{s.name:<16} {s.changed:>7} {s.nodes_before:>5} -> {s.nodes_after:<5} {s.seconds * 1e3:>8.2f}")
+        return "\n".join(lines)
+
+
+def resolve_pass(item: str | PassFunction) -> tuple[str, PassFunction]:
+    if callable(item):
+        return getattr(item, "pass_name", getattr(item, "__name__", "pass")), item
+    if item not in PASSES:
+        raise MinitorchError(f"unknown pass {item!r}; available: {', '.join(sorted(PASSES))}")
+    return item, PASSES[item]
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[str | PassFunction], verify_each: bool = True,
+                 dump_dot_dir: str | Path | None = None):
+        self.passes = [resolve_pass(p) for p in passes]
+        self.verify_each = verify_each
+        self.dump_dot_dir = Path(dump_dot_dir) if dump_dot_dir else None
+
+    def run(self, graph: Graph, weights: Any) -> tuple[Graph, PassReport]:
+        report = PassReport()
+        context = PassContext(weights)
+        self._dump(graph, 0, "traced")
+        for index, (name, fn) in enumerate(self.passes, start=1):
+            nodes_before = len(graph.nodes)
+            began = time.perf_counter()
+            try:
+                result = fn(graph, context)
+            except MinitorchError as error:
+                raise GraphError(f"pass {name!r} failed: {error}") from error
+            if not isinstance(result, PassResult):
+                raise GraphError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
+            seconds = time.perf_counter() - began
+            graph = result.graph
+            if self.verify_each:
+                try:
+                    verify(graph)
+                except GraphError as error:
+                    raise GraphError(f"pass {name!r} produced an invalid graph: {error}") from None
+            report.stats.append(PassStats(name, seconds, result.changed, nodes_before, len(graph.nodes), result.notes))
+            self._dump(graph, index, name)
+        return graph, report
+
+    def _dump(self, graph: Graph, index: int, label: str) -> None:
+        if self.dump_dot_dir is None:
+            return
+        from ..ir.dot import write_dot
+
+        self.dump_dot_dir.mkdir(parents=True, exist_ok=True)
+        write_dot(graph, self.dump_dot_dir / f"{index:02d}_{label}.dot")
