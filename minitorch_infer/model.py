@@ -48,6 +48,9 @@ class Model:
         if self.context < 1:
             raise MinitorchError(f"context length must be positive, got {self.context}")
         self.prefill_chunk = min(prefill_chunk, self.context)
+        self._step_token = np.zeros(1, np.int64)
+        self._step_position = np.zeros(1, np.int64)
+        self._step_inputs = {"tokens": self._step_token, "positions": self._step_position}
         self.max_sequences = max_sequences
         self.compile(passes, memory_plan)
 
@@ -104,6 +107,17 @@ class Model:
             if all_logits:
                 rows.append(logits.copy())
         return np.concatenate(rows) if all_logits else logits[-1].copy()
+
+    def decode_step(self, sequence: KVSequence, token: int) -> np.ndarray:
+        """One generated token through the model: the lean per-token path. Returns logits [vocab], a view
+        into the program's output buffer that the next step overwrites."""
+        sequence.reserve(1)
+        start = sequence.length
+        self._step_token[0] = token
+        self._step_position[0] = start
+        (logits,) = self._last.program.run(self._step_inputs, sequence.arrays, total=start + 1)
+        sequence.advance(1)
+        return logits[-1]
 
     def _every_position(self) -> CompiledGraph:
         if self._all is None:
