@@ -22,9 +22,11 @@ def model_search_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("MINITORCH_MODELS"):
         dirs.append(Path(os.environ["MINITORCH_MODELS"]))
-    dirs.append(Path.cwd() / "models")
-    dirs.append(REPO_ROOT / "models")
-    dirs.append(REPO_ROOT.parent / "shared" / "models")
+    # The checkout's models/ and the shared folder beside it, found from the working directory (an
+    # installed package lives elsewhere) and from this file (an editable install lives in the checkout).
+    for root in (Path.cwd(), REPO_ROOT):
+        dirs.append(root / "models")
+        dirs.append(root.parent / "shared" / "models")
     unique = []
     for d in dirs:
         if d not in unique:

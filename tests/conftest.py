@@ -1,0 +1,50 @@
+"""Shared test helpers: finding real models and the reference outputs, skipping or failing as CI wants.
+
+On a user's machine a test that needs a missing model skips; with MINITORCH_REQUIRE_MODELS=1 (CI) it fails.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import minitorch_infer
+from minitorch_infer.errors import ModelNotFoundError
+from minitorch_infer.model_files import find_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+
+def missing(what: str):
+    if os.environ.get("MINITORCH_REQUIRE_MODELS") == "1":
+        pytest.fail(f"{what} is required (MINITORCH_REQUIRE_MODELS=1) but missing")
+    pytest.skip(f"{what} not available")
+
+
+def require_model(name: str) -> Path:
+    try:
+        return find_model(name)
+    except ModelNotFoundError:
+        missing(f"model {name!r}")
+
+
+def reference(model: str) -> dict:
+    """The transformers reference outputs for 'story' or 'smollm2', with that model's prompts merged in."""
+    outputs, prompts = REFERENCE_DIR / "reference_outputs.json", REFERENCE_DIR / "prompts.json"
+    if not outputs.exists() or not prompts.exists():
+        missing(f"reference data in {REFERENCE_DIR}")
+    data = json.loads(outputs.read_text())[model]
+    data["prompts"] = json.loads(prompts.read_text())[model]
+    return data
+
+
+@pytest.fixture(scope="session")
+def story_model():
+    return minitorch_infer.load(require_model("story"))
+
+
+@pytest.fixture(scope="session")
+def story_reference():
+    return reference("story")
