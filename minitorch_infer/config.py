@@ -39,7 +39,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None
+    layer_windows: tuple[int, ...] = ()       # per layer: how many positions a query sees (0 = all)
     rope_scaling: tuple = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -88,14 +88,7 @@ class ModelConfig:
         if head_dim % 2:
             raise ModelFormatError(f"{source}: head_dim = {head_dim} must be even for rotary embeddings")
 
-        sliding_window = None
-        if family == "mistral":
-            sliding_window = fields.get("sliding_window", (int, type(None)), None)
-        elif family == "qwen2" and fields.get("use_sliding_window", bool, False):
-            raise UnsupportedModelError(f"{source}: use_sliding_window = true is not supported for Qwen2")
-        if sliding_window is not None and sliding_window <= 0:
-            raise ModelFormatError(f"{source}: sliding_window = {sliding_window} must be positive")
-
+        layer_windows = _layer_windows(fields, family, fields.positive_int("num_hidden_layers"))
         attention_bias = fields.get("attention_bias", bool, False)
         eos = fields.get("eos_token_id", (int, list, type(None)), None)
         return cls(
@@ -108,14 +101,14 @@ class ModelConfig:
             head_dim=head_dim,
             vocab_size=fields.positive_int("vocab_size"),
             rms_norm_eps=float(fields.get("rms_norm_eps", (int, float), 1e-6)),
-            rope_theta=float(fields.get("rope_theta", (int, float), 10000.0)),
+            rope_theta=_rope_theta(raw, fields),
             max_position_embeddings=fields.positive_int("max_position_embeddings", default=2048),
             tie_word_embeddings=fields.get("tie_word_embeddings", bool, False),
             qkv_bias=attention_bias or family == "qwen2",
             o_bias=attention_bias and family == "llama",
             mlp_bias=fields.get("mlp_bias", bool, False),
-            sliding_window=sliding_window,
-            rope_scaling=_rope_scaling(raw.get("rope_scaling"), source, fields.positive_int("max_position_embeddings", default=2048)),
+            layer_windows=layer_windows,
+            rope_scaling=_rope_scaling(raw, source, fields.positive_int("max_position_embeddings", default=2048)),
             bos_token_id=fields.get("bos_token_id", (int, type(None)), None),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             source=source,
@@ -148,24 +141,69 @@ class _ConfigFields:
         return value
 
 
-def _rope_scaling(scaling: Any, source: str, max_position_embeddings: int) -> tuple:
-    """rope_scaling as sorted (key, value) pairs with a normalised 'rope_type'; () for none."""
-    if scaling is None:
-        return ()
-    if not isinstance(scaling, dict):
-        raise ModelFormatError(f"{source}: rope_scaling = {scaling!r} must be an object or null")
+def _layer_windows(fields: _ConfigFields, family: str, num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows, as transformers reads them (0 = full attention)."""
+    if family == "mistral":
+        # MistralConfig's default is 4096 when the key is absent; null means no window.
+        windows = [_window(fields)] * num_layers
+    elif family == "qwen2" and fields.get("use_sliding_window", bool, False):
+        # Only layers marked "sliding_attention" slide: by default those from max_window_layers on.
+        window = _window(fields)
+        first_sliding = fields.get("max_window_layers", int, 28)
+        types = fields.get("layer_types", (list, type(None)), None) or [
+            "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+        if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+            raise ModelFormatError(f"{fields.source}: layer_types = {types!r} must name one attention type per layer")
+        windows = [window if kind == "sliding_attention" else 0 for kind in types]
+    else:
+        windows = [0] * num_layers      # Llama ignores any sliding_window key
+    return tuple(windows)
+
+
+def _window(fields: _ConfigFields) -> int:
+    window = fields.raw.get("sliding_window", 4096)
+    if window is None:
+        return 0
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ModelFormatError(f"{fields.source}: sliding_window = {window!r} must be a positive integer or null")
+    return window
+
+
+def _rope_options(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The rope settings from either spelling: v4 `rope_scaling` (wins when non-empty) or v5 `rope_parameters`."""
+    options = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(options, dict):
+        raise ModelFormatError(f"{source}: rope_scaling = {options!r} must be an object or null")
+    return options
+
+
+def _rope_theta(raw: dict[str, Any], fields: _ConfigFields) -> float:
+    theta = _rope_options(raw, fields.source).get("rope_theta", raw.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ModelFormatError(f"{fields.source}: rope_theta = {theta!r} must be a positive number")
+    return float(theta)
+
+
+def _rope_scaling(raw: dict[str, Any], source: str, max_position_embeddings: int) -> tuple:
+    """rope scaling as sorted (key, value) pairs with a normalised 'rope_type'; () for none."""
+    scaling = _rope_options(raw, source)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModelError(
             f"{source}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(sorted(ROPE_TYPES))}")
-    for key in ROPE_REQUIRED_KEYS.get(rope_type, ()):
-        if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
-            raise ModelFormatError(f"{source}: rope_scaling[{key!r}] = {scaling.get(key)!r} must be a number")
-    kept = {k: v for k, v in scaling.items() if k not in ("type", "rope_type") and isinstance(v, (int, float))}
-    kept["rope_type"] = rope_type
-    if rope_type == "dynamic":
-        # NTK scaling starts past the trained context; HF takes it from max_position_embeddings.
-        kept.setdefault("original_max_position_embeddings", max_position_embeddings)
     if rope_type == "default":
         return ()
+    for key in ROPE_REQUIRED_KEYS[rope_type]:
+        if key == "original_max_position_embeddings":
+            continue
+        if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
+            raise ModelFormatError(f"{source}: rope_scaling[{key!r}] = {scaling.get(key)!r} must be a number")
+    kept = {k: v for k, v in scaling.items()
+            if k in ROPE_REQUIRED_KEYS[rope_type] and isinstance(v, (int, float))}
+    kept["rope_type"] = rope_type
+    if rope_type == "dynamic":
+        # transformers scales from max_position_embeddings, whatever the dict says.
+        kept["original_max_position_embeddings"] = max_position_embeddings
+    else:
+        kept.setdefault("original_max_position_embeddings", max_position_embeddings)
     return tuple(sorted(kept.items()))

@@ -62,6 +62,14 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+class _NoText:
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
 def sampling_params(greedy: bool = False, **settings) -> SamplingParams:
     """SamplingParams from keyword settings over DEFAULT_SAMPLING; unknown names are refused."""
     unknown = set(settings) - SAMPLING_FIELDS
@@ -93,8 +101,10 @@ class TextStream:
         self.max_new_tokens = max_new_tokens
         self.sampler = Sampler(sampling or DEFAULT_SAMPLING, model.config.vocab_size)
         self.stops = StopStringMatcher(stop)
-        self.eos_ids = frozenset(() if ignore_eos else model.tokenizer.eos_token_ids)
-        self.detokenizer = IncrementalDetokenizer(model.tokenizer.backend, self.prompt_ids)
+        self.eos_ids = frozenset(() if ignore_eos else model.config.eos_token_ids)
+        # Without a tokenizer (a bare weights folder) the run still produces token ids, just no text.
+        self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, self.prompt_ids)
+                            if model.tokenizer is not None else _NoText())
         self.on_finish = on_finish
         self.result: GenerationResult | None = None
         self._iterator = self._run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from .config import ModelConfig
@@ -25,8 +26,8 @@ def load(name_or_path: str | os.PathLike, **options) -> Model:
         config, weights, tokenizer = _read_gguf(path)
     else:
         raise ModelFormatError(f"{path}: not a model folder or a .gguf file")
-    if config.tie_word_embeddings:
-        weights.tie_embeddings()
+    if config.tie_word_embeddings and not weights.tie_embeddings():
+        config = replace(config, tie_word_embeddings=False)
     return Model(config, weights, tokenizer, source=str(path), **options)
 
 
@@ -35,8 +36,8 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
     if not config_path.exists():
         raise ModelFormatError(f"{path}: no config.json")
     config = ModelConfig.from_file(config_path)
-    eos = tuple(dict.fromkeys(config.eos_token_ids + read_generation_eos(path)))
-    tokenizer = Tokenizer.from_dir(path, config.bos_token_id, eos)
+    config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + read_generation_eos(path))))
+    tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
     return config, load_safetensors_dir(path), tokenizer
 
 

@@ -37,7 +37,7 @@ class CompiledGraph:
 
 
 class Model:
-    def __init__(self, config: ModelConfig, weights: WeightStore, tokenizer: Tokenizer, source: str,
+    def __init__(self, config: ModelConfig, weights: WeightStore, tokenizer: Tokenizer | None, source: str,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_sequences: int = 4,
                  passes: Sequence[str] | None = None, memory_plan: bool = True):
         self.config = config
@@ -63,8 +63,12 @@ class Model:
         self._all: CompiledGraph | None = None       # the every-position-logits program, built when first asked
         self.kv_cache = KVCache({n: v.type for n, v in self._last.graph.states.items()}, self.max_sequences)
 
+    def trace(self, all_logits: bool = False) -> Graph:
+        """A freshly traced, unoptimised graph of this model (what the passes start from)."""
+        return build_graph(self.config, self.context, self.prefill_chunk, all_logits)
+
     def _compile_graph(self, all_logits: bool) -> CompiledGraph:
-        graph = build_graph(self.config, self.context, self.prefill_chunk, all_logits)
+        graph = self.trace(all_logits)
         self.weights.check_params(graph.params, self.config.source)
         graph, report = PassManager(self.passes).run(graph, self.weights)
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
@@ -136,6 +140,8 @@ class Model:
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MinitorchError(f"{self.source} has no tokenizer.json: pass token ids, not text")
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
@@ -150,6 +156,12 @@ class Model:
         from .generation import stream
 
         return stream(self, prompt, **settings)
+
+    def chat(self, system: str | None = None):
+        """A chat Session: keeps its KV cache across turns (see minitorch_infer.chat.Session)."""
+        from .chat import Session
+
+        return Session(self, system=system)
 
     def __repr__(self) -> str:
         c = self.config

@@ -40,10 +40,11 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @classmethod
-    def from_dir(cls, model_dir: Path, bos_token_id: int | None, eos_token_ids: Sequence[int]) -> Tokenizer:
+    def from_dir(cls, model_dir: Path, bos_token_id: int | None, eos_token_ids: Sequence[int]) -> Tokenizer | None:
+        """The folder's tokenizer, or None when it has no tokenizer.json (the model then runs on token ids)."""
         path = model_dir / "tokenizer.json"
         if not path.exists():
-            raise ModelFormatError(f"{model_dir}: no tokenizer.json")
+            return None
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception on malformed files

@@ -119,13 +119,19 @@ class WeightStore:
         self.add(new_name, packed, origin=" | ".join(self.origin(n) for n in names))
         return packed
 
-    def tie_embeddings(self) -> None:
-        """For tied models: one matrix is both embedding and head. Checkpoints store either name (or both)."""
+    def tie_embeddings(self) -> bool:
+        """For a tied model, keep one matrix as both embedding and head; checkpoints store either name or both.
+
+        Returns False when both are stored and differ: then, as transformers does, each is used as stored.
+        """
         if "lm_head" not in self._arrays:
-            return
+            return True
+        if "embed" in self._arrays and not np.array_equal(self._arrays["embed"], self._arrays["lm_head"]):
+            return False
         head, origin = self._arrays.pop("lm_head"), self._origin.pop("lm_head")
         if "embed" not in self._arrays:
             self.add("embed", head, origin=origin)
+        return True
 
     def check_params(self, params: dict, config_source: str) -> None:
         """Every param the graph needs is here with the shape the config implies, and nothing is left over."""

@@ -40,7 +40,7 @@ def attention_block(x: Tensor, cos: Tensor, sin: Tensor, c: ModelConfig, i: int,
         cache_shape = (c.num_kv_heads, total.max, c.head_dim)
         keys = F.kv_write(k, F.state(f"kv.{i}.k", cache_shape), total)                 # [Hkv, T, hd]
         values = F.kv_write(v.reshape(seq, c.num_kv_heads, c.head_dim), F.state(f"kv.{i}.v", cache_shape), total)
-        out = F.attention(q, keys, values, scale=c.head_dim ** -0.5, window=c.sliding_window or 0)
+        out = F.attention(q, keys, values, scale=c.head_dim ** -0.5, window=c.layer_windows[i])
         return linear(out.reshape(seq, q_width), f"layers.{i}.attn.o", c.hidden_size, q_width, c.o_bias)
 
 
