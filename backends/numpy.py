@@ -88,6 +88,25 @@ class Program:
             call()
         return outputs
 
+    def profile(self, sequence, steps: int, start_token: int) -> dict[str, float]:
+        """Seconds spent per op type over `steps` one-token steps appended to `sequence` (for bench --profile)."""
+        import time
+
+        calls, _ = self._bound.setdefault((1, id(sequence.arrays)), self._bind(1, sequence.arrays))
+        ops = [node.op for node in self.graph.nodes if node.op not in VIEWS]
+        seconds = dict.fromkeys(ops, 0.0)
+        self.input_buffers["tokens"][0] = start_token
+        for _ in range(steps):
+            sequence.reserve(1)
+            self.input_buffers["positions"][0] = sequence.length
+            self.step.total = sequence.length + 1
+            for op, call in zip(ops, calls):
+                began = time.perf_counter()
+                call()
+                seconds[op] += time.perf_counter() - began
+            sequence.advance(1)
+        return seconds
+
     def _bind(self, seq: int, state: Mapping[str, np.ndarray]) -> tuple[list[Kernel], list[np.ndarray]]:
         bindings = {"S": seq, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
         arrays: dict[int, np.ndarray] = {}

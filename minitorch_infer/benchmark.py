@@ -1,0 +1,143 @@
+"""Measuring speed and memory: our compiled engine against the in-repo naive path, in one run.
+
+The naive path is the reference backend (a plain interpreter that allocates every intermediate) on the
+unoptimised traced graph: what running the model without passes, planning or preallocation costs.
+Each model is measured in a fresh subprocess, so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+PROMPT_TOKENS = 128
+DECODE_TOKENS = 128
+
+
+@dataclass
+class Measurement:
+    engine: str
+    model: str
+    prefill_tok_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    first_token_ms: list[float] = field(default_factory=list)
+    load_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    blas: str = ""
+    profile: dict[str, float] = field(default_factory=dict)
+
+
+def median_and_spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def prompt_ids(model, count: int = PROMPT_TOKENS) -> list[int]:
+    """A fixed prompt of `count` tokens: the reference prefill prompt when present, else a deterministic one."""
+    rng = np.random.default_rng(0)
+    return rng.integers(3, model.config.vocab_size, size=count).tolist()
+
+
+def blas_description() -> str:
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return f"{pool.get('internal_api')} {pool.get('version')} {pool.get('architecture')} kernel, {pool.get('num_threads')} threads"
+    return "unknown BLAS"
+
+
+def measure_ours(name: str, repeats: int, profile: bool) -> Measurement:
+    import minitorch_infer
+
+    began = time.perf_counter()
+    model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8)
+    result = Measurement("minitorch-infer", name, load_seconds=time.perf_counter() - began)
+    ids = prompt_ids(model)
+    model.generate(ids[:8], max_new_tokens=4, greedy=True)             # warm up: binds the programs
+    for _ in range(repeats):
+        run = model.generate(ids, max_new_tokens=DECODE_TOKENS, greedy=True, ignore_eos=True)
+        result.prefill_tok_s.append(run.stats.prefill_tokens_per_second)
+        result.decode_tok_s.append(run.stats.decode_tokens_per_second)
+        result.first_token_ms.append(run.stats.time_to_first_token * 1e3)
+    if profile:
+        result.profile = profile_decode(model, ids)
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+def profile_decode(model, ids: list[int]) -> dict[str, float]:
+    """Share of a decode step's time per op type."""
+    sequence = model.kv_cache.open()
+    try:
+        model.forward(sequence, ids[:16])
+        times = model._last.program.profile(sequence, steps=32, start_token=ids[16])
+    finally:
+        sequence.close()
+    total = sum(times.values())
+    return {op: seconds / total for op, seconds in sorted(times.items(), key=lambda item: -item[1])}
+
+
+def measure_naive(name: str, repeats: int) -> Measurement:
+    """The reference backend on the traced graph: prefill the prompt in one step, then decode one by one."""
+    import minitorch_infer
+    from .backends import reference
+
+    began = time.perf_counter()
+    model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8, passes=[], max_sequences=1)
+    graph = model.trace()
+    params = {n: model.weights[n] for n in graph.params}
+    result = Measurement("naive (reference backend)", name, load_seconds=time.perf_counter() - began)
+    ids = prompt_ids(model)
+    for _ in range(repeats):
+        state = {n: np.zeros(v.type.concrete_shape(), np.float32) for n, v in graph.states.items()}
+        began = time.perf_counter()
+        (logits,) = reference.run(graph, params, {"tokens": np.array(ids), "positions": np.arange(len(ids))},
+                                  state, {"S": len(ids), "T": len(ids)})
+        token = int(np.argmax(logits[-1]))
+        prefill = time.perf_counter() - began
+        result.first_token_ms.append(prefill * 1e3)
+        began = time.perf_counter()
+        for step in range(DECODE_TOKENS - 1):
+            position = len(ids) + step
+            (logits,) = reference.run(graph, params, {"tokens": np.array([token]), "positions": np.array([position])},
+                                      state, {"S": 1, "T": position + 1})
+            token = int(np.argmax(logits[-1]))
+        result.prefill_tok_s.append(len(ids) / prefill)
+        result.decode_tok_s.append((DECODE_TOKENS - 1) / (time.perf_counter() - began))
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_in_subprocess(engine: str, name: str, repeats: int, threads: int | None, profile: bool) -> Measurement:
+    """Run one measurement in a fresh interpreter (so peak RSS is this model's alone) and read back its JSON."""
+    command = [sys.executable, "-m", "minitorch_infer.benchmark", engine, name, str(repeats), str(threads or 0),
+               "1" if profile else "0"]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark of {name} ({engine}) failed:\n{completed.stderr.strip()}")
+    return Measurement(**json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def _worker(engine: str, name: str, repeats: int, threads: int, profile: bool) -> None:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads or None):
+        measured = measure_ours(name, repeats, profile) if engine == "ours" else measure_naive(name, repeats)
+        measured.blas = blas_description()
+    print(json.dumps(asdict(measured)))
+
+
+if __name__ == "__main__":
+    engine_arg, name_arg, repeats_arg, threads_arg, profile_arg = sys.argv[1:6]
+    _worker(engine_arg, name_arg, int(repeats_arg), int(threads_arg), profile_arg == "1")

@@ -1,0 +1,49 @@
+"""The `minitorch-infer` command: generate, graph, chat, bench, fetch, convert.
+
+Text goes to stdout; progress, stats and errors to stderr. Every error the engine raises on purpose
+(MinitorchError) and every bad flag ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import MinitorchError
+from . import bench, chat, generate, graph, models
+
+SUBCOMMANDS = {"generate": generate, "graph": graph, "chat": chat, "bench": bench, "fetch": models.fetch,
+               "convert": models.convert}
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="minitorch-infer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, module in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "generate")        # `minitorch-infer --prompt ...` means generate
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except MinitorchError as error:
+        print(f"minitorch-infer: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

@@ -1,0 +1,69 @@
+"""minitorch-infer bench: prefill and decode speed, time to first token, load time and peak RSS, for our
+engine and the in-repo naive path (the reference backend on the unoptimised graph), with their ratios."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_in_subprocess, median_and_spread
+from ..errors import ModelNotFoundError
+from ..model_files import find_model
+from .options import non_negative_int, positive_int
+
+HELP = "measure speed and memory against the naive path (medians of several runs)"
+DEFAULT_MODELS = ("story", "smollm2-135m-instruct")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", action="append", default=None,
+                        help=f"model to measure; repeatable (default: {', '.join(DEFAULT_MODELS)} where present)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="runs per measurement (default: 3)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="BLAS threads (default: all)")
+    parser.add_argument("--profile", action="store_true", help="also print each op type's share of a decode step")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive path (it is slow on big models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = args.model or [n for n in DEFAULT_MODELS if _exists(n)]
+    print(f"prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} greedy decode steps, {args.repeat} runs each; "
+          "median [min-max]")
+    for name in names:
+        ours = measure_in_subprocess("ours", name, args.repeat, args.threads, args.profile)
+        print(f"\n{name}  ({ours.blas})")
+        print(_row(ours))
+        if not args.no_naive:
+            naive = measure_in_subprocess("naive", name, args.repeat, args.threads, False)
+            print(_row(naive))
+            print(_ratios(ours, naive))
+        if ours.profile:
+            print("decode step time by op: " + ", ".join(f"{op} {share:.0%}" for op, share in ours.profile.items()))
+    return 0
+
+
+def _exists(name: str) -> bool:
+    try:
+        find_model(name)
+        return True
+    except ModelNotFoundError:
+        return False
+
+
+def _stat(values: list[float], unit: str, digits: int = 0) -> str:
+    median, low, high = median_and_spread(values)
+    return f"{median:,.{digits}f} {unit} [{low:,.{digits}f}-{high:,.{digits}f}]"
+
+
+def _row(m: Measurement) -> str:
+    return (f"  {m.engine:<28} prefill {_stat(m.prefill_tok_s, 'tok/s')}  decode {_stat(m.decode_tok_s, 'tok/s', 1)}  "
+            f"first token {_stat(m.first_token_ms, 'ms', 1)}  load+compile {m.load_seconds:.2f} s  "
+            f"peak RSS {m.peak_rss_mb:,.0f} MB")
+
+
+def _ratios(ours: Measurement, naive: Measurement) -> str:
+    def ratio(a, b):
+        return median_and_spread(a)[0] / median_and_spread(b)[0]
+
+    return (f"  {'ours / naive':<28} prefill x{ratio(ours.prefill_tok_s, naive.prefill_tok_s):.2f}  "
+            f"decode x{ratio(ours.decode_tok_s, naive.decode_tok_s):.2f}  "
+            f"first token x{ratio(naive.first_token_ms, ours.first_token_ms):.2f} sooner  "
+            f"peak RSS x{ours.peak_rss_mb / naive.peak_rss_mb:.2f}")
