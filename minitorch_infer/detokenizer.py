@@ -1,0 +1,105 @@
+"""Streaming token ids out as text, one token at a time, without ever emitting half a character.
+
+Decoding tokens one by one and concatenating goes wrong in two ways:
+- a character's UTF-8 bytes can span several tokens (byte-level BPE, or SentencePiece byte fallback
+  `<0xE4>`); decoded alone, each part becomes U+FFFD;
+- some decoders treat the start of a text specially (SentencePiece strips the leading space), so
+  decoding a suffix is not the suffix of decoding the whole.
+
+The fix is the prefix-offset/read-offset technique of vLLM and text-generation-inference. A small
+window holds a few already-emitted tokens as context (up to `read_offset`), then the tokens not yet
+emitted. Each step decodes the window and emits what it adds to the context's own decoding, once that
+addition is non-empty and does not end in U+FFFD (a character still incomplete). Then the window drops
+the old context, and the tokens just emitted become the new one, so each step decodes a few tokens,
+never the whole output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer
+
+# How many prompt tokens give the first generated token its context (vLLM uses the same number).
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids into text pieces whose concatenation equals decoding them all at once.
+
+    Without `prompt_ids` the stream equals `tokenizer.decode(generated_ids)`. With them, the last few
+    prompt tokens serve as context, so the stream is the text the generated tokens add after the prompt
+    (e.g. " time" rather than "time" after "Once upon a" with a SentencePiece tokenizer).
+    With `skip_special_tokens`, special tokens produce no text, as in `tokenizer.decode`.
+
+    One exception, only for invalid UTF-8: a byte-fallback decoder turns every byte of a run of byte
+    tokens into U+FFFD once the run turns out invalid, including bytes already emitted as valid text. The
+    stream cannot take those back, so there it differs from `decode`; both show U+FFFD.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._skipped_ids = _ids_decode_skips(tokenizer) if skip_special_tokens else set()
+        self._window = self._prompt_context(prompt_ids)
+        self._read_offset = len(self._window)
+        self._context_text = self._decode(self._window)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text it makes final ('' while a character is incomplete)."""
+        if token_id in self._skipped_ids:
+            return ""
+        self._window.append(token_id)
+        text = self._decode(self._window)
+        # Hold the token back while it adds no text yet or leaves a character incomplete (U+FFFD).
+        if len(text) <= len(self._context_text) or text.endswith("\ufffd"):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """At the end of generation: the text still held back (with U+FFFD for bytes that never completed)."""
+        return self._emit(self._decode(self._window))
+
+    def _emit(self, text: str) -> str:
+        """What `text` (the window decoded) adds to the context; the tokens it covers become the context."""
+        new_text = text[len(self._context_text) :]
+        del self._window[: self._read_offset]
+        self._read_offset = len(self._window)
+        self._context_text = self._decode(self._window)
+        return new_text
+
+    def _prompt_context(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The last few prompt tokens, starting at the start of a character.
+
+        Skipped tokens are left out: they decode to nothing, and a window that starts with nothing would
+        let the decoder strip a leading space that belongs mid-stream. A context that starts inside a
+        character would decode to U+FFFD there (a byte-fallback decoder even turns the whole run of byte
+        tokens into U+FFFD), so step back up to 3 more tokens, as a UTF-8 character has at most 4 bytes.
+        """
+        kept = [token_id for token_id in prompt_ids if token_id not in self._skipped_ids]
+        start = max(len(kept) - _PROMPT_CONTEXT_TOKENS, 0)
+        for character_start in range(start, max(start - 3, 0) - 1, -1):
+            if not self._decode(kept[character_start:]).startswith("\ufffd"):
+                return kept[character_start:]
+        return kept[start:]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def _ids_decode_skips(tokenizer: Tokenizer) -> set[int]:
+    """The special tokens that `tokenizer.decode(..., skip_special_tokens=True)` really drops.
+
+    Asked of decode itself because that is not every token marked special: tokenizers 0.23 keeps
+    added tokens marked `normalized`, such as the story model's BOS and EOS.
+    """
+    return {
+        token_id
+        for token_id, token in tokenizer.get_added_tokens_decoder().items()
+        if token.special and tokenizer.decode([token_id], skip_special_tokens=True) == ""
+    }
