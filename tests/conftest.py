@@ -48,3 +48,13 @@ def story_model():
 @pytest.fixture(scope="session")
 def story_reference():
     return reference("story")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    return minitorch_infer.load(require_model("smollm2-135m-instruct"), context=1024)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    return reference("smollm2")
