@@ -8,6 +8,7 @@ over prepared closures. Only the attention and KV-write kernels read the per-ste
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import numpy as np
@@ -249,18 +250,28 @@ def _swiglu(node: Node, ins, outs, scratch, step) -> Kernel:
 def _rms_norm(node: Node, ins, outs, scratch, step) -> Kernel:
     x, weight = ins
     (y,) = outs
-    rows = x.reshape(-1, x.shape[-1])
-    inverse_rms = np.empty((rows.shape[0], 1), np.float32)   # a few floats, bound once per program
-    mean_scale, eps = np.float32(1.0 / x.shape[-1]), np.float32(node.attrs["eps"])
-    y_rows = y.reshape(rows.shape)
+    rows, y_rows = x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1])
+    mean_factor, eps = 1.0 / x.shape[-1], node.attrs["eps"]
+    if rows.shape[0] == 1:
+        # One row (decode): the scale is a Python float, which saves four tiny array operations.
+        row, y_row = rows[0], y_rows[0]
+
+        def one_row():
+            scale = 1.0 / math.sqrt(float(np.dot(row, row)) * mean_factor + eps)
+            np.multiply(row, scale, out=y_row)
+            np.multiply(y_row, weight, out=y_row)
+        return one_row
+
+    scale = np.empty((rows.shape[0], 1), np.float32)          # one float per row, bound once per program
+    scale_flat = scale[:, 0]
+    mean_factor32, eps32 = np.float32(mean_factor), np.float32(eps)
 
     def call():
-        np.einsum("ij,ij->i", rows, rows, out=inverse_rms[:, 0])
-        inverse_rms[:] *= mean_scale
-        inverse_rms[:] += eps
-        np.sqrt(inverse_rms, out=inverse_rms)
-        np.reciprocal(inverse_rms, out=inverse_rms)
-        np.multiply(rows, inverse_rms, out=y_rows)
+        np.vecdot(rows, rows, out=scale_flat)                  # sum of squares per row
+        np.multiply(scale, mean_factor32, out=scale)
+        np.add(scale, eps32, out=scale)
+        np.sqrt(scale, out=scale)
+        np.divide(rows, scale, out=y_rows)
         np.multiply(y_rows, weight, out=y_rows)
     return call
 
@@ -307,6 +318,26 @@ def _rope(node: Node, ins, outs, scratch, step) -> Kernel:
     return call
 
 
+@kernel("rope_rotation")
+def _rope_rotation(node: Node, ins, outs, scratch, step) -> Kernel:
+    (positions,) = ins
+    (rotation,) = outs
+    cos_sin = rotation.reshape(rotation.shape[0], -1, 2)
+    angles = cos_sin[..., 0]                       # the cos slots hold the angles until the sin is taken
+    table = _rope_table(node, ins, [angles, cos_sin[..., 1]], None, step)
+    return table
+
+
+@kernel("rope_pairs")
+def _rope_pairs(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, rotation = ins
+    (y,) = outs
+    # Adjacent float32 pairs are complex64 numbers: the rotation is one complex multiplication.
+    x_complex, y_complex = x.view(np.complex64), y.view(np.complex64)
+    rotation_complex = rotation.view(np.complex64)[:, None, :]
+    return lambda: np.multiply(x_complex, rotation_complex, out=y_complex)
+
+
 @kernel("kv_write")
 def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
     x, cache = ins
@@ -328,25 +359,33 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     group = heads // kv_heads
     rows = group * seq                      # query rows per kv head, ordered (group member, position)
     scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
-    q_grouped = scratch[:heads * seq * head_dim].reshape(kv_heads, group, seq, head_dim)
-    q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
-    out_start = heads * seq * head_dim
-    out_grouped = scratch[out_start:2 * out_start].reshape(kv_heads, rows, head_dim)
-    out_target = out.reshape(seq, kv_heads, group, head_dim)
-    out_source = out_grouped.reshape(kv_heads, group, seq, head_dim).transpose(2, 0, 1, 3)
-    row_stat = scratch[2 * out_start:2 * out_start + heads * seq].reshape(kv_heads, rows, 1)
-    score_space = scratch[2 * out_start + heads * seq:]
+    if seq == 1:
+        # One query position: q and out are already [kv_heads, group, head_dim] in memory, no regrouping.
+        q_grouped, out_grouped = q.reshape(kv_heads, group, head_dim), out.reshape(kv_heads, group, head_dim)
+        regroup_q = regroup_out = None
+    else:
+        q_grouped = scratch[:heads * seq * head_dim].reshape(kv_heads, rows, head_dim)
+        q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+        out_grouped = scratch[heads * seq * head_dim:2 * heads * seq * head_dim].reshape(kv_heads, rows, head_dim)
+        out_source = out_grouped.reshape(kv_heads, group, seq, head_dim).transpose(2, 0, 1, 3)
+        out_target = out.reshape(seq, kv_heads, group, head_dim)
+        q_target = q_grouped.reshape(kv_heads, group, seq, head_dim)
+        regroup_q = lambda: np.copyto(q_target, q_source)       # noqa: E731
+        regroup_out = lambda: np.copyto(out_target, out_source)  # noqa: E731
+    stats_start = 2 * heads * seq * head_dim
+    row_stat = scratch[stats_start:stats_start + heads * seq].reshape(kv_heads, rows, 1)
+    score_space = scratch[stats_start + heads * seq:]
 
     def call():
         total = step.total
-        first = 0
-        if seq == 1 and window > 0:
-            first = max(0, total - window)  # one query: the window is just a range of keys
+        first = max(0, total - window) if seq == 1 and window > 0 else 0   # one query: a window is a key range
         keys, values = k_cache[:, first:total], v_cache[:, first:total]
         width = total - first
         scores = score_space[:kv_heads * rows * width].reshape(kv_heads, rows, width)
-        np.multiply(q_source, scale, out=q_grouped)
-        np.matmul(q_grouped.reshape(kv_heads, rows, head_dim), keys.transpose(0, 2, 1), out=scores)
+        if regroup_q is not None:
+            regroup_q()
+        np.matmul(q_grouped, keys.transpose(0, 2, 1), out=scores)
+        np.multiply(scores, scale, out=scores)
         if seq > 1:
             np.copyto(scores.reshape(kv_heads, group, seq, width), -np.inf, where=_hidden_keys(seq, total, window))
         np.max(scores, axis=-1, keepdims=True, out=row_stat)
@@ -355,7 +394,8 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         np.sum(scores, axis=-1, keepdims=True, out=row_stat)
         np.divide(scores, row_stat, out=scores)
         np.matmul(scores, values, out=out_grouped)
-        np.copyto(out_target, out_source)
+        if regroup_out is not None:
+            regroup_out()
     return call
 
 

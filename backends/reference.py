@@ -127,6 +127,23 @@ def _rope(args, attrs, bindings):
     return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
 
 
+@kernel("rope_rotation")
+def _rope_rotation(args, attrs, bindings):
+    cos, sin = _rope_table(args, attrs, bindings)
+    return np.stack([cos, sin], axis=-1).reshape(cos.shape[0], -1)
+
+
+@kernel("rope_pairs")
+def _rope_pairs(args, attrs, bindings):
+    x, rotation = args
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = rotation[:, None, 0::2], rotation[:, None, 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
 @kernel("kv_write")
 def _kv_write(args, attrs, bindings):
     x, cache = args

@@ -223,6 +223,32 @@ def _rope(ts, attrs):
     return [x]
 
 
+@register_op("rope_rotation", attrs=ROPE_ATTRS, n_inputs=1)
+def _rope_rotation(ts, attrs):
+    """Each position's rotation as (cos, sin) pairs [S, head_dim]: [cos0, sin0, cos1, sin1, ...].
+
+    Read as complex numbers cos + i·sin, these rotate the adjacent-pair layout in one multiplication.
+    """
+    (positions,) = ts
+    _expect_dtype("rope_rotation", positions, "i32", "positions")
+    _expect_rank("rope_rotation", positions, 1, "positions")
+    return [TensorType((positions.shape[0], attrs["head_dim"]), "f32")]
+
+
+@register_op("rope_pairs", n_inputs=2, inplace=0)
+def _rope_pairs(ts, attrs):
+    """Rotate x [S, H, D] whose dims come in adjacent (even, odd) pairs by rotation [S, D] (see rope_rotation).
+
+    The same rotation as `rope` when q/k weight rows are reordered from HF's half-split layout to pairs
+    (as llama.cpp stores them); the attention scores do not change, since q and k are reordered alike.
+    """
+    x, rotation = ts
+    _expect_rank("rope_pairs", x, 3, "x")
+    if rotation.shape != (x.shape[0], x.shape[2]):
+        _fail("rope_pairs", "rotation must be [S, head_dim]", x, rotation)
+    return [x]
+
+
 @register_op("kv_write", n_inputs=2, side_effect=True, output_kinds=("state",), attrs={"total": Sym})
 def _kv_write(ts, attrs):
     """Store new keys or values x [S, H, D] at positions T-S..T-1 of the cache [H, C, D]; return its view [H, T, D]."""

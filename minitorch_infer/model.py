@@ -52,6 +52,8 @@ class Model:
         self._step_position = np.zeros(1, np.int64)
         self._step_inputs = {"tokens": self._step_token, "positions": self._step_position}
         self.max_sequences = max_sequences
+        # Once, before any pass adds packed weights: the file's tensors are exactly what the config implies.
+        weights.check_params(self.trace().params, config.source)
         self.compile(passes, memory_plan)
 
     # --- compiling -------------------------------------------------------------------------------
@@ -69,7 +71,6 @@ class Model:
 
     def _compile_graph(self, all_logits: bool) -> CompiledGraph:
         graph = self.trace(all_logits)
-        self.weights.check_params(graph.params, self.config.source)
         graph, report = PassManager(self.passes).run(graph, self.weights)
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
         return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, self.weights), report)
