@@ -55,7 +55,7 @@ def _stat(values: list[float], unit: str, digits: int = 0) -> str:
 
 def _row(m: Measurement) -> str:
     return (f"  {m.engine:<28} prefill {_stat(m.prefill_tok_s, 'tok/s')}  decode {_stat(m.decode_tok_s, 'tok/s', 1)}  "
-            f"first token {_stat(m.first_token_ms, 'ms', 1)}  load+compile {m.load_seconds:.2f} s  "
+            f"first token {_stat(m.first_token_ms, 'ms', 1)}  load+compile {m.load_seconds:.3f} s  "
             f"peak RSS {m.peak_rss_mb:,.0f} MB")
 
 
