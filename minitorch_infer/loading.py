@@ -17,7 +17,8 @@ from .weights import WeightStore, load_safetensors_dir
 def load(name_or_path: str | os.PathLike, **options) -> Model:
     """Load and compile a model. `name_or_path`: a folder, a .gguf file, or a known name ("story").
 
-    Options go to Model: context, prefill_chunk, max_sequences, passes, memory_plan.
+    Options go to Model: context, prefill_chunk, max_sequences (KV-cache slots: generate calls and chat
+    sessions alive at once), passes, memory_plan, kv_budget_bytes (refuse a KV-cache plan larger than this).
     """
     path = find_model(name_or_path)
     if path.is_dir():

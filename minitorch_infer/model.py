@@ -39,7 +39,7 @@ class CompiledGraph:
 class Model:
     def __init__(self, config: ModelConfig, weights: WeightStore, tokenizer: Tokenizer | None, source: str,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_sequences: int = 4,
-                 passes: Sequence[str] | None = None, memory_plan: bool = True):
+                 passes: Sequence[str] | None = None, memory_plan: bool = True, kv_budget_bytes: int | None = None):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -52,6 +52,7 @@ class Model:
         self._step_position = np.zeros(1, np.int64)
         self._step_inputs = {"tokens": self._step_token, "positions": self._step_position}
         self.max_sequences = max_sequences
+        self.kv_budget_bytes = kv_budget_bytes
         # Once, before any pass adds packed weights: the file's tensors are exactly what the config implies.
         weights.check_params(self.trace().params, config.source)
         self.compile(passes, memory_plan)
@@ -63,7 +64,8 @@ class Model:
         self.memory_plan_enabled = memory_plan
         self._last = self._compile_graph(all_logits=False)
         self._all: CompiledGraph | None = None       # the every-position-logits program, built when first asked
-        self.kv_cache = KVCache({n: v.type for n, v in self._last.graph.states.items()}, self.max_sequences)
+        self.kv_cache = KVCache({n: v.type for n, v in self._last.graph.states.items()}, self.max_sequences,
+                                self.kv_budget_bytes)
 
     def trace(self, all_logits: bool = False) -> Graph:
         """A freshly traced, unoptimised graph of this model (what the passes start from)."""

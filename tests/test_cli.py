@@ -103,3 +103,21 @@ def test_result_carries_stats_and_finish_reason(story_model):
     assert stats.prompt_tokens == 6 and stats.new_tokens == 5
     assert stats.prefill_tokens_per_second > 0 and stats.decode_tokens_per_second > 0
     assert 0 < stats.time_to_first_token and stats.peak_rss_bytes > 0
+
+
+def test_dump_dot_writes_traced_and_optimised_graphs(tmp_path):
+    import shutil
+
+    require_model("story")
+    target = tmp_path / "story.dot"
+    done = run_cli("--greedy", "-n", "2", "--prompt", "Once", "--dump-dot", str(target))
+    assert done.returncode == 0, done.stderr
+    traced, optimised = tmp_path / "story.traced.dot", target
+    assert "cluster_layer_1" in traced.read_text() and "@" in optimised.read_text()
+    assert "arena" in optimised.read_text()                  # the memory plan is drawn on the optimised graph
+    if shutil.which("dot"):
+        assert (tmp_path / "story.svg").exists() and (tmp_path / "story.traced.svg").exists()
+        for path in (traced, optimised):
+            assert subprocess.run(["dot", "-Tsvg", str(path)], capture_output=True).returncode == 0
+    else:
+        assert "dot -Tsvg" in done.stderr.decode()

@@ -132,3 +132,9 @@ def test_bad_token_ids_and_empty_prompts_are_refused(story_model):
         story_model.logits([1, 5000])
     with pytest.raises(MinitorchError, match="empty"):
         story_model.logits([])
+
+
+def test_a_kv_plan_over_budget_is_refused_at_load():
+    with pytest.raises(ContextOverflowError, match=r"KV cache for 4 sequence\(s\) of 512 positions needs 2.0 MiB, "
+                                                   r"over the budget of 1.0 MiB"):
+        minitorch_infer.load(require_model("story"), max_sequences=4, kv_budget_bytes=2**20)
