@@ -355,48 +355,77 @@ def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
 def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     q, k_cache, v_cache = ins
     (out,) = outs
+    if q.shape[0] == 1:
+        return _attention_one_query(node, q, k_cache, v_cache, out, scratch, step)
+    return _attention_many_queries(node, q, k_cache, v_cache, out, scratch, step)
+
+
+def _attention_one_query(node: Node, q, k_cache, v_cache, out, scratch, step) -> Kernel:
+    """Decode: scores [kv_heads, group, T]; q and out are already [kv_heads, group, head_dim] in memory."""
+    _, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[0]
+    group = heads // kv_heads
+    scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
+    q_grouped, out_grouped = q.reshape(kv_heads, group, head_dim), out.reshape(kv_heads, group, head_dim)
+    row_max = scratch[:heads].reshape(kv_heads, group, 1)
+    row_sum = scratch[heads:2 * heads].reshape(kv_heads, group, 1)
+    score_space = scratch[2 * heads:]
+    ones = np.ones(k_cache.shape[1], np.float32)           # sums as matrix products: faster than np.sum
+
+    def call():
+        total = step.total
+        first = max(0, total - window) if window > 0 else 0   # with one query, a window is a range of keys
+        width = total - first
+        scores = score_space[:heads * width].reshape(kv_heads, group, width)
+        np.matmul(q_grouped, k_cache[:, first:total].transpose(0, 2, 1), out=scores)
+        np.multiply(scores, scale, out=scores)
+        np.max(scores, axis=-1, keepdims=True, out=row_max)
+        np.subtract(scores, row_max, out=scores)
+        np.exp(scores, out=scores)
+        np.matmul(scores, ones[:width, None], out=row_sum)
+        np.matmul(scores, v_cache[:, first:total], out=out_grouped)
+        np.divide(out_grouped, row_sum, out=out_grouped)
+    return call
+
+
+def _attention_many_queries(node: Node, q, k_cache, v_cache, out, scratch, step) -> Kernel:
+    """Prefill: scores kept transposed, [kv_heads, T, rows], so the softmax's max and sum run down columns of
+    contiguous rows (vectorised) rather than along thousands of short rows."""
     seq, heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
     rows = group * seq                      # query rows per kv head, ordered (group member, position)
     scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
-    if seq == 1:
-        # One query position: q and out are already [kv_heads, group, head_dim] in memory, no regrouping.
-        q_grouped, out_grouped = q.reshape(kv_heads, group, head_dim), out.reshape(kv_heads, group, head_dim)
-        regroup_q = regroup_out = None
-    else:
-        q_grouped = scratch[:heads * seq * head_dim].reshape(kv_heads, rows, head_dim)
-        q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
-        out_grouped = scratch[heads * seq * head_dim:2 * heads * seq * head_dim].reshape(kv_heads, rows, head_dim)
-        out_source = out_grouped.reshape(kv_heads, group, seq, head_dim).transpose(2, 0, 1, 3)
-        out_target = out.reshape(seq, kv_heads, group, head_dim)
-        q_target = q_grouped.reshape(kv_heads, group, seq, head_dim)
-        regroup_q = lambda: np.copyto(q_target, q_source)       # noqa: E731
-        regroup_out = lambda: np.copyto(out_target, out_source)  # noqa: E731
-    stats_start = 2 * heads * seq * head_dim
-    row_stat = scratch[stats_start:stats_start + heads * seq].reshape(kv_heads, rows, 1)
-    score_space = scratch[stats_start + heads * seq:]
+    size = heads * seq * head_dim
+    q_grouped = scratch[:size].reshape(kv_heads, rows, head_dim)
+    q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+    q_target = q_grouped.reshape(kv_heads, group, seq, head_dim)
+    out_grouped = scratch[size:2 * size].reshape(kv_heads, rows, head_dim)
+    out_source = out_grouped.reshape(kv_heads, group, seq, head_dim).transpose(2, 0, 1, 3)
+    out_target = out.reshape(seq, kv_heads, group, head_dim)
+    column_max = scratch[2 * size:2 * size + heads * seq].reshape(kv_heads, 1, rows)
+    column_sum = scratch[2 * size + heads * seq:2 * size + 2 * heads * seq].reshape(kv_heads, 1, rows)
+    score_space = scratch[2 * size + 2 * heads * seq:]
+    ones = np.ones((1, k_cache.shape[1]), np.float32)
+    masks: dict[int, np.ndarray] = {}
 
     def call():
         total = step.total
-        first = max(0, total - window) if seq == 1 and window > 0 else 0   # one query: a window is a key range
-        keys, values = k_cache[:, first:total], v_cache[:, first:total]
-        width = total - first
-        scores = score_space[:kv_heads * rows * width].reshape(kv_heads, rows, width)
-        if regroup_q is not None:
-            regroup_q()
-        np.matmul(q_grouped, keys.transpose(0, 2, 1), out=scores)
-        np.multiply(scores, scale, out=scores)
-        if seq > 1:
-            np.copyto(scores.reshape(kv_heads, group, seq, width), -np.inf, where=_hidden_keys(seq, total, window))
-        np.max(scores, axis=-1, keepdims=True, out=row_stat)
-        np.subtract(scores, row_stat, out=scores)
+        if total not in masks:
+            masks.clear()                   # prefill chunks come at a few offsets; keep the latest only
+            masks[total] = np.where(_hidden_keys(seq, total, window).T, -np.inf, 0).astype(np.float32)[:, None, :]
+        scores = score_space[:kv_heads * total * rows].reshape(kv_heads, total, rows)
+        np.multiply(q_source, scale, out=q_target)
+        np.matmul(k_cache[:, :total], q_grouped.transpose(0, 2, 1), out=scores)
+        by_group = scores.reshape(kv_heads, total, group, seq)
+        np.add(by_group, masks[total], out=by_group)
+        np.max(scores, axis=1, keepdims=True, out=column_max)
+        np.subtract(scores, column_max, out=scores)
         np.exp(scores, out=scores)
-        np.sum(scores, axis=-1, keepdims=True, out=row_stat)
-        np.divide(scores, row_stat, out=scores)
-        np.matmul(scores, values, out=out_grouped)
-        if regroup_out is not None:
-            regroup_out()
+        np.matmul(ones[:, :total], scores, out=column_sum)
+        np.matmul(scores.transpose(0, 2, 1), v_cache[:, :total], out=out_grouped)
+        np.divide(out_grouped, column_sum.transpose(0, 2, 1), out=out_grouped)
+        np.copyto(out_target, out_source)
     return call
 
 

@@ -264,10 +264,10 @@ def _kv_write(ts, attrs):
 
 
 def _attention_workspace(ts, attrs) -> int:
-    """Scores [Hq, S, T], plus the regrouped queries and output (2 x head_dim each) and the row maxima."""
+    """Scores [Hq, S, T], plus the regrouped queries and output (head_dim each), and each row's max and sum."""
     q, k, _ = ts
-    heads, seq, head_dim = q.concrete_shape()[1], q.concrete_shape()[0], q.concrete_shape()[2]
-    return heads * seq * (k.concrete_shape()[1] + 2 * head_dim + 1)
+    seq, heads, head_dim = q.concrete_shape()
+    return heads * seq * (k.concrete_shape()[1] + 2 * head_dim + 2)
 
 
 @register_op("attention", attrs={"scale": float, "window": int}, n_inputs=3, workspace=_attention_workspace)
