@@ -1,0 +1,30 @@
+"""`convert` turns the SmolLM2 GGUF into an HF folder that loads to the same model: same ids, same logits."""
+
+import numpy as np
+import pytest
+
+import minitorch_infer
+from minitorch_infer.convert import convert_gguf_to_hf
+from conftest import require_model
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    gguf = require_model("smollm2-135m-instruct")
+    folder = convert_gguf_to_hf(gguf, tmp_path_factory.mktemp("convert") / "smollm2-hf")
+    return minitorch_infer.load(folder, context=256)
+
+
+def test_converted_folder_gives_the_same_logits(converted, smollm2_model, smollm2_reference):
+    ids = smollm2_reference["prompt_ids"]
+    np.testing.assert_allclose(converted.logits(ids), smollm2_model.logits(ids), atol=1e-5, rtol=0)
+
+
+def test_converted_folder_keeps_tokenizer_template_and_eos(converted, smollm2_model):
+    text = "Hello, world! 日本語 🎉 <|im_start|>user\n"
+    assert converted.tokenizer.encode(text, add_special_tokens=False) == \
+        smollm2_model.tokenizer.encode(text, add_special_tokens=False)
+    assert converted.tokenizer.chat_template == smollm2_model.tokenizer.chat_template
+    assert converted.config.eos_token_ids == smollm2_model.config.eos_token_ids
+    reply = converted.chat().send("What is the capital of France?", greedy=True, max_new_tokens=8)
+    assert reply.text.startswith("The capital of France is Paris")
