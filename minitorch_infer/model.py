@@ -59,7 +59,10 @@ class Model:
 
     # --- compiling -------------------------------------------------------------------------------
     def compile(self, passes: Sequence[str] | None = None, memory_plan: bool = True) -> None:
-        """(Re)build the program with the named passes (None: the defaults; []: none)."""
+        """(Re)build the program with the named passes (None: the defaults; []: none), or pass functions.
+
+        The KV cache is planned anew, so sessions opened before a recompile must be opened again.
+        """
         self.passes = list(DEFAULT_PASSES if passes is None else passes)
         self.memory_plan_enabled = memory_plan
         self._last = self._compile_graph(all_logits=False)
