@@ -280,63 +280,32 @@ def _rms_norm(node: Node, ins, outs, scratch, step) -> Kernel:
 @kernel("rope_table")
 def _rope_table(node: Node, ins, outs, scratch, step) -> Kernel:
     (positions,) = ins
-    cos, sin = outs
+    (table,) = outs
     head_dim, theta, scaling = node.attrs["head_dim"], node.attrs["theta"], node.attrs["scaling"]
     fixed = None if is_position_dependent(scaling) else rope_frequencies(head_dim, theta, scaling, 0).astype(np.float32)
     as_float = np.empty((positions.shape[0], 1), np.float32)
+    cos_sin = table.reshape(table.shape[0], -1, 2)
+    angles, sin = cos_sin[..., 0], cos_sin[..., 1]       # the cos slots hold the angles until the sin is taken
 
     def call():
         inv_freq = fixed
         if inv_freq is None:
             inv_freq = rope_frequencies(head_dim, theta, scaling, int(positions.max()) + 1).astype(np.float32)
         as_float[:, 0] = positions
-        np.multiply(as_float, inv_freq, out=cos)      # the angles, for now
-        np.sin(cos, out=sin)
-        np.cos(cos, out=cos)
+        np.multiply(as_float, inv_freq, out=angles)
+        np.sin(angles, out=sin)
+        np.cos(angles, out=angles)
     return call
 
 
 @kernel("rope")
 def _rope(node: Node, ins, outs, scratch, step) -> Kernel:
-    x, cos, sin = ins
+    x, table = ins
     (y,) = outs
-    seq, heads, head_dim = x.shape
-    half = head_dim // 2
-    x1, x2, y1, y2 = x[..., :half], x[..., half:], y[..., :half], y[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    size = seq * heads * half
-    a, b = scratch[:size].reshape(seq, heads, half), scratch[size:2 * size].reshape(seq, heads, half)
-
-    def call():
-        # y may be x itself (in place): read x2 for the last time before writing y2, and x1 before y1.
-        np.multiply(x1, c, out=a)
-        np.multiply(x2, s, out=b)
-        np.subtract(a, b, out=a)        # new first half
-        np.multiply(x2, c, out=b)
-        np.multiply(x1, s, out=y2)
-        np.add(y2, b, out=y2)           # new second half
-        np.copyto(y1, a)
-    return call
-
-
-@kernel("rope_rotation")
-def _rope_rotation(node: Node, ins, outs, scratch, step) -> Kernel:
-    (positions,) = ins
-    (rotation,) = outs
-    cos_sin = rotation.reshape(rotation.shape[0], -1, 2)
-    angles = cos_sin[..., 0]                       # the cos slots hold the angles until the sin is taken
-    table = _rope_table(node, ins, [angles, cos_sin[..., 1]], None, step)
-    return table
-
-
-@kernel("rope_pairs")
-def _rope_pairs(node: Node, ins, outs, scratch, step) -> Kernel:
-    x, rotation = ins
-    (y,) = outs
-    # Adjacent float32 pairs are complex64 numbers: the rotation is one complex multiplication.
+    # Adjacent float32 pairs are complex64 numbers: rotating them all is one complex multiplication.
     x_complex, y_complex = x.view(np.complex64), y.view(np.complex64)
-    rotation_complex = rotation.view(np.complex64)[:, None, :]
-    return lambda: np.multiply(x_complex, rotation_complex, out=y_complex)
+    rotation = table.view(np.complex64)[:, None, :]
+    return lambda: np.multiply(x_complex, rotation, out=y_complex)
 
 
 @kernel("kv_write")

@@ -115,29 +115,14 @@ def _rope_table(args, attrs, bindings):
     seq_len = int(positions.max()) + 1 if positions.size else 0
     inv_freq = rope_frequencies(attrs["head_dim"], attrs["theta"], attrs["scaling"], seq_len)
     angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return np.stack([np.cos(angles), np.sin(angles)], axis=-1).reshape(len(positions), -1).astype(np.float32)
 
 
 @kernel("rope")
 def _rope(args, attrs, bindings):
-    x, cos, sin = args
-    half = x.shape[-1] // 2
-    first, second = x[..., :half], x[..., half:]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-
-
-@kernel("rope_rotation")
-def _rope_rotation(args, attrs, bindings):
-    cos, sin = _rope_table(args, attrs, bindings)
-    return np.stack([cos, sin], axis=-1).reshape(cos.shape[0], -1)
-
-
-@kernel("rope_pairs")
-def _rope_pairs(args, attrs, bindings):
-    x, rotation = args
+    x, table = args
     even, odd = x[..., 0::2], x[..., 1::2]
-    cos, sin = rotation[:, None, 0::2], rotation[:, None, 1::2]
+    cos, sin = table[:, None, 0::2], table[:, None, 1::2]
     out = np.empty_like(x)
     out[..., 0::2] = even * cos - odd * sin
     out[..., 1::2] = even * sin + odd * cos

@@ -47,12 +47,12 @@ def last_row(x: Tensor) -> Tensor:
     return _record("last_row", x)
 
 
-def rope_table(positions: Tensor, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Tensor, Tensor]:
+def rope_table(positions: Tensor, head_dim: int, theta: float, scaling: tuple = ()) -> Tensor:
     return _record("rope_table", positions, head_dim=head_dim, theta=float(theta), scaling=scaling)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return _record("rope", x, cos, sin)
+def rope(x: Tensor, table: Tensor) -> Tensor:
+    return _record("rope", x, table)
 
 
 def kv_write(x: Tensor, cache: Tensor, total: Sym) -> Tensor:

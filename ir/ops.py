@@ -201,51 +201,28 @@ ROPE_ATTRS = {"head_dim": int, "theta": float, "scaling": tuple}
 
 @register_op("rope_table", attrs=ROPE_ATTRS, n_inputs=1)
 def _rope_table(ts, attrs):
-    """cos and sin [S, head_dim/2] of each position's rotation angles, shared by all layers.
+    """Each position's rotation [S, head_dim] as (cos, sin) pairs: [cos θ0, sin θ0, cos θ1, sin θ1, ...].
 
-    `scaling` is the config's rope_scaling as sorted (key, value) pairs; () means none.
+    Computed once per step and shared by all layers. `scaling` is the config's rope_scaling as sorted
+    (key, value) pairs; () means none.
     """
     (positions,) = ts
     _expect_dtype("rope_table", positions, "i32", "positions")
     _expect_rank("rope_table", positions, 1, "positions")
-    half = attrs["head_dim"] // 2
-    table = TensorType((positions.shape[0], half), "f32")
-    return [table, table]
-
-
-@register_op("rope", n_inputs=3, inplace=0, workspace=lambda ts, attrs: prod(ts[0].concrete_shape()))
-def _rope(ts, attrs):
-    """Rotate x [S, H, D] by the angles in cos/sin [S, D/2], HF's rotate-half layout."""
-    x, cos, sin = ts
-    _expect_rank("rope", x, 3, "x")
-    if cos.shape != (x.shape[0], x.shape[2] // 2) or sin.shape != cos.shape:
-        _fail("rope", "cos/sin must be [S, head_dim/2]", x, cos, sin)
-    return [x]
-
-
-@register_op("rope_rotation", attrs=ROPE_ATTRS, n_inputs=1)
-def _rope_rotation(ts, attrs):
-    """Each position's rotation as (cos, sin) pairs [S, head_dim]: [cos0, sin0, cos1, sin1, ...].
-
-    Read as complex numbers cos + i·sin, these rotate the adjacent-pair layout in one multiplication.
-    """
-    (positions,) = ts
-    _expect_dtype("rope_rotation", positions, "i32", "positions")
-    _expect_rank("rope_rotation", positions, 1, "positions")
     return [TensorType((positions.shape[0], attrs["head_dim"]), "f32")]
 
 
-@register_op("rope_pairs", n_inputs=2, inplace=0)
-def _rope_pairs(ts, attrs):
-    """Rotate x [S, H, D] whose dims come in adjacent (even, odd) pairs by rotation [S, D] (see rope_rotation).
+@register_op("rope", n_inputs=2, inplace=0)
+def _rope(ts, attrs):
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of x [S, H, D] by angle θi of its position (rope_table).
 
-    The same rotation as `rope` when q/k weight rows are reordered from HF's half-split layout to pairs
-    (as llama.cpp stores them); the attention scores do not change, since q and k are reordered alike.
+    Adjacent pairs are llama.cpp's layout; HF's checkpoints rotate dimension i with i + D/2 instead, so the
+    loader reorders q/k weight rows into pairs (q·k, and so attention, is unchanged by a shared reordering).
     """
-    x, rotation = ts
-    _expect_rank("rope_pairs", x, 3, "x")
-    if rotation.shape != (x.shape[0], x.shape[2]):
-        _fail("rope_pairs", "rotation must be [S, head_dim]", x, rotation)
+    x, table = ts
+    _expect_rank("rope", x, 3, "x")
+    if table.shape != (x.shape[0], x.shape[2]):
+        _fail("rope", "the rotation table must be [S, head_dim]", x, table)
     return [x]
 
 

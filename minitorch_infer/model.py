@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .architectures import build_graph
+from .architectures import build_graph, rope_pair_order
 from .backends import numpy as numpy_backend
 from .config import ModelConfig
 from .errors import ContextOverflowError, MinitorchError
@@ -55,6 +55,7 @@ class Model:
         self.kv_budget_bytes = kv_budget_bytes
         # Once, before any pass adds packed weights: the file's tensors are exactly what the config implies.
         weights.check_params(self.trace().params, config.source)
+        rope_pair_order(config, weights)
         self.compile(passes, memory_plan)
 
     # --- compiling -------------------------------------------------------------------------------

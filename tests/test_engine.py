@@ -138,3 +138,17 @@ def test_a_kv_plan_over_budget_is_refused_at_load():
     with pytest.raises(ContextOverflowError, match=r"KV cache for 4 sequence\(s\) of 512 positions needs 2.0 MiB, "
                                                    r"over the budget of 1.0 MiB"):
         minitorch_infer.load(require_model("story"), max_sequences=4, kv_budget_bytes=2**20)
+
+
+def test_q_and_k_rows_are_stored_in_rope_pair_order(story_model):
+    """Each head's rows go (0, D/2, 1, D/2+1, ...): RoPE then rotates adjacent pairs, one complex multiply."""
+    from minitorch_infer.safetensors_file import read_safetensors
+
+    stored = dict(read_safetensors(require_model("story") / "model.safetensors"))
+    head_dim = story_model.config.head_dim
+    hf_q = stored["model.layers.0.self_attn.q_proj.weight"]
+    ours = story_model.weights["layers.0.attn.q"]
+    np.testing.assert_array_equal(ours[0], hf_q[0])
+    np.testing.assert_array_equal(ours[1], hf_q[head_dim // 2])
+    np.testing.assert_array_equal(ours[head_dim + 3], hf_q[head_dim + head_dim // 2 + 1])
+    np.testing.assert_array_equal(story_model.weights["layers.0.attn.v"], stored["model.layers.0.self_attn.v_proj.weight"])

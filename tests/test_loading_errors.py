@@ -145,5 +145,5 @@ def test_bf16_and_f16_weights_load_as_float32(story_copy):
     half = {name: array.astype(np.float16) for name, array in tensors.items()}
     save_file(half, story_copy / "model.safetensors")
     model = minitorch_infer.load(story_copy)
-    assert model.weights["layers.0.attn.q"].dtype == np.float32
-    np.testing.assert_array_equal(model.weights["layers.0.attn.q"], half["model.layers.0.self_attn.q_proj.weight"])
+    assert model.weights["layers.0.mlp.gate"].dtype == np.float32
+    np.testing.assert_array_equal(model.weights["layers.0.mlp.gate"], half["model.layers.0.mlp.gate_proj.weight"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ..ir import Graph, Sym, TensorType, trace
 from ..config import ARCHITECTURES, ModelConfig
-from .llama import llama
+from .llama import llama, rope_pair_order
+
+__all__ = ["build_graph", "rope_pair_order", "ARCHITECTURE_FUNCTIONS"]
 
 # Every supported HF architecture is a member of the Llama family; config fields select the variant.
 ARCHITECTURE_FUNCTIONS = {family: llama for family in set(ARCHITECTURES.values())}

@@ -2,9 +2,13 @@
 
 Weights are referred to by canonical names (`layers.3.attn.q`); minitorch_infer.weights maps HF and GGUF
 names onto them. Shapes: S = new tokens this step, T = past + new tokens, D = hidden size.
+RoPE rotates adjacent pairs of dimensions (one complex multiply), so the q/k weight rows are stored in
+pair order: `rope_pair_order` does that once, when the model is built.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ..ir import functional as F
 from ..ir.tracer import Tensor
@@ -15,10 +19,10 @@ from ..config import ModelConfig
 def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym, all_logits: bool) -> Tensor:
     c = config
     x = F.embedding(tokens, F.param("embed", (c.vocab_size, c.hidden_size)))       # [S, D]
-    cos, sin = F.rope_table(positions, c.head_dim, c.rope_theta, c.rope_scaling)    # [S, head_dim/2] each
+    rotation = F.rope_table(positions, c.head_dim, c.rope_theta, c.rope_scaling)    # [S, head_dim]: cos/sin pairs
     for i in range(c.num_layers):
         with F.scope(f"layers.{i}", layer=i):
-            x = x + attention_block(x, cos, sin, c, i, total)                         # [S, D]
+            x = x + attention_block(x, rotation, c, i, total)                         # [S, D]
             x = x + mlp_block(x, c, i)                                                 # [S, D]
     if not all_logits:
         x = F.last_row(x)                                                               # [1, D]: generation needs one row
@@ -27,7 +31,7 @@ def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym,
     return F.matmul(x, F.param(head, (c.vocab_size, c.hidden_size)))                  # [S or 1, vocab]
 
 
-def attention_block(x: Tensor, cos: Tensor, sin: Tensor, c: ModelConfig, i: int, total: Sym) -> Tensor:
+def attention_block(x: Tensor, rotation: Tensor, c: ModelConfig, i: int, total: Sym) -> Tensor:
     seq = x.shape[0]
     q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     with F.scope("attn"):
@@ -35,8 +39,8 @@ def attention_block(x: Tensor, cos: Tensor, sin: Tensor, c: ModelConfig, i: int,
         q = linear(h, f"layers.{i}.attn.q", q_width, c.hidden_size, c.qkv_bias)       # [S, Hq*hd]
         k = linear(h, f"layers.{i}.attn.k", kv_width, c.hidden_size, c.qkv_bias)      # [S, Hkv*hd]
         v = linear(h, f"layers.{i}.attn.v", kv_width, c.hidden_size, c.qkv_bias)
-        q = F.rope(q.reshape(seq, c.num_heads, c.head_dim), cos, sin)                  # [S, Hq, hd]
-        k = F.rope(k.reshape(seq, c.num_kv_heads, c.head_dim), cos, sin)               # [S, Hkv, hd]
+        q = F.rope(q.reshape(seq, c.num_heads, c.head_dim), rotation)                  # [S, Hq, hd]
+        k = F.rope(k.reshape(seq, c.num_kv_heads, c.head_dim), rotation)               # [S, Hkv, hd]
         cache_shape = (c.num_kv_heads, total.max, c.head_dim)
         keys = F.kv_write(k, F.state(f"kv.{i}.k", cache_shape), total)                 # [Hkv, T, hd]
         values = F.kv_write(v.reshape(seq, c.num_kv_heads, c.head_dim), F.state(f"kv.{i}.v", cache_shape), total)
@@ -56,3 +60,18 @@ def linear(x: Tensor, name: str, out_features: int, in_features: int, bias: bool
     """x · Wᵀ (+ b), with W in HF's [out, in] layout."""
     y = F.matmul(x, F.param(name, (out_features, in_features)))
     return y + F.param(f"{name}_bias", (out_features,)) if bias else y
+
+
+def rope_pair_order(config: ModelConfig, weights) -> None:
+    """Reorder each head's q/k rows (and biases) from HF's rotate-half layout (i with i + D/2) to adjacent pairs.
+
+    llama.cpp stores q/k this way too. q and k are reordered alike, so q·k and attention do not change.
+    """
+    half = config.head_dim // 2
+    within_head = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+    for i in range(config.num_layers):
+        for part, heads in (("q", config.num_heads), ("k", config.num_kv_heads)):
+            order = (np.arange(heads)[:, None] * config.head_dim + within_head[None, :]).reshape(-1)
+            for name in (f"layers.{i}.attn.{part}", f"layers.{i}.attn.{part}_bias"):
+                if name in weights:
+                    weights.replace(name, np.ascontiguousarray(weights[name][order]))
