@@ -85,6 +85,12 @@ class WeightStore:
             if canonical is not None:
                 self.add(canonical, array, origin=name)
 
+    def replace(self, name: str, array: np.ndarray) -> None:
+        """Swap in a rearranged copy of a weight (same shape), e.g. q/k rows reordered for RoPE."""
+        if array.shape != self._arrays[name].shape or array.dtype != np.float32:
+            raise ModelFormatError(f"{self.source}: replacement for {name!r} must be float32{list(self._arrays[name].shape)}")
+        self._arrays[name] = array
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
 
