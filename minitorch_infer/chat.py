@@ -3,6 +3,10 @@
 A Session owns one KV-cache sequence and the conversation's tokens. A new turn renders the whole
 conversation with the chat template, and feeds the model only the text past what the cache already
 holds. rollback() undoes the last turn by truncating the cache; reset() starts over.
+
+A turn stopped midway (Ctrl-C, or a consumer that stops reading its stream) is kept as far as it got:
+the user's message and the reply so far. The cache only ever counts positions whose step completed, so
+the next turn reuses exactly the part of the conversation that was really computed.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .chat_template import ChatTemplate
-from .generation import GenerationResult, TextStream, sampling_params
+from .generation import GenerationResult, TextStream, check_prompt, sampling_params
 
 
 def chat_template_for(model) -> ChatTemplate:
@@ -19,7 +23,7 @@ def chat_template_for(model) -> ChatTemplate:
     bos = tokenizer.token_text(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else ""
     eos = tokenizer.token_text(tokenizer.eos_token_ids[0]) if tokenizer.eos_token_ids else ""
     return ChatTemplate(tokenizer.chat_template, bos_token=bos or "", eos_token=eos or "",
-                        origin=f"{tokenizer.source} chat_template")
+                        origin=tokenizer.template_origin)
 
 
 def render_chat_prompt(model, messages: list[dict], system: str | None = None) -> list[int]:
@@ -47,6 +51,7 @@ class Session:
         self.messages: list[dict] = []
         self.token_ids: list[int] = []        # the conversation as the model saw (or will see) it
         self._turns: list[_Turn] = []
+        self._unfinished: TextStream | None = None   # the turn being streamed, until it is recorded
         self.reset()
 
     # --- turns -----------------------------------------------------------------------------------
@@ -54,12 +59,14 @@ class Session:
         """Add a user turn and return the assistant's reply (a GenerationResult, like generate's)."""
         return self.stream(text, **settings).finish()
 
-    def stream(self, text: str, max_new_tokens: int = 256, stop: Sequence[str] = (), ignore_eos: bool = False,
+    def stream(self, text: str, max_new_tokens: int = 256, stop: str | Sequence[str] = (), ignore_eos: bool = False,
                greedy: bool = False, **sampling) -> TextStream:
         """Add a user turn and yield the reply as it is produced; the turn is recorded when the stream ends."""
+        self._end_unfinished_turn()
         params = sampling_params(greedy=greedy, **sampling)
         messages = self.messages + [{"role": "user", "content": text}]
         prompt_ids = self._conversation_ids(messages)
+        check_prompt(self.model, prompt_ids)
         cached = self._reusable_prefix(prompt_ids)
         self.sequence.truncate(cached)
         self.sequence.reserve(len(prompt_ids) - cached)
@@ -69,9 +76,18 @@ class Session:
             self._turns.append(turn)
             self.messages = messages + [{"role": "assistant", "content": stream.result.text}]
             self.token_ids = prompt_ids + stream.result.token_ids
+            self._unfinished = None
 
-        return TextStream(self.model, self.sequence, prompt_ids[:cached], prompt_ids[cached:], max_new_tokens,
-                          stop, ignore_eos, params, on_finish=record)
+        self._unfinished = TextStream(self.model, self.sequence, prompt_ids[:cached], prompt_ids[cached:],
+                                      max_new_tokens, stop, ignore_eos, params, on_finish=record)
+        return self._unfinished
+
+    def _end_unfinished_turn(self) -> None:
+        """Close a stream left unfinished (interrupted, or no longer read), which records its turn. Done before
+        anything else touches the conversation, so the record happens now: not later, whenever the garbage
+        collector finalises the abandoned stream, on top of whatever came since."""
+        if self._unfinished is not None:
+            self._unfinished.close()
 
     def _conversation_ids(self, messages: list[dict]) -> list[int]:
         """The rendered conversation as tokens: our own tokens for what came before, encoding only the new text.
@@ -97,6 +113,7 @@ class Session:
     # --- history ---------------------------------------------------------------------------------
     def rollback(self) -> None:
         """Undo the last turn (the user message and the reply)."""
+        self._end_unfinished_turn()
         if not self._turns:
             return
         turn = self._turns.pop()
@@ -106,6 +123,7 @@ class Session:
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
+        self._end_unfinished_turn()
         self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
         self.token_ids = []
         self._turns = []
@@ -117,6 +135,7 @@ class Session:
 
     def close(self) -> None:
         """Give the session's KV-cache slot back."""
+        self._end_unfinished_turn()
         self.sequence.close()
 
     def __enter__(self) -> Session:

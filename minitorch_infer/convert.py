@@ -15,12 +15,8 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
-from .errors import MinitorchError
+from .errors import OutputExistsError
 from .gguf_loader import GGUFModel, read_gguf
-
-
-class OutputExistsError(MinitorchError, FileExistsError):
-    """The output folder already holds files, which a conversion will not overwrite."""
 
 
 def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .errors import ModelFormatError, UnsupportedModelError
+from .errors import ModelFormatError, UnsupportedModelError, shown
 
 # One record per block, fields in file order ("d" scale, "m"/"dmin" offset, "qs" low bits, "qh" high bits).
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
@@ -33,14 +33,14 @@ def dequantize(raw: np.ndarray, ggml_type: T, shape: tuple[int, ...], tensor_nam
     if ggml_type not in _DECODERS:
         supported = ", ".join(t.name for t in _DECODERS)
         raise UnsupportedModelError(
-            f"tensor {tensor_name!r} has GGUF type {T(ggml_type).name}, which cannot be dequantised "
+            f"tensor {shown(tensor_name)} has GGUF type {T(ggml_type).name}, which cannot be dequantised "
             f"(supported: {supported})"
         )
     block, decode = _DECODERS[ggml_type]
     values_per_block = GGML_QUANT_SIZES[ggml_type][0]
     if raw.nbytes % block.itemsize or raw.nbytes // block.itemsize * values_per_block != math.prod(shape):
         raise ModelFormatError(
-            f"tensor {tensor_name!r}: {raw.nbytes} bytes of {T(ggml_type).name} do not hold shape {shape}"
+            f"tensor {shown(tensor_name)}: {raw.nbytes} bytes of {T(ggml_type).name} do not hold shape {shape}"
         )
     values = decode(np.ascontiguousarray(raw).view(block))
     return values.reshape(shape)

@@ -34,8 +34,24 @@ class ContextOverflowError(MinitorchError):
 
 
 class SamplingError(MinitorchError):
-    """An invalid sampling setting (negative temperature, top-p outside (0, 1], ...)."""
+    """An invalid generation setting: sampling (negative temperature, top-p outside (0, 1], ...),
+    max_new_tokens, stop strings or the prompt truncation policy."""
+
+
+class PromptError(MinitorchError):
+    """A prompt the model cannot run: no tokens at all, or a token id outside the vocabulary."""
+
+
+class OutputExistsError(MinitorchError, FileExistsError):
+    """The output folder of a conversion already holds files, which a conversion will not overwrite."""
 
 
 class TemplateError(MinitorchError):
     """A chat template failed to render or tried something the sandbox forbids."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value from a file, quoted for an error message and cut short: a corrupt file can put megabytes
+    where a name or a number belongs, and the message should stay one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

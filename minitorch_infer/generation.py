@@ -7,6 +7,8 @@ sequence: a fresh one for generate/stream, a session's own for chat turns.
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import resource
 import time
 from dataclasses import dataclass, field, replace
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from .detokenizer import IncrementalDetokenizer
-from .errors import SamplingError
+from .errors import ContextOverflowError, PromptError, SamplingError, shown
 from .kv_cache import KVSequence
 from .sampling import Sampler, SamplingParams
 from .stopping import FinishReason, StopStringMatcher
@@ -26,6 +28,14 @@ if TYPE_CHECKING:
 # Sampled generation defaults, as llama.cpp's CLI sets them; greedy=True (or temperature=0) overrides.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
 SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__}
+# SamplingParams.validate checks ranges; first, these settings must be numbers at all ("0.5" is not), and
+# the others (top_k, penalty_last_n, seed) integers.
+_REAL_SETTINGS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+
+# What to do with a prompt longer than the context: refuse it, or drop tokens from its start.
+TRUNCATION_POLICIES = ("error", "left")
+# The finish reason of a run stopped from outside (Ctrl-C, or TextStream.close()) before it ended on its own.
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -36,6 +46,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
     peak_rss_bytes: int = 0
+    dropped_prompt_tokens: int = 0     # cut from the prompt's start to fit the context (truncate_prompt="left")
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -57,7 +68,8 @@ class GenerationStats:
 class GenerationResult:
     text: str                        # the new text only, stop strings removed
     token_ids: list[int]             # the new tokens only (an EOS that ended the run included)
-    finish_reason: str               # "stop" (EOS or stop string), "length" (max_new_tokens), "context" (cache full)
+    finish_reason: str               # "stop" (EOS or stop string), "length" (max_new_tokens), "context" (cache
+                                     # full), "interrupted" (Ctrl-C or close())
     prompt_ids: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
@@ -76,9 +88,62 @@ def sampling_params(greedy: bool = False, **settings) -> SamplingParams:
     if unknown:
         raise SamplingError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(sorted(SAMPLING_FIELDS))}")
+    if not isinstance(greedy, bool):
+        raise SamplingError(f"greedy must be True or False, got {shown(greedy)}")
+    for name, value in settings.items():
+        _check_number(name, value)
     params = replace(DEFAULT_SAMPLING, greedy=greedy, **{k: v for k, v in settings.items() if v is not None})
     params.validate()
     return params
+
+
+def _check_number(name: str, value: object) -> None:
+    """A sampling setting must be a number of the right kind (None means the default); bools are refused,
+    since True where a number belongs is a slip, not a choice."""
+    kind = numbers.Real if name in _REAL_SETTINGS else numbers.Integral
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        wanted = "a number" if kind is numbers.Real else "an integer"
+        raise SamplingError(f"{name} must be {wanted}, got {shown(value)}")
+
+
+def check_max_new_tokens(max_new_tokens: object) -> None:
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise SamplingError(f"max_new_tokens must be an integer >= 0, got {shown(max_new_tokens)}")
+
+
+def check_prompt(model: Model, prompt_ids: Sequence[int]) -> None:
+    """Refuse, before any work, a prompt the model cannot run."""
+    if not prompt_ids:
+        raise PromptError("the prompt is empty: it has no tokens, and this model adds no BOS token to start "
+                          "from; give at least one token of text")
+    vocab_size = model.config.vocab_size
+    outside = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if outside is not None:
+        raise PromptError(f"prompt token id {outside} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def fit_to_context(model: Model, prompt_ids: list[int], max_new_tokens: int, policy: str) -> list[int]:
+    """The prompt as it will run: unchanged if it fits the context; if not, refused (policy "error") or cut
+    from the start (policy "left").
+
+    "left" keeps a leading BOS token and the prompt's last tokens, leaving room for max_new_tokens new
+    tokens but for no more than half the context, so the cut never keeps less than half a context of
+    prompt. A prompt that fits but leaves less room than max_new_tokens is not cut: generation then ends
+    with finish_reason "context".
+    """
+    if policy not in TRUNCATION_POLICIES:
+        raise SamplingError(f"truncate_prompt must be one of {', '.join(map(repr, TRUNCATION_POLICIES))}, "
+                            f"got {shown(policy)}")
+    context = model.context
+    if len(prompt_ids) <= context:
+        return prompt_ids
+    if policy == "error":
+        raise ContextOverflowError(
+            f"the prompt is {len(prompt_ids)} tokens, longer than the context length {context}: shorten it, load "
+            "the model with a longer context, or cut its start (truncate_prompt='left', --truncate-prompt left)")
+    keep_bos = 1 if prompt_ids[0] == model.config.bos_token_id else 0
+    kept = context - min(max_new_tokens, context // 2) - keep_bos
+    return prompt_ids[:keep_bos] + prompt_ids[len(prompt_ids) - kept:]
 
 
 class TextStream:
@@ -90,10 +155,14 @@ class TextStream:
     """
 
     def __init__(self, model: Model, sequence: KVSequence, history: Sequence[int], new_ids: Sequence[int],
-                 max_new_tokens: int = 128, stop: Sequence[str] = (), ignore_eos: bool = False,
-                 sampling: SamplingParams | None = None, on_finish=None):
-        if max_new_tokens < 0:
-            raise SamplingError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+                 max_new_tokens: int = 128, stop: str | Sequence[str] = (), ignore_eos: bool = False,
+                 sampling: SamplingParams | None = None, on_finish=None, dropped_prompt_tokens: int = 0):
+        check_max_new_tokens(max_new_tokens)
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, Sequence) or not all(isinstance(text, str) for text in stop):
+            raise SamplingError(f"stop must be a string or a list of strings, got {shown(stop)}")
+        if not isinstance(ignore_eos, bool):
+            raise SamplingError(f"ignore_eos must be True or False, got {shown(ignore_eos)}")
         self.model = model
         self.sequence = sequence
         self.prompt_ids = list(history) + list(new_ids)
@@ -106,6 +175,7 @@ class TextStream:
         self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, self.prompt_ids)
                             if model.tokenizer is not None else _NoText())
         self.on_finish = on_finish
+        self.dropped_prompt_tokens = dropped_prompt_tokens
         self.result: GenerationResult | None = None
         self._iterator = self._run()
 
@@ -121,6 +191,15 @@ class TextStream:
             pass
         return self.result
 
+    def close(self) -> None:
+        """Stop the run where it is, as Ctrl-C does: `.result` then holds what was produced, with finish_reason
+        "interrupted". Nothing happens to a run that has already ended."""
+        if inspect.getgeneratorstate(self._iterator) == inspect.GEN_CREATED:
+            self._iterator.close()      # a generator closed before it started never runs its `finally`
+            self._finish([], [], INTERRUPTED, GenerationStats(prompt_tokens=len(self.new_ids)))
+        else:
+            self._iterator.close()
+
     def _run(self) -> Iterator[str]:
         model, sequence = self.model, self.sequence
         history = np.zeros(len(self.prompt_ids) + self.max_new_tokens, dtype=np.int64)
@@ -129,7 +208,7 @@ class TextStream:
         stats = GenerationStats(prompt_tokens=len(self.new_ids))
         new_ids: list[int] = []
         pieces: list[str] = []
-        finish = FinishReason.LENGTH
+        finish = FinishReason.LENGTH.value
         began = time.perf_counter()
         try:
             if self.max_new_tokens == 0:
@@ -145,49 +224,65 @@ class TextStream:
                 history[known] = token
                 known += 1
                 if token in self.eos_ids:
-                    finish = FinishReason.STOP
+                    finish = FinishReason.STOP.value
                     break
                 piece, stopped = self.stops.push(self.detokenizer.push(token))
                 if piece:
                     pieces.append(piece)
                     yield piece
                 if stopped:
-                    finish = FinishReason.STOP
+                    finish = FinishReason.STOP.value
                     break
                 if len(new_ids) >= self.max_new_tokens:
                     break
                 if sequence.free == 0:
-                    finish = FinishReason.CONTEXT
+                    finish = FinishReason.CONTEXT.value
                     break
                 logits = model.decode_step(sequence, token)
             stats.decode_seconds = time.perf_counter() - decode_began
-            if finish != FinishReason.STOP or not self.stops.stopped:
+            if finish != FinishReason.STOP.value or not self.stops.stopped:
                 tail, _ = self.stops.push(self.detokenizer.flush())
                 tail += self.stops.flush()
                 if tail:
                     pieces.append(tail)
                     yield tail
+        except (KeyboardInterrupt, GeneratorExit):
+            # Ctrl-C inside a step, or close() (a consumer that stopped, e.g. on its own Ctrl-C). The cache
+            # only counts steps that completed, so it ends at the last token whose step finished.
+            finish = INTERRUPTED
+            raise
         finally:
-            stats.new_tokens = len(new_ids)
-            stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.result = GenerationResult("".join(pieces), new_ids, finish.value, self.prompt_ids, stats)
-            if self.on_finish is not None:
-                self.on_finish(self)
+            self._finish(new_ids, pieces, finish, stats)
+
+    def _finish(self, new_ids: list[int], pieces: list[str], finish: str, stats: GenerationStats) -> None:
+        stats.new_tokens = len(new_ids)
+        stats.dropped_prompt_tokens = self.dropped_prompt_tokens
+        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.result = GenerationResult("".join(pieces), new_ids, finish, self.prompt_ids, stats)
+        if self.on_finish is not None:
+            self.on_finish(self)
 
 
-def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-          ignore_eos: bool = False, greedy: bool = False, **sampling) -> TextStream:
-    """A TextStream over a fresh KV-cache sequence, released when the stream finishes."""
+def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
+          ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error", **sampling) -> TextStream:
+    """A TextStream over a fresh KV-cache sequence, released when the stream finishes.
+
+    Every setting and the prompt are checked before any work; truncate_prompt ("error" or "left") says what
+    to do with a prompt longer than the context (see fit_to_context).
+    """
     params = sampling_params(greedy=greedy, **sampling)
-    prompt_ids = model.encode(prompt)
+    check_max_new_tokens(max_new_tokens)
+    encoded = model.encode(prompt)
+    check_prompt(model, encoded)
+    prompt_ids = fit_to_context(model, encoded, max_new_tokens, truncate_prompt)
     sequence = model.kv_cache.open()
     try:
         sequence.reserve(len(prompt_ids))
-    except Exception:
-        sequence.close()
+        return TextStream(model, sequence, [], prompt_ids, max_new_tokens, stop, ignore_eos, params,
+                          on_finish=lambda s: s.sequence.close(), dropped_prompt_tokens=len(encoded) - len(prompt_ids))
+    except BaseException:
+        sequence.close()   # the stream that would have released it was never made
         raise
-    return TextStream(model, sequence, [], prompt_ids, max_new_tokens, stop, ignore_eos, params,
-                      on_finish=lambda s: s.sequence.close())
 
 
 def generate(model: Model, prompt: str | Sequence[int], **settings) -> GenerationResult:

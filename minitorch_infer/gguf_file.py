@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from .errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, shown
 
 MAGIC = b"GGUF"
 HEADER_SIZE = 24  # magic, version, tensor count, metadata count
@@ -75,7 +75,7 @@ class GGUFFile:
         """Metadata value `key`, checked to be of `kind` (float accepts any number); `default` if absent."""
         if key not in self.metadata:
             if default is _REQUIRED:
-                raise ModelFormatError(f"{self.path}: metadata key {key!r} is missing")
+                raise ModelFormatError(f"{self.path}: metadata key {shown(key)} is missing")
             return default
         value = self.metadata[key]
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -85,8 +85,8 @@ class GGUFFile:
             if isinstance(value, (list, np.ndarray)):
                 found = f"an array of {len(value)} values"
             else:
-                found = f"{type(value).__name__} {value!r:.80}"
-            raise ModelFormatError(f"{self.path}: metadata {key!r} should be {kind.__name__}, got {found}")
+                found = f"{type(value).__name__} {shown(value)}"
+            raise ModelFormatError(f"{self.path}: metadata {shown(key)} should be {kind.__name__}, got {found}")
         return value
 
 
@@ -95,11 +95,14 @@ def open_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"no GGUF file at {path}")
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        if size < HEADER_SIZE:
-            raise ModelFormatError(f"{path}: {size} bytes is too short to be a GGUF file")
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < HEADER_SIZE:
+                raise ModelFormatError(f"{path}: {size} bytes is too short to be a GGUF file")
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as error:  # no permission to read it, ...
+        raise ModelFormatError(f"{path}: cannot read: {error.strerror or error}") from None
     return _HeaderParser(buffer, path).parse()
 
 
@@ -128,23 +131,23 @@ class _HeaderParser:
         for _ in range(kv_count):
             key = self._string("metadata key")
             if key in metadata:
-                raise ModelFormatError(f"{self.path}: metadata key {key!r} appears twice")
-            value_type = self._value_type(f"type of metadata {key!r}")
+                raise ModelFormatError(f"{self.path}: metadata key {shown(key)} appears twice")
+            value_type = self._value_type(f"type of metadata {shown(key)}")
             metadata[key] = self._value(value_type, key)
 
         directory = [self._tensor_entry() for _ in range(tensor_count)]
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
-            raise ModelFormatError(f"{self.path}: general.alignment {alignment!r} is not a positive multiple of 8")
+            raise ModelFormatError(f"{self.path}: general.alignment {shown(alignment)} is not a positive multiple of 8")
         data_start = -(-self.pos // alignment) * alignment
 
         tensors: dict[str, TensorInfo] = {}
         for name, shape, ggml_type, relative_offset in directory:
             if name in tensors:
-                raise ModelFormatError(f"{self.path}: tensor {name!r} appears twice")
+                raise ModelFormatError(f"{self.path}: tensor {shown(name)} appears twice")
             if relative_offset % alignment:
                 raise ModelFormatError(
-                    f"{self.path}: tensor {name!r} offset {relative_offset} is not a multiple of the "
+                    f"{self.path}: tensor {shown(name)} offset {relative_offset} is not a multiple of the "
                     f"alignment {alignment}"
                 )
             tensors[name] = self._tensor_info(name, shape, ggml_type, data_start + relative_offset)
@@ -152,56 +155,57 @@ class _HeaderParser:
 
     def _tensor_entry(self) -> tuple[str, tuple[int, ...], int, int]:
         name = self._string("tensor name")
-        n_dims = self._unpack(_U32, f"dimension count of tensor {name!r}")
+        n_dims = self._unpack(_U32, f"dimension count of tensor {shown(name)}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise ModelFormatError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-        dims = [self._unpack(_U64, f"dimensions of tensor {name!r}") for _ in range(n_dims)]
-        ggml_type = self._unpack(_U32, f"type of tensor {name!r}")
-        offset = self._unpack(_U64, f"offset of tensor {name!r}")
+            raise ModelFormatError(
+                f"{self.path}: tensor {shown(name)} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        dims = [self._unpack(_U64, f"dimensions of tensor {shown(name)}") for _ in range(n_dims)]
+        ggml_type = self._unpack(_U32, f"type of tensor {shown(name)}")
+        offset = self._unpack(_U64, f"offset of tensor {shown(name)}")
         return name, tuple(reversed(dims)), ggml_type, offset
 
     def _tensor_info(self, name: str, shape: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
         try:
             ggml_type = GGMLQuantizationType(type_id)
         except ValueError:
-            raise ModelFormatError(f"{self.path}: tensor {name!r} has unknown type id {type_id}") from None
+            raise ModelFormatError(f"{self.path}: tensor {shown(name)} has unknown type id {type_id}") from None
         block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
         if shape[-1] % block_size:
             raise ModelFormatError(
-                f"{self.path}: tensor {name!r} ({ggml_type.name}) has rows of {shape[-1]} values, "
+                f"{self.path}: tensor {shown(name)} ({ggml_type.name}) has rows of {shape[-1]} values, "
                 f"not a multiple of its block size {block_size}"
             )
         nbytes = math.prod(shape) // block_size * block_bytes
         if offset + nbytes > len(self.buffer):
             raise ModelFormatError(
-                f"{self.path}: tensor {name!r} data (bytes {offset} to {offset + nbytes}) runs past the end "
+                f"{self.path}: tensor {shown(name)} data (bytes {offset} to {offset + nbytes}) runs past the end "
                 f"of the file ({len(self.buffer)} bytes)"
             )
         return TensorInfo(name, ggml_type, shape, offset, nbytes)
 
     def _value(self, value_type: GGUFValueType, key: str) -> Any:
         if value_type == GGUFValueType.STRING:
-            return self._string(f"metadata {key!r}")
+            return self._string(f"metadata {shown(key)}")
         if value_type == GGUFValueType.ARRAY:
             return self._array(key)
-        value = self._unpack(struct.Struct(_SCALAR_FORMATS[value_type]), f"metadata {key!r}")
+        value = self._unpack(struct.Struct(_SCALAR_FORMATS[value_type]), f"metadata {shown(key)}")
         if value_type == GGUFValueType.FLOAT32:
             # the shortest decimal that reads back as the same float32: 1e-05, not 9.999999747378752e-06
             return float(str(np.float32(value)))
         return value
 
     def _array(self, key: str) -> np.ndarray | list:
-        element_type = self._value_type(f"element type of metadata {key!r}")
-        count = self._unpack(_U64, f"length of metadata {key!r}")
+        element_type = self._value_type(f"element type of metadata {shown(key)}")
+        count = self._unpack(_U64, f"length of metadata {shown(key)}")
         if element_type in _SCALAR_FORMATS:
             dtype = np.dtype(_SCALAR_FORMATS[element_type])
-            self._need(count * dtype.itemsize, f"metadata {key!r} ({count} values)")
+            self._need(count * dtype.itemsize, f"metadata {shown(key)} ({count} values)")
             values = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos).copy()
             self.pos += count * dtype.itemsize
             return values
         # every string or nested array takes at least its 8-byte length; checking that first keeps a
         # corrupt count from looping for a long time before hitting the end of the file
-        self._need(count * 8, f"metadata {key!r} ({count} values)")
+        self._need(count * 8, f"metadata {shown(key)} ({count} values)")
         if element_type == GGUFValueType.STRING:
             return self._strings(count, key)
         return [self._value(element_type, key) for _ in range(count)]
@@ -213,12 +217,13 @@ class _HeaderParser:
         for index in range(count):
             length = _U64.unpack_from(buffer, pos)[0] if pos + 8 <= end else end
             if pos + 8 + length > end:
-                raise ModelFormatError(f"{self.path}: file ends inside metadata {key!r} (item {index} of {count})")
+                raise ModelFormatError(f"{self.path}: file ends inside metadata {shown(key)} (item {index} of {count})")
             pos += 8
             try:
                 strings.append(str(buffer[pos : pos + length], "utf-8"))
             except UnicodeDecodeError as error:
-                raise ModelFormatError(f"{self.path}: metadata {key!r} item {index} is not UTF-8 ({error})") from None
+                raise ModelFormatError(
+                    f"{self.path}: metadata {shown(key)} item {index} is not UTF-8 ({error})") from None
             pos += length
         self.pos = pos
         return strings

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .dequantize import SUPPORTED_TYPES, dequantize
-from .errors import ModelFormatError, UnsupportedModelError
+from .errors import ModelFormatError, UnsupportedModelError, shown
 from .gguf_file import GGUFFile, TensorInfo, open_gguf
 from .gguf_tokenizer import SpecialTokens, build_tokenizer, read_special_tokens
 
@@ -65,7 +65,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
     architecture = gguf.field("general.architecture", str)
     if architecture != ARCHITECTURE:
         raise UnsupportedModelError(
-            f"{gguf.path}: general.architecture is {architecture!r}; only {ARCHITECTURE!r} GGUF files are supported"
+            f"{gguf.path}: general.architecture is {shown(architecture)}; only {ARCHITECTURE!r} GGUF files are "
+            "supported"
         )
     special = read_special_tokens(gguf)
     config = _config(gguf, special)
@@ -139,7 +140,7 @@ def _config(gguf: GGUFFile, special: SpecialTokens) -> dict[str, Any]:
         "model_type": "llama",
         "hidden_size": hidden_size,
         "intermediate_size": positive("feed_forward_length"),
-        "num_hidden_layers": positive("block_count"),
+        "num_hidden_layers": _block_count(gguf, positive("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
         "hidden_act": "silu",
@@ -157,6 +158,18 @@ def _config(gguf: GGUFFile, special: SpecialTokens) -> dict[str, Any]:
     return config
 
 
+def _block_count(gguf: GGUFFile, declared: int) -> int:
+    """The layer count, checked against the tensors before anything is built per layer: a corrupt count
+    would otherwise list (and later trace) millions of layers before finding their tensors missing."""
+    stored = {match.group(1) for name in gguf.tensors if (match := re.match(r"blk\.(\d+)\.", name))}
+    if declared > len(stored):
+        raise ModelFormatError(
+            f"{gguf.path}: {ARCHITECTURE}.block_count is {declared}, but the file holds tensors for {len(stored)} "
+            "layers"
+        )
+    return declared
+
+
 def _rope_scaling(gguf: GGUFFile) -> dict[str, Any] | None:
     kind = gguf.field(f"{ARCHITECTURE}.rope.scaling.type", str, "none")
     factor = gguf.field(f"{ARCHITECTURE}.rope.scaling.factor", float, None)
@@ -169,7 +182,7 @@ def _rope_scaling(gguf: GGUFFile) -> dict[str, Any] | None:
     if kind == "linear" and factor is not None:
         return {"rope_type": "linear", "factor": factor}
     raise UnsupportedModelError(
-        f"{gguf.path}: {ARCHITECTURE}.rope.scaling.type is {kind!r} (factor {factor}); only 'none' and 'linear' "
+        f"{gguf.path}: {ARCHITECTURE}.rope.scaling.type is {shown(kind)} (factor {factor}); only 'none' and 'linear' "
         "are supported"
     )
 
@@ -210,31 +223,33 @@ def _check_tensors(gguf: GGUFFile, expected: dict[str, tuple[str, tuple[int, ...
     for name, info in gguf.tensors.items():
         if name not in expected:
             raise _unexpected_tensor(gguf, name, config["num_hidden_layers"])
-        shape = expected[name][1]
-        if info.shape != shape:
+        implied = expected[name][1]
+        if info.shape != implied:
             raise ModelFormatError(
-                f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, but the metadata implies {list(shape)}"
+                f"{gguf.path}: tensor {shown(name)} has shape {list(info.shape)}, but the metadata implies "
+                f"{list(implied)}"
             )
         if info.ggml_type not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
-                f"{gguf.path}: tensor {name!r} has type {info.ggml_type.name}, which cannot be dequantised "
+                f"{gguf.path}: tensor {shown(name)} has type {info.ggml_type.name}, which cannot be dequantised "
                 f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})"
             )
     missing = [name for name in expected if name not in gguf.tensors and not _OPTIONAL_TENSORS.fullmatch(name)]
     if missing:
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-        raise ModelFormatError(f"{gguf.path}: {len(missing)} tensors are missing: {shown}")
+        listed = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise ModelFormatError(f"{gguf.path}: {len(missing)} tensors are missing: {listed}")
 
 
 def _unexpected_tensor(gguf: GGUFFile, name: str, num_layers: int) -> Exception:
     layer = re.match(r"blk\.(\d+)\.", name)
     if layer and int(layer.group(1)) >= num_layers:
-        return ModelFormatError(f"{gguf.path}: tensor {name!r} is beyond {ARCHITECTURE}.block_count = {num_layers}")
+        return ModelFormatError(
+            f"{gguf.path}: tensor {shown(name)} is beyond {ARCHITECTURE}.block_count = {num_layers}")
     if name == "rope_freqs.weight":
         return UnsupportedModelError(
             f"{gguf.path}: tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency scaling) is not supported"
         )
-    return UnsupportedModelError(f"{gguf.path}: tensor {name!r} is not part of a llama model")
+    return UnsupportedModelError(f"{gguf.path}: tensor {shown(name)} is not part of a llama model")
 
 
 def _load_tensor(gguf: GGUFFile, info: TensorInfo, config: dict[str, Any]) -> np.ndarray:

@@ -17,7 +17,7 @@ from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import ModelFormatError, UnsupportedModelError
+from .errors import ModelFormatError, UnsupportedModelError, shown
 from .gguf_file import GGUFFile
 
 SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space
@@ -107,7 +107,7 @@ def build_tokenizer(gguf: GGUFFile) -> Tokenizer:
         tokenizer = _sentencepiece_bpe(gguf, tokens, token_types)
     else:
         raise UnsupportedModelError(
-            f"{gguf.path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) and 'llama' "
+            f"{gguf.path}: tokenizer.ggml.model is {shown(kind)}; only 'gpt2' (byte-level BPE) and 'llama' "
             "(SentencePiece BPE) are supported"
         )
     _add_special_tokens(tokenizer, tokens, token_types)
@@ -127,7 +127,7 @@ def _byte_level_bpe(gguf: GGUFFile, tokens: list[str]) -> Tokenizer:
         pair = line.split(" ")
         # byte-level tokens never contain a space (it is spelled "Ġ"), so a merge is exactly two tokens
         if len(pair) != 2:
-            raise ModelFormatError(f"{gguf.path}: tokenizer.ggml.merges entry {line!r} is not two tokens")
+            raise ModelFormatError(f"{gguf.path}: tokenizer.ggml.merges entry {shown(line)} is not two tokens")
         merges.append((pair[0], pair[1]))
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     model = _bpe(gguf, vocab, merges, ignore_merges=pre in _IGNORE_MERGES)

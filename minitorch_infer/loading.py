@@ -6,7 +6,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ModelConfig
+from .config import ModelConfig, token_ids
 from .errors import ModelFormatError
 from .model import Model
 from .model_files import find_model
@@ -27,9 +27,20 @@ def load(name_or_path: str | os.PathLike, **options) -> Model:
         config, weights, tokenizer = _read_gguf(path)
     else:
         raise ModelFormatError(f"{path}: not a model folder or a .gguf file")
+    _check_layer_count(config, weights)
     if config.tie_word_embeddings and not weights.tie_embeddings():
         config = replace(config, tie_word_embeddings=False)
     return Model(config, weights, tokenizer, source=str(path), **options)
+
+
+def _check_layer_count(config: ModelConfig, weights: WeightStore) -> None:
+    """Before tracing, whose cost grows with the layer count: the weights hold every layer the config declares.
+    (Model checks every tensor's shape once traced; this only keeps a corrupt count from tracing for minutes.)"""
+    stored = weights.layer_count()
+    if config.num_layers > stored:
+        raise ModelFormatError(
+            f"{config.source}: num_hidden_layers = {config.num_layers}, but {weights.source} holds tensors for "
+            f"{stored} layers")
 
 
 def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
@@ -37,8 +48,13 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
     if not config_path.exists():
         raise ModelFormatError(f"{path}: no config.json")
     config = ModelConfig.from_file(config_path)
-    config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + read_generation_eos(path))))
+    generation_eos = token_ids(read_generation_eos(path), config.vocab_size,
+                               f"{path / 'generation_config.json'}: eos_token_id")
+    config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + generation_eos)))
     tokenizer = Tokenizer.from_dir(path, config.bos_token_id, config.eos_token_ids)
+    if tokenizer is not None and tokenizer.largest_id() >= config.vocab_size:
+        raise ModelFormatError(f"{tokenizer.source}: the tokenizer has token ids up to {tokenizer.largest_id()}, but "
+                               f"the model's vocabulary ({config_path} vocab_size) ends at {config.vocab_size - 1}")
     return config, load_safetensors_dir(path), tokenizer
 
 
@@ -50,5 +66,5 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
     weights = WeightStore(source=str(path))
     weights.add_hf_tensors(model.tensors.items())
     tokenizer = Tokenizer(model.tokenizer, config.bos_token_id, config.eos_token_ids, model.add_bos_token,
-                          model.chat_template, source=str(path))
+                          model.chat_template, source=str(path), template_origin=f"{path} tokenizer.chat_template")
     return config, weights, tokenizer

@@ -7,14 +7,14 @@ originals become views into it, so packing costs no extra memory.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import ModelFormatError
+from .config import read_json_object
+from .errors import ModelFormatError, shown
 from .safetensors_file import read_safetensors
 
 _LAYER_NAMES = {
@@ -73,9 +73,9 @@ class WeightStore:
 
     def add(self, name: str, array: np.ndarray, origin: str | None = None) -> None:
         if array.dtype != np.float32:
-            raise ModelFormatError(f"{self.source}: tensor {origin or name!r} is {array.dtype}, expected float32")
+            raise ModelFormatError(f"{self.source}: tensor {shown(origin or name)} is {array.dtype}, expected float32")
         if name in self._arrays:
-            raise ModelFormatError(f"{self.source}: tensor {origin or name!r} appears twice")
+            raise ModelFormatError(f"{self.source}: tensor {shown(origin or name)} appears twice")
         self._arrays[name] = array
         self._origin[name] = origin or name
 
@@ -99,6 +99,10 @@ class WeightStore:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)
+
+    def layer_count(self) -> int:
+        """How many distinct layer indices the stored tensors carry."""
+        return len({name.split(".")[1] for name in self._arrays if name.startswith("layers.")})
 
     def origin(self, name: str) -> str:
         return self._origin.get(name, name)
@@ -144,18 +148,18 @@ class WeightStore:
         for name, value in params.items():
             if name not in self._arrays:
                 raise ModelFormatError(
-                    f"{self.source}: missing tensor {hf_name(name)!r}, which {config_source} implies "
+                    f"{self.source}: missing tensor {shown(hf_name(name))}, which {config_source} implies "
                     f"with shape {list(value.type.shape)}")
             shape = tuple(self._arrays[name].shape)
             if shape != tuple(value.type.shape):
                 raise ModelFormatError(
-                    f"{self.source}: tensor {self.origin(name)!r} has shape {list(shape)}, but {config_source} "
+                    f"{self.source}: tensor {shown(self.origin(name))} has shape {list(shape)}, but {config_source} "
                     f"implies {list(value.type.shape)}")
         unused = sorted(set(self._arrays) - set(params))
         if unused:
-            shown = ", ".join(repr(self.origin(n)) for n in unused[:5])
+            listed = ", ".join(shown(self.origin(n)) for n in unused[:5])
             raise ModelFormatError(
-                f"{self.source}: {len(unused)} tensor(s) not used by the architecture in {config_source}: {shown}"
+                f"{self.source}: {len(unused)} tensor(s) not used by the architecture in {config_source}: {listed}"
                 " (does the config match the weights? e.g. attention_bias, tie_word_embeddings)")
 
 
@@ -163,17 +167,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files of an HF model folder: the shards an index names, or the single model.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-            raise ModelFormatError(f"{index}: cannot read the shard index: {error!r}") from None
-        if not all(isinstance(f, str) and "/" not in f and "\\" not in f for f in files):
-            raise ModelFormatError(f"{index}: weight_map names a file outside the model folder: {files!r}")
-        paths = [model_dir / f for f in files]
+        paths = [model_dir / name for name in _shard_names(index)]
         for path in paths:
-            if not path.exists():
-                raise ModelFormatError(f"{index}: shard {path.name} is missing")
+            if not _is_file(path):
+                raise ModelFormatError(f"{index}: shard {shown(path.name)} is missing")
         return paths
     single = model_dir / "model.safetensors"
     if single.exists():
@@ -182,6 +179,29 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if not found:
         raise ModelFormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
     return found
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system, which no shard can have
+        return False
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The distinct file names the index's weight_map points to; each must be a file in the model folder."""
+    weight_map = read_json_object(index, "the shard index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelFormatError(f"{index}: weight_map must be an object mapping tensor names to file names, "
+                               f"got {type(weight_map).__name__}")
+    names = set()
+    for tensor, name in weight_map.items():
+        # a bare name: "../x", "/etc/x", "." and "" would all reach outside the folder or at the folder itself
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ModelFormatError(f"{index}: weight_map[{shown(tensor)}] = {shown(name)} is not a file name in the "
+                                   "model folder")
+        names.add(name)
+    return sorted(names)
 
 
 def load_safetensors_dir(model_dir: Path) -> WeightStore:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import MinitorchError
+from ..generation import TRUNCATION_POLICIES
 from .options import add_model_arguments, add_sampling_arguments, load_model, note, sampling_settings
 
 HELP = "generate text from a prompt, streamed token by token"
@@ -17,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wrap the prompt as a user turn with the model's chat template")
     parser.add_argument("--system", default=None, help="system message, with --chat")
     parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    parser.add_argument("--truncate-prompt", choices=TRUNCATION_POLICIES, default="error",
+                        help="a prompt longer than the context: 'error' (default) refuses it; 'left' drops tokens "
+                             "from its start (keeping BOS), leaving room for up to --max-new-tokens new tokens "
+                             "but at most half the context")
     parser.add_argument("--stats", action="store_true",
                         help="print speed, time to first token and memory to stderr afterwards")
     parser.add_argument("--dump-dot", metavar="PATH", default=None,
@@ -53,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = model.encode(prompt)
     if args.echo:
         sys.stdout.write(prompt)
-    stream = model.stream(prompt_ids, **sampling_settings(args))
+    stream = model.stream(prompt_ids, truncate_prompt=args.truncate_prompt, **sampling_settings(args))
+    if stream.dropped_prompt_tokens:
+        note(args, f"note: dropped {stream.dropped_prompt_tokens} tokens from the start of the prompt to fit the "
+                   f"context of {model.context}")
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
