@@ -6,9 +6,10 @@
 """
 
 from .errors import (ContextOverflowError, GraphError, MinitorchError, ModelFormatError, ModelNotFoundError,
-                     SamplingError, TemplateError, TraceError, UnsupportedModelError)
+                     OutputExistsError, PromptError, SamplingError, TemplateError, TraceError, UnsupportedModelError)
 from .loading import load
 from .model import Model
 
 __all__ = ["load", "Model", "MinitorchError", "ModelFormatError", "UnsupportedModelError", "ModelNotFoundError",
-           "TraceError", "GraphError", "ContextOverflowError", "SamplingError", "TemplateError"]
+           "TraceError", "GraphError", "ContextOverflowError", "SamplingError", "TemplateError", "PromptError",
+           "OutputExistsError"]

@@ -34,8 +34,7 @@ _REAL_SETTINGS = {"temperature", "top_p", "min_p", "repetition_penalty", "presen
 
 # What to do with a prompt longer than the context: refuse it, or drop tokens from its start.
 TRUNCATION_POLICIES = ("error", "left")
-# The finish reason of a run stopped from outside (Ctrl-C, or TextStream.close()) before it ended on its own.
-INTERRUPTED = "interrupted"
+INTERRUPTED = FinishReason.INTERRUPTED.value
 
 
 @dataclass

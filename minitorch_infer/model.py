@@ -14,7 +14,7 @@ import numpy as np
 from .architectures import build_graph, rope_pair_order
 from .backends import numpy as numpy_backend
 from .config import ModelConfig
-from .errors import ContextOverflowError, MinitorchError
+from .errors import ContextOverflowError, MinitorchError, PromptError
 from .ir import Graph
 from .kv_cache import KVCache, KVSequence
 from .passes import DEFAULT_PASSES, PassManager, PassReport
@@ -102,10 +102,10 @@ class Model:
         """
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.size == 0:
-            raise MinitorchError("no tokens to run: the prompt is empty")
+            raise PromptError("no tokens to run: the prompt is empty")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
-            raise MinitorchError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            raise PromptError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         sequence.reserve(len(ids))
         compiled = self._every_position() if all_logits else self._last
         rows = []
@@ -148,7 +148,7 @@ class Model:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise MinitorchError(f"{self.source} has no tokenizer.json: pass token ids, not text")
+                raise PromptError(f"{self.source} has no tokenizer.json: pass token ids, not text")
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 

@@ -14,6 +14,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # an end-of-sequence token or a stop string
     LENGTH = "length"  # max_new_tokens reached
     CONTEXT = "context"  # the context window is full
+    INTERRUPTED = "interrupted"  # stopped from outside (Ctrl-C, or the stream closed) before it ended
 
 
 class StopStringMatcher:

@@ -94,8 +94,8 @@ class PassManager:
             began = time.perf_counter()
             try:
                 result = fn(graph, context)
-            except MinitorchError as error:
-                raise GraphError(f"pass {name!r} failed: {error}") from error
+            except Exception as error:   # a user's pass may fail any way: say which pass it was
+                raise GraphError(f"pass {name!r} failed: {type(error).__name__}: {error}") from error
             if not isinstance(result, PassResult):
                 raise GraphError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
             seconds = time.perf_counter() - began

@@ -52,8 +52,14 @@ def test_a_pass_that_raises_or_returns_the_wrong_thing_is_named():
         graph.erase(graph.nodes[0])          # still used: GraphError
         return PassResult(graph)
 
-    with pytest.raises(GraphError, match="pass 'raises' failed: cannot erase embedding"):
+    with pytest.raises(GraphError, match="pass 'raises' failed: GraphError: cannot erase embedding"):
         PassManager([raises]).run(story_graph(), None)
+
+    def looks_up_a_missing_weight(graph, ctx):
+        return {}["layers.0.attn.q"]
+
+    with pytest.raises(GraphError, match="pass 'looks_up_a_missing_weight' failed: KeyError: 'layers.0.attn.q'"):
+        PassManager([looks_up_a_missing_weight]).run(story_graph(), None)
 
     def returns_graph(graph, ctx):
         return graph

@@ -76,7 +76,7 @@ def test_empty_stop_string_is_rejected():
 
 
 def test_finish_reasons():
-    assert [reason.value for reason in FinishReason] == ["stop", "length", "context"]
+    assert [reason.value for reason in FinishReason] == ["stop", "length", "context", "interrupted"]
     assert FinishReason.LENGTH == "length"
 
 
