@@ -254,6 +254,9 @@ def _unexpected_tensor(gguf: GGUFFile, name: str, num_layers: int) -> Exception:
 
 def _load_tensor(gguf: GGUFFile, info: TensorInfo, config: dict[str, Any]) -> np.ndarray:
     values = dequantize(gguf.tensor_bytes(info.name), info.ggml_type, info.shape, info.name)
+    if np.shares_memory(values, gguf.tensor_bytes(info.name)):
+        values = values.copy()              # F32 comes back as a view of the map, whose pages are released next
+    gguf.release(info.name)
     if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", info.name):
         return _undo_rope_permutation(values, config["num_attention_heads"])
     if re.fullmatch(r"blk\.\d+\.attn_k\.(weight|bias)", info.name):
