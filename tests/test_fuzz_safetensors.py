@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fuzz_helpers import contract
 from fuzz_helpers.byte_mutations import Damage, damaged
-from fuzz_helpers.contract import FUZZ_EXAMPLES, FUZZ_SETTINGS, FuzzTally
+from fuzz_helpers.contract import FUZZ_SETTINGS, FuzzTally
 from fuzz_helpers.json_mutations import ABSURD_INTS, edited, json_values, mutated_json
 from hypothesis import given
 from hypothesis import strategies as st
@@ -113,10 +113,7 @@ def test_damaged_safetensors_folders_load_or_fail_clearly(seeds, tmp_path, recor
             shutil.rmtree(folder)
 
     case()
-    print(tally.summary())
-    record_property("outcomes", dict(tally.outcomes))
-    assert tally.cases >= FUZZ_EXAMPLES
-    assert tally.outcomes["ok"] and tally.outcomes["ModelFormatError"] and tally.outcomes["UnsupportedModelError"]
+    tally.report(record_property, "ok", "ModelFormatError")
 
 
 def test_the_contract_catches_hangs_big_allocations_stray_errors_and_vague_messages(monkeypatch):

@@ -100,3 +100,11 @@ class FuzzTally:
     def summary(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in self.outcomes.most_common())
         return f"{self.format_name}: {self.cases} cases: {counts}"
+
+    def report(self, record_property, *expected_outcomes: str) -> None:
+        """Print and record the counts; check that every case ran and each expected outcome occurred."""
+        print(self.summary())
+        record_property("outcomes", dict(self.outcomes))
+        assert self.cases >= FUZZ_EXAMPLES
+        missing = [outcome for outcome in expected_outcomes if not self.outcomes[outcome]]
+        assert not missing, f"no case ended in {missing}: {self.summary()}"
