@@ -34,7 +34,6 @@ _REAL_SETTINGS = {"temperature", "top_p", "min_p", "repetition_penalty", "presen
 
 # What to do with a prompt longer than the context: refuse it, or drop tokens from its start.
 TRUNCATION_POLICIES = ("error", "left")
-INTERRUPTED = FinishReason.INTERRUPTED.value
 
 
 @dataclass
@@ -195,7 +194,7 @@ class TextStream:
         "interrupted". Nothing happens to a run that has already ended."""
         if inspect.getgeneratorstate(self._iterator) == inspect.GEN_CREATED:
             self._iterator.close()      # a generator closed before it started never runs its `finally`
-            self._finish([], [], INTERRUPTED, GenerationStats(prompt_tokens=len(self.new_ids)))
+            self._finish([], [], FinishReason.INTERRUPTED.value, GenerationStats(prompt_tokens=len(self.new_ids)))
         else:
             self._iterator.close()
 
@@ -248,7 +247,7 @@ class TextStream:
         except (KeyboardInterrupt, GeneratorExit):
             # Ctrl-C inside a step, or close() (a consumer that stopped, e.g. on its own Ctrl-C). The cache
             # only counts steps that completed, so it ends at the last token whose step finished.
-            finish = INTERRUPTED
+            finish = FinishReason.INTERRUPTED.value
             raise
         finally:
             self._finish(new_ids, pieces, finish, stats)

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     if args.text:
         print(model.graph)
+        note(args, str(model.pass_report))
         note(args, model.memory_plan.summary())
         return 0
     stages = ("traced", "optimised") if args.stage == "both" else (args.stage,)
