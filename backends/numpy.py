@@ -81,10 +81,7 @@ class Program:
         for name, array in inputs.items():
             self.input_buffers[name][:seq] = array
         self.step.total = total
-        key = (seq, id(state))
-        if key not in self._bound:
-            self._bound[key] = self._bind(seq, state)
-        calls, outputs = self._bound[key]
+        calls, outputs = self._bound_for(seq, state)
         for call in calls:
             call()
         return outputs
@@ -93,7 +90,7 @@ class Program:
         """Seconds spent per op type over `steps` one-token steps appended to `sequence` (for bench --profile)."""
         import time
 
-        calls, _ = self._bound.setdefault((1, id(sequence.arrays)), self._bind(1, sequence.arrays))
+        calls, _ = self._bound_for(1, sequence.arrays)
         ops = [node.op for node in self.graph.nodes if node.op not in VIEWS]
         seconds = dict.fromkeys(ops, 0.0)
         self.input_buffers["tokens"][0] = start_token
@@ -107,6 +104,13 @@ class Program:
                 seconds[op] += time.perf_counter() - began
             sequence.advance(1)
         return seconds
+
+    def _bound_for(self, seq: int, state: Mapping[str, np.ndarray]) -> tuple[list[Kernel], list[np.ndarray]]:
+        """The kernel calls bound for S = seq and this KV slot, binding them the first time they are asked for."""
+        key = (seq, id(state))
+        if key not in self._bound:
+            self._bound[key] = self._bind(seq, state)
+        return self._bound[key]
 
     def _bind(self, seq: int, state: Mapping[str, np.ndarray]) -> tuple[list[Kernel], list[np.ndarray]]:
         bindings = {"S": seq, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}

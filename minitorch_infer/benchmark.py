@@ -39,7 +39,7 @@ def median_and_spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def prompt_ids(model, count: int = PROMPT_TOKENS) -> list[int]:
-    """A fixed prompt of `count` tokens: the reference prefill prompt when present, else a deterministic one."""
+    """A fixed prompt of `count` token ids, the same in every run and for both engines."""
     rng = np.random.default_rng(0)
     return rng.integers(3, model.config.vocab_size, size=count).tolist()
 
@@ -77,7 +77,7 @@ def profile_decode(model, ids: list[int]) -> dict[str, float]:
     sequence = model.kv_cache.open()
     try:
         model.forward(sequence, ids[:16])
-        times = model._last.program.profile(sequence, steps=32, start_token=ids[16])
+        times = model.program.profile(sequence, steps=32, start_token=ids[16])
     finally:
         sequence.close()
     total = sum(times.values())

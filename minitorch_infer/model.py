@@ -87,6 +87,11 @@ class Model:
         return self._last.graph
 
     @property
+    def program(self) -> numpy_backend.Program:
+        """The bound NumPy program used for generation."""
+        return self._last.program
+
+    @property
     def memory_plan(self) -> MemoryPlan:
         return self._last.plan
 

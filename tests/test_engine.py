@@ -71,7 +71,7 @@ def test_decode_step_allocates_no_activation_memory(story_model):
 
 
 def test_every_buffer_is_float32(story_model):
-    program = story_model._last.program
+    program = story_model.program
     assert story_model.memory_plan.arena_bytes > 0
     for value in story_model.graph.values():
         if value.kind in ("temp", "output", "param", "state"):

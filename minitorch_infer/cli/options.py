@@ -80,12 +80,12 @@ def pass_list(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def load_model(args: argparse.Namespace, **options):
+def load_model(args: argparse.Namespace):
     import minitorch_infer
 
     with progress(args, f"loading {args.model}"):
         return minitorch_infer.load(args.model, context=args.context, prefill_chunk=args.prefill_chunk,
-                                    passes=pass_list(args), memory_plan=not args.no_memory_plan, **options)
+                                    passes=pass_list(args), memory_plan=not args.no_memory_plan)
 
 
 def note(args: argparse.Namespace, message: str) -> None:
