@@ -181,6 +181,9 @@ def _last_row(x, attrs, bindings):
 def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
     ids, table = ins
     (y,) = outs
+    if ids.shape[0] == 1:
+        # One row (decode, and the rope table's lookup): plain indexing is a third of np.take's cost.
+        return lambda: y.__setitem__(0, table[ids[0]])
     return lambda: np.take(table, ids, axis=0, out=y)
 
 
@@ -363,16 +366,18 @@ def _attention_one_query(node: Node, q, k_cache, v_cache, out, scratch, step) ->
 
 def _attention_many_queries(node: Node, q, k_cache, v_cache, out, scratch, step) -> Kernel:
     """Prefill: scores kept transposed, [kv_heads, T, rows], so the softmax's max and sum run down columns of
-    contiguous rows (vectorised) rather than along thousands of short rows."""
+    contiguous rows (vectorised) rather than along thousands of short rows. The scaled queries are gathered
+    once into [kv_heads, head_dim, rows], so k·q is a plain (untransposed) product: with head_dim as small
+    as 16, BLAS is 4x slower on a transposed operand."""
     seq, heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
     rows = group * seq                      # query rows per kv head, ordered (group member, position)
     scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
     size = heads * seq * head_dim
-    q_grouped = scratch[:size].reshape(kv_heads, rows, head_dim)
-    q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 2, 0, 3)
-    q_target = q_grouped.reshape(kv_heads, group, seq, head_dim)
+    q_by_column = scratch[:size].reshape(kv_heads, head_dim, rows)
+    q_source = q.reshape(seq, kv_heads, group, head_dim).transpose(1, 3, 2, 0)
+    q_target = q_by_column.reshape(kv_heads, head_dim, group, seq)
     out_grouped = scratch[size:2 * size].reshape(kv_heads, rows, head_dim)
     out_source = out_grouped.reshape(kv_heads, group, seq, head_dim).transpose(2, 0, 1, 3)
     out_target = out.reshape(seq, kv_heads, group, head_dim)
@@ -386,10 +391,12 @@ def _attention_many_queries(node: Node, q, k_cache, v_cache, out, scratch, step)
         total = step.total
         if total not in masks:
             masks.clear()                   # prefill chunks come at a few offsets; keep the latest only
-            masks[total] = np.where(_hidden_keys(seq, total, window).T, -np.inf, 0).astype(np.float32)[:, None, :]
+            # C-contiguous: adding a transposed mask is 5x slower than adding the same mask in row order.
+            hidden = np.ascontiguousarray(_hidden_keys(seq, total, window).T)
+            masks[total] = np.where(hidden, np.float32(-np.inf), np.float32(0))[:, None, :]
         scores = score_space[:kv_heads * total * rows].reshape(kv_heads, total, rows)
         np.multiply(q_source, scale, out=q_target)
-        np.matmul(k_cache[:, :total], q_grouped.transpose(0, 2, 1), out=scores)
+        np.matmul(k_cache[:, :total], q_by_column, out=scores)
         by_group = scores.reshape(kv_heads, total, group, seq)
         np.add(by_group, masks[total], out=by_group)
         np.max(scores, axis=1, keepdims=True, out=column_max)

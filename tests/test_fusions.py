@@ -18,8 +18,11 @@ PER_LAYER_CHANGE = {
     "fuse_qkv": {"matmul": -2, "slice_cols": +3},
     "fuse_gate_up": {"matmul": -1, "silu": -1, "mul": -1, "swiglu": +1},
     "fuse_residual": {"matmul": -2, "add": -2, "matmul_add": +2},
+    "tabulate_rope": {},
     "dce": {},
 }
+# ... and to the whole model: the one rope table becomes a lookup.
+PER_MODEL_CHANGE = {"tabulate_rope": {"rope_table": -1, "embedding": +1}}
 
 
 def traced_counts(layers: int) -> dict[str, int]:
@@ -32,7 +35,7 @@ def traced_counts(layers: int) -> dict[str, int]:
 
 
 def optimised_counts(layers: int) -> dict[str, int]:
-    return {"embedding": 1, "rope_table": 1, "last_row": 1, "rms_norm": 2 * layers + 1, "matmul": 2 * layers + 1,
+    return {"embedding": 2, "last_row": 1, "rms_norm": 2 * layers + 1, "matmul": 2 * layers + 1,
             "slice_cols": 3 * layers, "reshape": 4 * layers, "rope": 2 * layers, "kv_write": 2 * layers,
             "attention": layers, "matmul_add": 2 * layers, "swiglu": layers}
 
@@ -54,8 +57,10 @@ def test_op_counts_after_each_pass(graph_name, pass_name):
     assert graph.op_counts() == traced_counts(layers)
     optimised, report = PassManager([pass_name]).run(graph.copy(), None)
     expected = {op: layers * n for op, n in PER_LAYER_CHANGE[pass_name].items()}
+    expected.update(PER_MODEL_CHANGE.get(pass_name, {}))
     assert changed_counts(graph.op_counts(), optimised.op_counts()) == expected
-    rewrites = {"fuse_qkv": layers, "fuse_gate_up": layers, "fuse_residual": 2 * layers, "dce": 0}[pass_name]
+    rewrites = {"fuse_qkv": layers, "fuse_gate_up": layers, "fuse_residual": 2 * layers, "tabulate_rope": 1,
+                "dce": 0}[pass_name]
     assert report.stats[0].changed == rewrites
 
 
@@ -82,7 +87,8 @@ def test_packing_reuses_the_weights_memory():
     weights = story_weights()
     held = weights.nbytes
     PassManager(DEFAULT_PASSES).run(story_graph(), weights)
-    assert weights.nbytes == held                  # q, k, v, gate, up are now views into the packed arrays
+    # q, k, v, gate, up are now views into the packed arrays; only the rope table is new
+    assert weights.nbytes == held + weights["rope.table"].nbytes
     assert weights["layers.0.attn.k"].base is weights["layers.0.attn.q+k+v"]
 
 
@@ -209,3 +215,23 @@ def test_dce_erases_dead_chains_but_keeps_cache_writes():
     optimised, report = check_pass(graph, ["dce"])
     assert optimised.op_counts() == {"reshape": 1, "kv_write": 1, "silu": 1}
     assert report.stats[0].notes == {"erased nodes": 2, "unused params": 1} and not optimised.params
+
+
+@pytest.mark.parametrize("scaling", [{}, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 16}}],
+                         ids=["default", "llama3"])
+def test_rope_table_becomes_a_lookup_of_every_cached_position(scaling):
+    graph = smollm2_sized_graph(8, context=48, num_hidden_layers=1, **scaling)
+    optimised, report = check_pass(graph, ["tabulate_rope"], **TOLERANCE)
+    assert report.stats[0].changed == 1 and "rope_table" not in optimised.op_counts()
+    assert optimised.params["rope.table"].type.shape == (48, 64)      # one row per position the cache holds
+
+
+def test_dynamic_ntk_rope_is_left_to_compute_per_step():
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}
+    graph = smollm2_sized_graph(8, context=48, num_hidden_layers=1, rope_scaling=dynamic)
+    optimised, report = check_pass(graph, ["tabulate_rope"], **TOLERANCE)
+    assert optimised.op_counts()["rope_table"] == 1 and "rope.table" not in optimised.params
+    assert report.stats[0].notes["left alone"] == {
+        "dynamic NTK scaling: the frequencies change with the sequence length": 1}
