@@ -28,6 +28,7 @@ class Measurement:
     prefill_tok_s: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     first_token_ms: list[float] = field(default_factory=list)
+    matvec_bound_tok_s: list[float] = field(default_factory=list)
     load_seconds: float = 0.0
     peak_rss_mb: float = 0.0
     blas: str = ""
@@ -66,10 +67,28 @@ def measure_ours(name: str, repeats: int, profile: bool) -> Measurement:
         result.prefill_tok_s.append(run.stats.prefill_tokens_per_second)
         result.decode_tok_s.append(run.stats.decode_tokens_per_second)
         result.first_token_ms.append(run.stats.time_to_first_token * 1e3)
+        result.matvec_bound_tok_s.append(matvec_bound(model))
     if profile:
         result.profile = profile_decode(model, ids)
     result.peak_rss_mb = peak_rss_mb()
     return result
+
+
+def matvec_bound(model, steps: int = 8) -> float:
+    """Tokens per second of a bare chain of the decode step's matrix-vector products (the same weights,
+    layouts and BLAS calls, nothing else): the most a decode step could reach while it reads every weight
+    once per token. For SmolLM2 this is memory bandwidth; for a model that fits in cache, BLAS's own speed."""
+    weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
+               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
+    vectors = {n: np.ones(n, np.float32) for n in {w.shape[1] for w in weights}}
+    products = [(w, vectors[w.shape[1]], np.empty(w.shape[0], np.float32)) for w in weights]
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        for w, x, y in products:
+            np.dot(w, x, out=y)
+        times.append(time.perf_counter() - began)
+    return 1 / statistics.median(times)
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:

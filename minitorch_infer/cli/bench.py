@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
             naive = measure_in_subprocess("naive", name, args.repeat, args.threads, False)
             print(_row(naive))
             print(_ratios(ours, naive))
+        print(_bound(ours))
         if ours.profile:
             print("decode step time by op: " + ", ".join(f"{op} {share:.0%}" for op, share in ours.profile.items()))
     return 0
@@ -57,6 +58,13 @@ def _row(m: Measurement) -> str:
     return (f"  {m.engine:<28} prefill {_stat(m.prefill_tok_s, 'tok/s')}  decode {_stat(m.decode_tok_s, 'tok/s', 1)}  "
             f"first token {_stat(m.first_token_ms, 'ms', 1)}  load+compile {m.load_seconds:.3f} s  "
             f"peak RSS {m.peak_rss_mb:,.0f} MB")
+
+
+def _bound(ours: Measurement) -> str:
+    bound = median_and_spread(ours.matvec_bound_tok_s)[0]
+    decode = median_and_spread(ours.decode_tok_s)[0]
+    return (f"  {'matrix-vector bound':<28} decode {_stat(ours.matvec_bound_tok_s, 'tok/s', 1)}: the step's "
+            f"matrix-vector products alone, nothing else; ours reaches {decode / bound:.0%} of it")
 
 
 def _ratios(ours: Measurement, naive: Measurement) -> str:
