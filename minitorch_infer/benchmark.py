@@ -61,7 +61,7 @@ def measure_ours(name: str, repeats: int, profile: bool) -> Measurement:
     model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8)
     result = Measurement("minitorch-infer", name, load_seconds=time.perf_counter() - began)
     ids = prompt_ids(model)
-    model.generate(ids[:8], max_new_tokens=4, greedy=True)             # warm up: binds the programs
+    model.generate(ids, max_new_tokens=4, greedy=True)        # warm up: binds the prefill and decode programs
     for _ in range(repeats):
         run = model.generate(ids, max_new_tokens=DECODE_TOKENS, greedy=True, ignore_eos=True)
         result.prefill_tok_s.append(run.stats.prefill_tokens_per_second)
