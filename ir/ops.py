@@ -190,10 +190,11 @@ def _slice_cols(ts, attrs):
 
 @register_op("last_row", n_inputs=1, view_of=0)
 def _last_row(ts, attrs):
-    """The last row of x [S, D] -> [1, D]: only the newest position needs logits while generating."""
+    """The last row of x [S, ...] -> [1, ...]: only the newest position needs logits while generating."""
     (x,) = ts
-    _expect_rank("last_row", x, 2, "x")
-    return [TensorType((1, x.shape[1]), x.dtype)]
+    if x.rank < 1:
+        _fail("last_row", "x needs a rows axis", x)
+    return [TensorType((1, *x.shape[1:]), x.dtype)]
 
 
 ROPE_ATTRS = {"head_dim": int, "theta": float, "scaling": tuple}

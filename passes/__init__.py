@@ -7,7 +7,7 @@ equivalence checker that tests a pass in one line.
 from collections.abc import Iterable
 
 from ..errors import MinitorchError
-from . import dce, fuse_gate_up, fuse_qkv, fuse_residual, tabulate_rope   # noqa: F401 (importing registers them)
+from . import dce, fuse_gate_up, fuse_qkv, fuse_residual, prune_rows, tabulate_rope   # noqa: F401 (importing registers them)
 from .equivalence import check_equivalent, check_pass, random_weights
 from .manager import PASSES, PassContext, PassManager, PassReport, PassResult, PassStats, register_pass
 from .memory_plan import MemoryPlan, plan_memory
@@ -15,7 +15,7 @@ from .packing import pack_params
 from .pattern import Match, P, Pattern, rewrite
 
 # The pipeline Model.compile runs when no passes are named.
-DEFAULT_PASSES: list[str] = ["fuse_qkv", "fuse_gate_up", "fuse_residual", "tabulate_rope", "dce"]
+DEFAULT_PASSES: list[str] = ["fuse_qkv", "fuse_gate_up", "fuse_residual", "prune_rows", "tabulate_rope", "dce"]
 
 
 def default_passes(disable: Iterable[str] = ()) -> list[str]:

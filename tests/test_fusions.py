@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from graph_builders import SMOLLM2_SIZED, S, T, smollm2_sized_graph, story_graph, story_weights, traced
+from graph_builders import SMOLLM2_SIZED, S, T, smollm2_sized_graph, story_config, story_graph, story_weights, traced
 from minitorch_infer.architectures import build_graph
 from minitorch_infer.config import ModelConfig
 from minitorch_infer.ir import functional as F
@@ -18,11 +18,13 @@ PER_LAYER_CHANGE = {
     "fuse_qkv": {"matmul": -2, "slice_cols": +3},
     "fuse_gate_up": {"matmul": -1, "silu": -1, "mul": -1, "swiglu": +1},
     "fuse_residual": {"matmul": -2, "add": -2, "matmul_add": +2},
+    "prune_rows": {},
     "tabulate_rope": {},
     "dce": {},
 }
-# ... and to the whole model: the one rope table becomes a lookup.
-PER_MODEL_CHANGE = {"tabulate_rope": {"rope_table": -1, "embedding": +1}}
+# ... and to the whole model: the one rope table becomes a lookup; the last layer works on its last row from
+# attention's queries on, which takes last_row of q's input, the rope table and the residual (one was there).
+PER_MODEL_CHANGE = {"tabulate_rope": {"rope_table": -1, "embedding": +1}, "prune_rows": {"last_row": +2}}
 
 
 def traced_counts(layers: int) -> dict[str, int]:
@@ -35,7 +37,7 @@ def traced_counts(layers: int) -> dict[str, int]:
 
 
 def optimised_counts(layers: int) -> dict[str, int]:
-    return {"embedding": 2, "last_row": 1, "rms_norm": 2 * layers + 1, "matmul": 2 * layers + 1,
+    return {"embedding": 2, "last_row": 3, "rms_norm": 2 * layers + 1, "matmul": 2 * layers + 1,
             "slice_cols": 3 * layers, "reshape": 4 * layers, "rope": 2 * layers, "kv_write": 2 * layers,
             "attention": layers, "matmul_add": 2 * layers, "swiglu": layers}
 
@@ -60,7 +62,7 @@ def test_op_counts_after_each_pass(graph_name, pass_name):
     expected.update(PER_MODEL_CHANGE.get(pass_name, {}))
     assert changed_counts(graph.op_counts(), optimised.op_counts()) == expected
     rewrites = {"fuse_qkv": layers, "fuse_gate_up": layers, "fuse_residual": 2 * layers, "tabulate_rope": 1,
-                "dce": 0}[pass_name]
+                "prune_rows": 14, "dce": 0}[pass_name]
     assert report.stats[0].changed == rewrites
 
 
@@ -235,3 +237,22 @@ def test_dynamic_ntk_rope_is_left_to_compute_per_step():
     assert optimised.op_counts()["rope_table"] == 1 and "rope.table" not in optimised.params
     assert report.stats[0].notes["left alone"] == {
         "dynamic NTK scaling: the frequencies change with the sequence length": 1}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"architectures": ["MistralForCausalLM"], "sliding_window": 3}],
+                         ids=["full attention", "sliding window"])
+def test_the_last_layer_computes_only_the_row_the_logits_need(overrides):
+    graph = smollm2_sized_graph(8, context=24, num_hidden_layers=2, vocab_size=64, **overrides)
+    optimised, _ = check_pass(graph, DEFAULT_PASSES, **TOLERANCE)
+    last_layer = [n for n in optimised.nodes if n.meta.get("layer") == 1]
+    attention = next(n for n in last_layer if n.op == "attention")
+    assert attention.inputs[0].type.shape[0] == 1 and attention.output.type.shape[0] == 1
+    assert {n.op for n in last_layer if n.output.type.shape[0] == 1} >= {"rope", "matmul_add", "rms_norm", "swiglu"}
+    first_layer = [n for n in optimised.nodes if n.meta.get("layer") == 0 and n.op == "attention"]
+    assert first_layer[0].output.type.shape[0] != 1            # earlier layers feed every row to the next
+
+
+def test_every_position_logits_keep_every_row():
+    graph = build_graph(story_config(), 64, 8, all_logits=True)
+    optimised, report = check_pass(graph, ["prune_rows"], **TOLERANCE)
+    assert report.stats[0].changed == 0 and "last_row" not in optimised.op_counts()

@@ -71,8 +71,8 @@ def test_a_pass_that_raises_or_returns_the_wrong_thing_is_named():
 def test_the_report_has_one_row_per_pass_with_counts_and_notes():
     graph, report = PassManager(DEFAULT_PASSES).run(story_graph(), None)
     assert [(s.name, s.changed, s.nodes_before, s.nodes_after) for s in report.stats] == [
-        ("fuse_qkv", 2, 49, 51), ("fuse_gate_up", 2, 51, 47), ("fuse_residual", 4, 47, 43), ("tabulate_rope", 1, 43, 43),
-        ("dce", 10, 43, 43)]
+        ("fuse_qkv", 2, 49, 51), ("fuse_gate_up", 2, 51, 47), ("fuse_residual", 4, 47, 43), ("prune_rows", 10, 43, 45),
+        ("tabulate_rope", 1, 45, 45), ("dce", 10, 45, 45)]
     assert all(s.seconds >= 0 for s in report.stats)
     lines = str(report).splitlines()
     assert lines[0].split() == ["pass", "changed", "nodes", "ms"] and lines[1].split()[:5] == ["fuse_qkv", "2", "49",
@@ -80,7 +80,8 @@ def test_the_report_has_one_row_per_pass_with_counts_and_notes():
 
 
 def test_passes_are_chosen_by_name():
-    assert default_passes(disable=["fuse_qkv"]) == ["fuse_gate_up", "fuse_residual", "tabulate_rope", "dce"]
+    assert default_passes(disable=["fuse_qkv"]) == ["fuse_gate_up", "fuse_residual", "prune_rows", "tabulate_rope",
+                                                    "dce"]
     with pytest.raises(MinitorchError, match="cannot disable fuse_everything: not a default pass"):
         default_passes(disable=["fuse_everything"])
     with pytest.raises(MinitorchError, match="unknown pass 'fuse_everything'; available: .*fuse_qkv"):

@@ -1,0 +1,79 @@
+"""prune_rows: compute only the rows the logits need.
+
+While generating, only the newest position's logits are sampled, so the graph takes `last_row` of the final
+hidden states. Everything between the last layer's KV writes and that `last_row` works row by row, so it can
+run on the last row alone: this pass moves `last_row` up through such ops until it meets one that mixes rows.
+
+    before (last layer, 128-token prefill)        after
+
+    attention(q, K, V)          [128, H, D]       attention(last_row(q), K, V)   [1, H, D]
+    o projection + residual     [128, hidden]     o projection + residual        [1, hidden]
+    norm, gate/up, swiglu, down [128, ·]          norm, gate/up, swiglu, down    [1, ·]
+    last_row                    [1, hidden]
+
+llama.cpp does the same with its output ids. Attention qualifies because its queries are the newest
+positions, aligned to the end of the cache: one query row is exactly the last position's. The keys and
+values keep every row, since the KV cache needs them all. `examples/custom_pass.py` is this pass's first
+half (row-wise ops only), written as a user would.
+"""
+
+from __future__ import annotations
+
+from ..ir import Graph, Sym, Value
+from .manager import PassContext, PassResult, register_pass
+from .pattern import Match, P, rewrite
+
+# Row i of these ops' result depends only on row i of the inputs that have the rows axis (the others, such
+# as weights or the KV cache, pass through unchanged). For attention, row i is query i, placed at the end.
+ROW_WISE = {"matmul", "matmul_add", "add", "mul", "silu", "swiglu", "rms_norm", "rope", "slice_cols", "attention",
+            "reshape"}
+LAST_ROW_OF_ROW_WISE = P("last_row", P(ROW_WISE, name="rows"))
+
+
+@register_pass("prune_rows")
+def prune_rows(graph: Graph, ctx: PassContext) -> PassResult:
+    def build(m: Match) -> Value | None:
+        node = m.node("rows")
+        rows = node.output.shape[0]
+        if not isinstance(rows, Sym):
+            return m.decline(f"{node.op} has a fixed number of rows")
+        attrs = dict(node.attrs)
+        if node.op == "reshape":
+            if attrs["shape"][0] != rows or node.inputs[0].shape[0] != rows:
+                return m.decline("a reshape that moves rows across the first axis")
+            attrs["shape"] = (1, *attrs["shape"][1:])
+
+        def insert(op: str, *inputs: Value, **attrs) -> Value:
+            value = m.insert(op, *inputs, **attrs)
+            value.producer.meta = dict(node.meta)         # still the layer and scope it was (for dot clusters)
+            return value
+
+        inputs = [insert("last_row", v) if v.type.rank and v.shape[0] == rows else v for v in node.inputs]
+        return insert(node.op, *inputs, **attrs)
+
+    rewritten, left_alone = 0, {}
+    while True:
+        merged = _merge_duplicate_last_rows(graph)
+        result = rewrite(graph, LAST_ROW_OF_ROW_WISE, build)
+        rewritten += result.changed
+        left_alone = result.notes["left alone"]
+        if not merged and not result.changed:
+            return PassResult(graph, rewritten, {"rewritten": rewritten, "left alone": left_alone})
+
+
+def _merge_duplicate_last_rows(graph: Graph) -> int:
+    """Make every last_row of one value a single node. Hoisting through a value read twice (a residual that
+    feeds both the norm and the add) leaves two; merged, the value has one reader and the hoist goes on."""
+    first: dict[int, Value] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "last_row":
+            continue
+        source = id(node.inputs[0])
+        if source not in first:
+            first[source] = node.output
+        elif node.output.kind != "output":
+            graph.replace_all_uses(node.output, first[source])
+            graph.erase(node)
+            merged += 1
+    return merged
