@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
+from .tokenizer import library_failure
+
 # How many prompt tokens give the first generated token its context (vLLM uses the same number).
 _PROMPT_CONTEXT_TOKENS = 5
 
@@ -42,8 +44,10 @@ class IncrementalDetokenizer:
         tokenizer: Tokenizer,
         prompt_ids: Sequence[int] = (),
         skip_special_tokens: bool = True,
+        source: str = "the tokenizer",
     ):
         self.tokenizer = tokenizer
+        self.source = source                    # names the tokenizer's file in errors
         self.skip_special_tokens = skip_special_tokens
         self._skipped_ids = _ids_decode_skips(tokenizer) if skip_special_tokens else set()
         self._window = self._prompt_context(prompt_ids)
@@ -89,7 +93,13 @@ class IncrementalDetokenizer:
         return kept[start:]
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        try:
+            return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        except BaseException as error:          # a try costs nothing until it catches; this runs every token
+            failure = library_failure(self.source, f"cannot decode token ids {token_ids}", error)
+            if failure is None:
+                raise
+            raise failure from None
 
 
 def _ids_decode_skips(tokenizer: Tokenizer) -> set[int]:

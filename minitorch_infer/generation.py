@@ -170,7 +170,8 @@ class TextStream:
         self.stops = StopStringMatcher(stop)
         self.eos_ids = frozenset(() if ignore_eos else model.config.eos_token_ids)
         # Without a tokenizer (a bare weights folder) the run still produces token ids, just no text.
-        self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, self.prompt_ids)
+        self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, self.prompt_ids,
+                                                  source=model.tokenizer.source)
                             if model.tokenizer is not None else _NoText())
         self.on_finish = on_finish
         self.dropped_prompt_tokens = dropped_prompt_tokens

@@ -97,12 +97,24 @@ def _as_format_errors(path: str | Path, what: str) -> Iterator[None]:
     """Turn the tokenizers library's failures into a ModelFormatError: "{path}: {what}: {its message}"."""
     try:
         yield
-    except Exception as error:  # the library reports malformed files with a bare Exception
-        raise ModelFormatError(f"{path}: {what}: {_first_line(error)}") from None
     except BaseException as error:
-        if type(error).__name__ != "PanicException":  # pyo3's Rust panic type has no importable name
+        failure = library_failure(path, what, error)
+        if failure is None:
             raise
-        raise ModelFormatError(f"{path}: {what} (the tokenizers library panicked: {_first_line(error)})") from None
+        raise failure from None
+
+
+def library_failure(path: str | Path, what: str, error: BaseException) -> ModelFormatError | None:
+    """The ModelFormatError for a failure inside the tokenizers library, or None for anything else (Ctrl-C).
+
+    The library reports malformed files with a bare Exception, and panics with pyo3's PanicException, a
+    BaseException whose type has no importable name.
+    """
+    if isinstance(error, Exception):
+        return ModelFormatError(f"{path}: {what}: {_first_line(error)}")
+    if type(error).__name__ == "PanicException":
+        return ModelFormatError(f"{path}: {what} (the tokenizers library panicked: {_first_line(error)})")
+    return None
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

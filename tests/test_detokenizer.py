@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from conftest import require_model
 from minitorch_infer.detokenizer import IncrementalDetokenizer
+from minitorch_infer.errors import ModelFormatError
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -242,3 +243,35 @@ def test_each_token_decodes_a_small_window_not_the_whole_output(tokenizer):
     # (the longest character here spans 4 byte tokens), however long the output grows.
     assert len(recorder.decoded_lengths) <= 2 * len(generated) + 10
     assert max(recorder.decoded_lengths) <= 12
+
+
+class PanicException(BaseException):
+    """Named as pyo3's Rust-panic type, which cannot be imported; the engine recognises it by name."""
+
+
+class FailingDecoder:
+    """A tokenizer whose decode fails as a damaged tokenizer.json can make the real one fail."""
+
+    def __init__(self, failure: BaseException):
+        self.failure = failure
+
+    def get_added_tokens_decoder(self):
+        return {}
+
+    def decode(self, ids, skip_special_tokens=True):
+        if ids:
+            raise self.failure
+        return ""
+
+
+@pytest.mark.parametrize("failure", [PanicException("index out of bounds"), Exception("bad decoder")],
+                         ids=["panic", "exception"])
+def test_a_decoder_that_fails_is_a_format_error_naming_the_file(failure):
+    detokenizer = IncrementalDetokenizer(FailingDecoder(failure), source="/models/x/tokenizer.json")
+    with pytest.raises(ModelFormatError, match=r"/models/x/tokenizer.json: cannot decode token ids \[7\]"):
+        detokenizer.push(7)
+
+
+def test_ctrl_c_inside_decode_is_not_turned_into_an_error():
+    with pytest.raises(KeyboardInterrupt):
+        IncrementalDetokenizer(FailingDecoder(KeyboardInterrupt())).push(7)
