@@ -87,11 +87,13 @@ class Program:
         return outputs
 
     def profile(self, sequence, steps: int, start_token: int) -> dict[str, float]:
-        """Seconds spent per op type over `steps` one-token steps appended to `sequence` (for bench --profile)."""
+        """Seconds spent per op type over `steps` one-token steps appended to `sequence` (for bench --profile).
+        A fused op counts apart under the pass that made it: "matmul (fuse_gate_up)"."""
         import time
 
         calls, _ = self._bound_for(1, sequence.arrays)
-        ops = [node.op for node in self.graph.nodes if node.op not in VIEWS]
+        ops = [f"{node.op} ({node.meta['pass']})" if "pass" in node.meta else node.op
+               for node in self.graph.nodes if node.op not in VIEWS]
         seconds = dict.fromkeys(ops, 0.0)
         self.input_buffers["tokens"][0] = start_token
         for _ in range(steps):

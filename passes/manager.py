@@ -105,6 +105,9 @@ class PassManager:
                     verify(graph)
                 except GraphError as error:
                     raise GraphError(f"pass {name!r} produced an invalid graph: {error}") from None
+            for node in graph.nodes:         # fused nodes remember their pass, for profiles and pictures
+                if "fused_from" in node.meta:
+                    node.meta.setdefault("pass", name)
             report.stats.append(PassStats(name, seconds, result.changed, nodes_before, len(graph.nodes), result.notes))
             self._dump(graph, index, name)
         return graph, report

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model to measure; repeatable (default: {', '.join(DEFAULT_MODELS)} where present)")
     parser.add_argument("--repeat", type=positive_int, default=3, help="runs per measurement (default: 3)")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="BLAS threads (default: all)")
-    parser.add_argument("--profile", action="store_true", help="also print each op type's share of a decode step")
+    parser.add_argument("--profile", action="store_true", help="also print each op type's share of a decode step (fused ops under their pass)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive path (it is slow on big models)")
 
 
