@@ -194,7 +194,7 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w = ins
     (y,) = outs
     if x.shape[0] == 1:
-        # One row (decode): a matrix-vector product over the weight's contiguous rows (BLAS gemv);
+        # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
         x_row, y_row = x[0], y[0]
         return lambda: np.dot(w, x_row, out=y_row)

@@ -105,11 +105,14 @@ def _as_format_errors(path: str | Path, what: str) -> Iterator[None]:
 
 
 def library_failure(path: str | Path, what: str, error: BaseException) -> ModelFormatError | None:
-    """The ModelFormatError for a failure inside the tokenizers library, or None for anything else (Ctrl-C).
+    """The ModelFormatError for a failure inside the tokenizers library, or None for what is not the file's
+    fault (Ctrl-C, running out of memory).
 
     The library reports malformed files with a bare Exception, and panics with pyo3's PanicException, a
     BaseException whose type has no importable name.
     """
+    if isinstance(error, MemoryError):
+        return None
     if isinstance(error, Exception):
         return ModelFormatError(f"{path}: {what}: {_first_line(error)}")
     if type(error).__name__ == "PanicException":

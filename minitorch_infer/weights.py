@@ -65,6 +65,21 @@ def hf_name(canonical: str) -> str:
     return canonical
 
 
+def stack_rows(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts stacked along axis 0 into a new float32 array, column-major when 2-D.
+
+    Column-major, written once here rather than copied later: x·Wᵀ with Wᵀ row-major is BLAS's plain
+    product, 20-60% faster in prefill than reading [out, in] rows (measured on SmolLM2's shapes). A decode
+    step's matrix-vector products pay about 1.5% for it (SmolLM2's bound: 57.6 vs 58.5 tok/s, one process).
+    """
+    packed = np.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), np.float32, order="F")
+    start = 0
+    for part in parts:
+        packed[start:start + part.shape[0]] = part
+        start += part.shape[0]
+    return packed
+
+
 class WeightStore:
     def __init__(self, source: str = "<weights>"):
         self.source = source
@@ -117,18 +132,17 @@ class WeightStore:
         return sum(roots.values())
 
     def pack(self, new_name: str, names: list[str]) -> np.ndarray:
-        """Concatenate weights along axis 0 under `new_name`; the originals become views into the result."""
+        """Stack weights along axis 0 under `new_name` (see `stack_rows`); the originals become views into the
+        result, so packing costs no memory. Those views are strided both ways: a graph that still reads them
+        (compiled without the fusing passes) runs correctly, only slower."""
         if new_name in self._arrays:
             return self._arrays[new_name]
-        parts = [self._arrays[n] for n in names]
-        # Column-major, written once here rather than copied later: x·Wᵀ with Wᵀ row-major is BLAS's plain
-        # product, 20-60% faster in prefill than reading [out, in] rows (measured on SmolLM2's shapes).
-        packed = np.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), np.float32, order="F")
+        packed = stack_rows([self._arrays[n] for n in names])
         start = 0
-        for name, part in zip(names, parts):
-            packed[start:start + part.shape[0]] = part
-            self._arrays[name] = packed[start:start + part.shape[0]]
-            start += part.shape[0]
+        for name in names:
+            rows = self._arrays[name].shape[0]
+            self._arrays[name] = packed[start:start + rows]
+            start += rows
         self.add(new_name, packed, origin=" | ".join(self.origin(n) for n in names))
         return packed
 

@@ -91,6 +91,7 @@ class PassManager:
         self._dump(graph, 0, "traced")
         for index, (name, fn) in enumerate(self.passes, start=1):
             nodes_before = len(graph.nodes)
+            existing = set(graph.nodes)
             began = time.perf_counter()
             try:
                 result = fn(graph, context)
@@ -105,9 +106,9 @@ class PassManager:
                     verify(graph)
                 except GraphError as error:
                     raise GraphError(f"pass {name!r} produced an invalid graph: {error}") from None
-            for node in graph.nodes:         # fused nodes remember their pass, for profiles and pictures
-                if "fused_from" in node.meta:
-                    node.meta.setdefault("pass", name)
+            for node in graph.nodes:         # a node this pass made by fusing others remembers it (bench --profile)
+                if node not in existing and "fused_from" in node.meta:
+                    node.meta["pass"] = name
             report.stats.append(PassStats(name, seconds, result.changed, nodes_before, len(graph.nodes), result.notes))
             self._dump(graph, index, name)
         return graph, report

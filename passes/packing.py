@@ -10,10 +10,10 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-import numpy as np
 
 from ..errors import GraphError
 from ..ir import Graph, TensorType, Value
+from ..weights import stack_rows
 
 
 def packed_name(names: list[str]) -> str:
@@ -36,5 +36,5 @@ def pack_params(graph: Graph, weights: Any, params: list[Value]) -> Value:
     if hasattr(weights, "pack"):
         weights.pack(name, names)
     elif isinstance(weights, MutableMapping) and name not in weights:
-        weights[name] = np.concatenate([weights[n] for n in names], axis=0)
+        weights[name] = stack_rows([weights[n] for n in names])
     return packed

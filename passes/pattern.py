@@ -152,7 +152,8 @@ class Match:
 
     def insert(self, op: str, *inputs: Value, **attrs: Any) -> Value:
         """Add a node just before the matched root; returns its output (a tuple for multi-output ops)."""
-        meta = {**self.root.meta, "fused_from": tuple(n.op for n in self.nodes)}
+        meta = {k: v for k, v in self.root.meta.items() if k != "pass"}     # the running pass labels it anew
+        meta["fused_from"] = tuple(n.op for n in self.nodes)
         node = self.graph.create_node(op, list(inputs), attrs, meta, before=self.root)
         self._inserted.append(node)
         return node.output if len(node.outputs) == 1 else tuple(node.outputs)

@@ -1,8 +1,10 @@
 """prune_rows: compute only the rows the logits need.
 
 While generating, only the newest position's logits are sampled, so the graph takes `last_row` of the final
-hidden states. Everything between the last layer's KV writes and that `last_row` works row by row, so it can
-run on the last row alone: this pass moves `last_row` up through such ops until it meets one that mixes rows.
+hidden states. From the last layer's attention queries on, everything works row by row, so it can run on
+the last row alone: this pass moves `last_row` up through such ops until it meets one that mixes rows or
+whose every row is needed elsewhere (the last layer's norm and q/k/v product feed the KV writes, which need
+all rows).
 
     before (last layer, 128-token prefill)        after
 
@@ -23,11 +25,14 @@ from ..ir import Graph, Sym, Value
 from .manager import PassContext, PassResult, register_pass
 from .pattern import Match, P, rewrite
 
-# Row i of these ops' result depends only on row i of the inputs that have the rows axis (the others, such
-# as weights or the KV cache, pass through unchanged). For attention, row i is query i, placed at the end.
+# Row i of these ops' result depends only on row i of their inputs that have the rows axis; other inputs
+# (weights, the KV cache) pass through unchanged. For attention, row i is query i, placed at the end.
 ROW_WISE = {"matmul", "matmul_add", "add", "mul", "silu", "swiglu", "rms_norm", "rope", "slice_cols", "attention",
             "reshape"}
+# Where only some inputs carry rows: a weight's first axis is not the rows axis even when it has the same size.
+ROW_INPUTS = {"matmul": (0,), "matmul_add": (0, 2), "attention": (0,)}
 LAST_ROW_OF_ROW_WISE = P("last_row", P(ROW_WISE, name="rows"))
+KEPT_META = ("layer", "scope", "source")          # where the node was; not what made it
 
 
 @register_pass("prune_rows")
@@ -37,28 +42,35 @@ def prune_rows(graph: Graph, ctx: PassContext) -> PassResult:
         rows = node.output.shape[0]
         if not isinstance(rows, Sym):
             return m.decline(f"{node.op} has a fixed number of rows")
+        if node.op in ROW_INPUTS:
+            row_inputs = ROW_INPUTS[node.op]
+            if any(node.inputs[i].shape[0] != rows for i in row_inputs):
+                return m.decline(f"{node.op} reads its rows from an input without them")
+        else:
+            row_inputs = [i for i, v in enumerate(node.inputs) if v.type.rank and v.shape[0] == rows]
         attrs = dict(node.attrs)
         if node.op == "reshape":
-            if attrs["shape"][0] != rows or node.inputs[0].shape[0] != rows:
+            if node.inputs[0].shape[0] != rows:
                 return m.decline("a reshape that moves rows across the first axis")
             attrs["shape"] = (1, *attrs["shape"][1:])
 
         def insert(op: str, *inputs: Value, **attrs) -> Value:
             value = m.insert(op, *inputs, **attrs)
-            value.producer.meta = dict(node.meta)         # still the layer and scope it was (for dot clusters)
+            value.producer.meta = {k: node.meta[k] for k in KEPT_META if k in node.meta}
             return value
 
-        inputs = [insert("last_row", v) if v.type.rank and v.shape[0] == rows else v for v in node.inputs]
+        inputs = [insert("last_row", v) if i in row_inputs else v for i, v in enumerate(node.inputs)]
         return insert(node.op, *inputs, **attrs)
 
-    rewritten, left_alone = 0, {}
+    rewritten = merged = 0
     while True:
-        merged = _merge_duplicate_last_rows(graph)
+        merged_now = _merge_duplicate_last_rows(graph)
         result = rewrite(graph, LAST_ROW_OF_ROW_WISE, build)
         rewritten += result.changed
-        left_alone = result.notes["left alone"]
-        if not merged and not result.changed:
-            return PassResult(graph, rewritten, {"rewritten": rewritten, "left alone": left_alone})
+        merged += merged_now
+        if not merged_now and not result.changed:
+            notes = {"rewritten": rewritten, "merged last_rows": merged, "left alone": result.notes["left alone"]}
+            return PassResult(graph, rewritten, notes)
 
 
 def _merge_duplicate_last_rows(graph: Graph) -> int:

@@ -10,11 +10,14 @@
 
 Constant folding over an input's whole range: positions are below the cache length T, so the table holds
 cache-length rows, made by the reference kernel itself (in float64, then rounded). A decode step then copies one
-row instead of computing sines. Dynamic-NTK scaling is left alone: its frequencies depend on how long the
-sequence is, so no single table serves every step.
+row instead of computing sines. The table costs context × head_dim floats (1 MiB for SmolLM2 at 4,096
+positions). Dynamic-NTK scaling is left alone: its frequencies depend on how long the sequence is, so no
+single table serves every step.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -40,8 +43,7 @@ def tabulate_rope(graph: Graph, ctx: PassContext) -> PassResult:
             return m.decline("no KV cache bounds the positions")
         key = repr(sorted(attrs.items()))
         if key not in tables:
-            name = "rope.table" + (f".{len(tables)}" if tables else "")
-            tables[key] = _table_param(graph, ctx, name, attrs, positions)
+            tables[key] = _table_param(graph, ctx, attrs, positions)
         return m.insert("embedding", m["positions"], tables[key])
 
     return rewrite(graph, ROPE_TABLE, build)
@@ -53,13 +55,29 @@ def _cache_length(graph: Graph) -> int | None:
     return min(bounds) if bounds else None
 
 
-def _table_param(graph: Graph, ctx: PassContext, name: str, attrs: dict, positions: int) -> Value:
-    """The param [positions, head_dim] of every position's cos/sin pairs, built in the weights unless None."""
-    table = graph.param(name, TensorType((positions, attrs["head_dim"]), "f32"))
-    if ctx.weights is not None and name not in ctx.weights:
-        rows = reference.KERNELS["rope_table"]([np.arange(positions)], attrs, {})
-        if hasattr(ctx.weights, "add"):
-            ctx.weights.add(name, rows, origin="computed by tabulate_rope")
-        else:
-            ctx.weights[name] = rows
-    return table
+def _table_param(graph: Graph, ctx: PassContext, attrs: dict, positions: int) -> Value:
+    """The param [positions, head_dim] of every position's cos/sin pairs, added to the weights unless None.
+
+    Named `rope.table`, or `rope.table.N` when that name is taken by another table: the weights outlive a
+    compile, and a recompile with another context or rope must not pick up a stale table by its name.
+    """
+    rows = reference.KERNELS["rope_table"]([np.arange(positions)], attrs, {})
+    weights = ctx.weights if ctx.weights is not None else {}
+    for index in itertools.count():
+        name = "rope.table" + (f".{index}" if index else "")
+        if name in graph.params:
+            continue
+        if name not in weights:
+            if ctx.weights is not None:
+                _add(ctx.weights, name, rows)
+            break
+        if weights[name].shape == rows.shape and np.array_equal(weights[name], rows):
+            break
+    return graph.param(name, TensorType(rows.shape, "f32"))
+
+
+def _add(weights, name: str, rows: np.ndarray) -> None:
+    if hasattr(weights, "add"):
+        weights.add(name, rows, origin="computed by tabulate_rope")
+    else:
+        weights[name] = rows

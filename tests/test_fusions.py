@@ -9,7 +9,7 @@ from graph_builders import SMOLLM2_SIZED, S, T, smollm2_sized_graph, story_confi
 from minitorch_infer.architectures import build_graph
 from minitorch_infer.config import ModelConfig
 from minitorch_infer.ir import functional as F
-from minitorch_infer.passes import DEFAULT_PASSES, PassManager, check_pass
+from minitorch_infer.passes import DEFAULT_PASSES, PassManager, check_pass, random_weights
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -256,3 +256,20 @@ def test_every_position_logits_keep_every_row():
     graph = build_graph(story_config(), 64, 8, all_logits=True)
     optimised, report = check_pass(graph, ["prune_rows"], **TOLERANCE)
     assert report.stats[0].changed == 0 and "last_row" not in optimised.op_counts()
+
+
+def test_a_matmul_whose_second_operand_has_the_rows_axis_keeps_it_whole():
+    def scores(x, y):                                  # x·yᵀ: row i of the result needs every row of y
+        return F.last_row(F.matmul(x, y))
+
+    optimised, report = check_pass(traced(scores, x=8, y=8), ["prune_rows"], **TOLERANCE)
+    matmul = next(n for n in optimised.nodes if n.op == "matmul")
+    assert matmul.inputs[0].producer.op == "last_row" and matmul.inputs[1].kind == "input"
+
+
+def test_a_table_made_for_another_context_is_not_reused():
+    short, long = (smollm2_sized_graph(8, context=context, num_hidden_layers=1) for context in (16, 48))
+    weights = random_weights(long)                     # the same params: only the cache length differs
+    check_pass(short, ["tabulate_rope"], weights, **TOLERANCE)
+    optimised, _ = check_pass(long, ["tabulate_rope"], weights, **TOLERANCE)
+    assert weights["rope.table"].shape == (16, 64) and optimised.params["rope.table.1"].type.shape == (48, 64)
