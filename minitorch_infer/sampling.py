@@ -332,6 +332,8 @@ class Sampler:
         """The next token, given this step's logits [vocab] and every token id so far (prompt + output)."""
         if logits.shape != (self.vocab_size,):
             raise SamplingError(f"logits must have shape ({self.vocab_size},), got {logits.shape}")
+        if self.params.is_greedy and not self.processors:
+            return int(np.argmax(logits))          # nothing to edit: no copy (a greedy decode step's common case)
         # One private float32 copy: processors edit it in place and the caller's buffer stays intact.
         candidates = Candidates(self._all_ids, np.array(logits, dtype=np.float32))
         history = np.asarray(history, dtype=np.int64)
