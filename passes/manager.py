@@ -108,7 +108,7 @@ class PassManager:
                     raise GraphError(f"pass {name!r} produced an invalid graph: {error}") from None
             for node in graph.nodes:         # a node this pass made by fusing others remembers it (bench --profile)
                 if node not in existing and "fused_from" in node.meta:
-                    node.meta["pass"] = name
+                    node.meta.setdefault("pass", name)       # kept when a pass rebuilds an earlier fusion
             report.stats.append(PassStats(name, seconds, result.changed, nodes_before, len(graph.nodes), result.notes))
             self._dump(graph, index, name)
         return graph, report

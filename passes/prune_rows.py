@@ -32,7 +32,7 @@ ROW_WISE = {"matmul", "matmul_add", "add", "mul", "silu", "swiglu", "rms_norm", 
 # Where only some inputs carry rows: a weight's first axis is not the rows axis even when it has the same size.
 ROW_INPUTS = {"matmul": (0,), "matmul_add": (0, 2), "attention": (0,)}
 LAST_ROW_OF_ROW_WISE = P("last_row", P(ROW_WISE, name="rows"))
-KEPT_META = ("layer", "scope", "source")          # where the node was; not what made it
+LOCATION_META = ("layer", "scope", "source")
 
 
 @register_pass("prune_rows")
@@ -54,13 +54,16 @@ def prune_rows(graph: Graph, ctx: PassContext) -> PassResult:
                 return m.decline("a reshape that moves rows across the first axis")
             attrs["shape"] = (1, *attrs["shape"][1:])
 
-        def insert(op: str, *inputs: Value, **attrs) -> Value:
+        def insert(op: str, *inputs: Value, meta: dict, **attrs) -> Value:
             value = m.insert(op, *inputs, **attrs)
-            value.producer.meta = {k: node.meta[k] for k in KEPT_META if k in node.meta}
+            value.producer.meta = dict(meta)
             return value
 
-        inputs = [insert("last_row", v) if i in row_inputs else v for i, v in enumerate(node.inputs)]
-        return insert(node.op, *inputs, **attrs)
+        # The rebuilt op is the same op on fewer rows (and the same fusion, if it was one); the last_rows
+        # only take the place they are put in.
+        where = {k: node.meta[k] for k in LOCATION_META if k in node.meta}
+        inputs = [insert("last_row", v, meta=where) if i in row_inputs else v for i, v in enumerate(node.inputs)]
+        return insert(node.op, *inputs, meta=node.meta, **attrs)
 
     rewritten = merged = 0
     while True:

@@ -172,3 +172,14 @@ def test_the_custom_pass_example_runs():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "hoist_last_row" in result.stdout and "equivalent to the traced graph" in result.stdout
+
+
+def test_fused_nodes_are_labelled_with_the_pass_that_made_them():
+    graph, _ = PassManager(DEFAULT_PASSES).run(story_graph(), None)
+    made_by = {}
+    for node in graph.nodes:
+        made_by.setdefault(node.op, set()).add(node.meta.get("pass"))
+    # prune_rows rebuilds the last layer's fused ops on one row: they stay the fusions they were
+    assert made_by["matmul_add"] == {"fuse_residual"} and made_by["swiglu"] == {"fuse_gate_up"}
+    assert made_by["matmul"] == {"fuse_qkv", "fuse_gate_up", None}                  # None: the head
+    assert made_by["embedding"] == {"tabulate_rope", None} and made_by["last_row"] == {None}
