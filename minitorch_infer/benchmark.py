@@ -2,7 +2,9 @@
 
 The naive path is the reference backend (a plain interpreter that allocates every intermediate) on the
 unoptimised traced graph: what running the model without passes, planning or preallocation costs.
-Each model is measured in a fresh subprocess, so its peak RSS is its own.
+Every run is a fresh subprocess, so its peak RSS is its own, and ours and the naive path take turns run by
+run, so that a machine whose speed drifts during the benchmark (shared ones do, by up to 1.6x within
+minutes) moves both alike and their ratio stays fair.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Measurement:
     decode_tok_s: list[float] = field(default_factory=list)
     first_token_ms: list[float] = field(default_factory=list)
     matvec_bound_tok_s: list[float] = field(default_factory=list)
-    load_seconds: float = 0.0
+    load_seconds: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     blas: str = ""
     profile: dict[str, float] = field(default_factory=dict)
@@ -59,7 +61,7 @@ def measure_ours(name: str, repeats: int, profile: bool) -> Measurement:
 
     began = time.perf_counter()
     model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8)
-    result = Measurement("minitorch-infer", name, load_seconds=time.perf_counter() - began)
+    result = Measurement("minitorch-infer", name, load_seconds=[time.perf_counter() - began])
     ids = prompt_ids(model)
     model.generate(ids, max_new_tokens=4, greedy=True)        # warm up: binds the prefill and decode programs
     for _ in range(repeats):
@@ -112,10 +114,16 @@ def measure_naive(name: str, repeats: int) -> Measurement:
     model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8, passes=[], max_sequences=1)
     graph = model.trace()
     params = {n: model.weights[n] for n in graph.params}
-    result = Measurement("naive (reference backend)", name, load_seconds=time.perf_counter() - began)
+    result = Measurement("naive (reference backend)", name, load_seconds=[time.perf_counter() - began])
     ids = prompt_ids(model)
+
+    def fresh_cache():
+        return {n: np.zeros(v.type.concrete_shape(), np.float32) for n, v in graph.states.items()}
+
+    reference.run(graph, params, {"tokens": np.array(ids[:8]), "positions": np.arange(8)}, fresh_cache(),
+                  {"S": 8, "T": 8})                                     # warm up, as ours does
     for _ in range(repeats):
-        state = {n: np.zeros(v.type.concrete_shape(), np.float32) for n, v in graph.states.items()}
+        state = fresh_cache()
         began = time.perf_counter()
         (logits,) = reference.run(graph, params, {"tokens": np.array(ids), "positions": np.arange(len(ids))},
                                   state, {"S": len(ids), "T": len(ids)})
@@ -136,6 +144,28 @@ def measure_naive(name: str, repeats: int) -> Measurement:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_alternating(name: str, repeats: int, threads: int | None, profile: bool, naive: bool
+                        ) -> tuple[Measurement, Measurement | None]:
+    """`repeats` runs of ours and, if `naive`, of the naive path, each in its own process, taking turns."""
+    ours_runs, naive_runs = [], []
+    for run in range(repeats):
+        ours_runs.append(measure_in_subprocess("ours", name, 1, threads, profile and run == repeats - 1))
+        if naive:
+            naive_runs.append(measure_in_subprocess("naive", name, 1, threads, False))
+    return merged(ours_runs), merged(naive_runs) if naive else None
+
+
+def merged(runs: list[Measurement]) -> Measurement:
+    """One Measurement holding every run's numbers; peak RSS is the largest any run reached."""
+    result = Measurement(runs[0].engine, runs[0].model, blas=runs[0].blas,
+                         peak_rss_mb=max(run.peak_rss_mb for run in runs))
+    for run in runs:
+        for series in ("prefill_tok_s", "decode_tok_s", "first_token_ms", "matvec_bound_tok_s", "load_seconds"):
+            getattr(result, series).extend(getattr(run, series))
+        result.profile = result.profile or run.profile
+    return result
 
 
 def measure_in_subprocess(engine: str, name: str, repeats: int, threads: int | None, profile: bool) -> Measurement:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_in_subprocess, median_and_spread
+from ..benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_alternating, median_and_spread
 from ..errors import ModelNotFoundError
 from ..model_files import find_model
 from .options import non_negative_int, positive_int
@@ -17,9 +17,11 @@ DEFAULT_MODELS = ("story", "smollm2-135m-instruct")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", action="append", default=None,
                         help=f"model to measure; repeatable (default: {', '.join(DEFAULT_MODELS)} where present)")
-    parser.add_argument("--repeat", type=positive_int, default=3, help="runs per measurement (default: 3)")
+    parser.add_argument("--repeat", type=positive_int, default=3,
+                        help="runs per measurement, each in a fresh process, ours and naive in turn (default: 3)")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="BLAS threads (default: all)")
-    parser.add_argument("--profile", action="store_true", help="also print each op type's share of a decode step (fused ops under their pass)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each op type's share of a decode step (fused ops under their pass)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive path (it is slow on big models)")
 
 
@@ -28,11 +30,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} greedy decode steps, {args.repeat} runs each; "
           "median [min-max]")
     for name in names:
-        ours = measure_in_subprocess("ours", name, args.repeat, args.threads, args.profile)
+        ours, naive = measure_alternating(name, args.repeat, args.threads, args.profile, naive=not args.no_naive)
         print(f"\n{name}  ({ours.blas})")
         print(_row(ours))
-        if not args.no_naive:
-            naive = measure_in_subprocess("naive", name, args.repeat, args.threads, False)
+        if naive is not None:
             print(_row(naive))
             print(_ratios(ours, naive))
         print(_bound(ours))
@@ -56,7 +57,7 @@ def _stat(values: list[float], unit: str, digits: int = 0) -> str:
 
 def _row(m: Measurement) -> str:
     return (f"  {m.engine:<28} prefill {_stat(m.prefill_tok_s, 'tok/s')}  decode {_stat(m.decode_tok_s, 'tok/s', 1)}  "
-            f"first token {_stat(m.first_token_ms, 'ms', 1)}  load+compile {m.load_seconds:.3f} s  "
+            f"first token {_stat(m.first_token_ms, 'ms', 1)}  load+compile {_stat(m.load_seconds, 's', 3)}  "
             f"peak RSS {m.peak_rss_mb:,.0f} MB")
 
 
