@@ -42,3 +42,16 @@ def test_the_benchmark_script_measures_with_the_kernel_openblas_picks():
 
     assert kernel([sys.executable, "-m", "minitorch_infer", "bench", "--threads", "2"]) != kernel(
         [sys.executable, str(ROOT / "benchmarks" / "run.py")])
+
+
+def test_alternating_runs_merge_into_one_measurement():
+    from minitorch_infer.benchmark import Measurement, merged
+
+    first = Measurement("ours", "story", prefill_tok_s=[1.0], decode_tok_s=[2.0], first_token_ms=[3.0],
+                        matvec_bound_tok_s=[4.0], load_seconds=[0.5], peak_rss_mb=50, blas="openblas")
+    last = Measurement("ours", "story", prefill_tok_s=[5.0], decode_tok_s=[6.0], first_token_ms=[7.0],
+                       matvec_bound_tok_s=[8.0], load_seconds=[0.7], peak_rss_mb=52, profile={"matmul": 1.0})
+    both = merged([first, last])
+    assert both.prefill_tok_s == [1.0, 5.0] and both.decode_tok_s == [2.0, 6.0] and both.load_seconds == [0.5, 0.7]
+    assert both.matvec_bound_tok_s == [4.0, 8.0] and both.first_token_ms == [3.0, 7.0]
+    assert both.peak_rss_mb == 52 and both.profile == {"matmul": 1.0} and both.blas == "openblas"
