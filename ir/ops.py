@@ -118,7 +118,13 @@ def _matmul(ts, attrs):
     return [TensorType((x.shape[0], w.shape[0]), x.dtype)]
 
 
-@register_op("matmul_add", n_inputs=3, inplace=2, workspace=lambda ts, attrs: prod(ts[2].concrete_shape()))
+def _matmul_add_workspace(ts, attrs) -> int:
+    """Room for the product [S, N], or for xᵀ [K, S] and the product's transpose [N, S] (a backend's choice)."""
+    (rows, k), n = ts[0].concrete_shape(), ts[2].concrete_shape()[1]
+    return (k + n) * rows
+
+
+@register_op("matmul_add", n_inputs=3, inplace=2, workspace=_matmul_add_workspace)
 def _matmul_add(ts, attrs):
     """x [S, K] · w[N, K]ᵀ + c [S, N], accumulated into c's buffer (BLAS gemm with beta = 1)."""
     x, w, c = ts
