@@ -126,7 +126,7 @@ def _matmul_add_workspace(ts, attrs) -> int:
 
 @register_op("matmul_add", n_inputs=3, inplace=2, workspace=_matmul_add_workspace)
 def _matmul_add(ts, attrs):
-    """x [S, K] · w[N, K]ᵀ + c [S, N], accumulated into c's buffer (BLAS gemm with beta = 1)."""
+    """x [S, K] · w[N, K]ᵀ + c [S, N], written over c's buffer when c dies here (the residual stream)."""
     x, w, c = ts
     (product,) = _matmul([x, w], {})
     if product.shape != c.shape:
