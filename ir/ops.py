@@ -9,7 +9,6 @@ elements a kernel needs while it runs (at the symbols' upper bounds), so the mem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import prod
 from typing import Any, Callable
 
 from ..errors import GraphError

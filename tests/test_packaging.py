@@ -1,7 +1,6 @@
 """A non-editable install works from outside the checkout, and puts nothing under a generic top-level name."""
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
