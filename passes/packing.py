@@ -10,7 +10,6 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-
 from ..errors import GraphError
 from ..ir import Graph, TensorType, Value
 from ..weights import stack_rows

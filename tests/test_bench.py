@@ -21,8 +21,8 @@ def test_bench_runs_and_reports_both_engines_and_ratios():
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for expected in ("minitorch-infer", "naive (reference backend)", "ours / naive", "prefill", "decode",
-                     "first token", "load+compile", "peak RSS", "decode step time by op: ", "matmul (fuse_gate_up)", "kernel, 1 threads",
-                     "matrix-vector bound"):
+                     "first token", "load+compile", "peak RSS", "decode step time by op: ", "matmul (fuse_gate_up)",
+                     "kernel, 1 threads", "matrix-vector bound"):
         assert expected in out, f"{expected!r} missing from:\n{out}"
 
 
