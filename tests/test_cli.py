@@ -121,3 +121,15 @@ def test_dump_dot_writes_traced_and_optimised_graphs(tmp_path):
             assert subprocess.run(["dot", "-Tsvg", str(path)], capture_output=True).returncode == 0
     else:
         assert "dot -Tsvg" in done.stderr.decode()
+
+
+def test_threads_limits_blas_while_the_command_runs(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from minitorch_infer import cli
+
+    seen = []
+    monkeypatch.setattr(cli.generate, "run", lambda args: seen.append(
+        [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]))
+    assert cli.main(["generate", "--threads", "1", "--prompt", "x"]) == 0
+    assert seen and all(threads == [1] for threads in seen)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from threadpoolctl import threadpool_limits
+
 from ..errors import MinitorchError
 from . import bench, chat, generate, graph, models
 
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")        # `minitorch-infer --prompt ...` means generate
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args) or 0
+        # --threads: how many threads BLAS may use; the rest of the engine runs on the calling thread.
+        with threadpool_limits(limits=getattr(args, "threads", 0) or None):
+            return args.run(args) or 0
     except MinitorchError as error:
         print(f"minitorch-infer: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -44,6 +44,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-passes", action="store_true", help="run the traced graph unoptimised")
     group.add_argument("--no-memory-plan", action="store_true",
                        help="give every activation its own buffer instead of sharing one planned arena")
+    group.add_argument("--threads", type=non_negative_int, default=0,
+                       help="threads for matrix products (BLAS; default: all cores)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
 
 
