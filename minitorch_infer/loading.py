@@ -9,9 +9,9 @@ from pathlib import Path
 from .config import ModelConfig, token_ids
 from .errors import ModelFormatError
 from .model import Model
-from .model_files import find_model
+from .formats.model_files import find_model
 from .tokenizer import Tokenizer, read_generation_eos
-from .weights import WeightStore, load_safetensors_dir
+from .formats.weights import WeightStore, load_safetensors_dir
 
 
 def load(name_or_path: str | os.PathLike, **options) -> Model:
@@ -59,7 +59,7 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
-    from .gguf_loader import read_gguf
+    from .formats.gguf_loader import read_gguf  # the gguf package costs ~50 ms to import; folders never need it
 
     model = read_gguf(path)
     config = ModelConfig.from_dict(model.config, source=str(path))

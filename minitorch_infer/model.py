@@ -20,7 +20,9 @@ from .kv_cache import KVCache, KVSequence
 from .passes import DEFAULT_PASSES, PassManager, PassReport
 from .passes.memory_plan import MemoryPlan, plan_memory
 from .tokenizer import Tokenizer
-from .weights import WeightStore
+from .formats.weights import WeightStore
+from .generation import loop
+from .generation.chat import Session
 
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_CONTEXT = 4096
@@ -158,21 +160,15 @@ class Model:
         return [int(t) for t in prompt]
 
     def generate(self, prompt: str | Sequence[int], **settings):
-        """Generate a continuation; returns a GenerationResult (new tokens only). See generation.generate."""
-        from .generation import generate
-
-        return generate(self, prompt, **settings)
+        """Generate a continuation; returns a GenerationResult (new tokens only). See generation.loop.start."""
+        return loop.generate(self, prompt, **settings)
 
     def stream(self, prompt: str | Sequence[int], **settings) -> Iterator[str]:
         """Yield the continuation's text as it is produced; the pieces join to the final text."""
-        from .generation import stream
+        return loop.stream(self, prompt, **settings)
 
-        return stream(self, prompt, **settings)
-
-    def chat(self, system: str | None = None):
-        """A chat Session: keeps its KV cache across turns (see minitorch_infer.chat.Session)."""
-        from .chat import Session
-
+    def chat(self, system: str | None = None) -> Session:
+        """A chat Session: keeps its KV cache across turns (see minitorch_infer.generation.chat.Session)."""
         return Session(self, system=system)
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from minitorch_infer.errors import MinitorchError
-from minitorch_infer.fetch import fetch_model
+from minitorch_infer.formats.fetch import fetch_model
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from ..backends.reference import run
 from ..errors import GraphError
 from ..ir import Graph, Sym, Value
-from ..weights import WeightStore
+from ..formats.weights import WeightStore
 from .manager import PassFunction, PassManager, PassReport
 
 MAX_TRIAL_TOKENS = 16      # enough rows to catch row mix-ups, few enough to keep the oracle fast

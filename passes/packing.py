@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import GraphError
 from ..ir import Graph, TensorType, Value
-from ..weights import stack_rows
+from ..formats.weights import stack_rows
 
 
 def packed_name(names: list[str]) -> str:

@@ -13,7 +13,7 @@ from minitorch_infer.config import ModelConfig
 from minitorch_infer.ir import Graph, Sym, TensorType, Value, op_def, trace
 from minitorch_infer.passes import MemoryPlan
 from minitorch_infer.passes.memory_plan import workspace_key
-from minitorch_infer.weights import WeightStore, load_safetensors_dir
+from minitorch_infer.formats.weights import WeightStore, load_safetensors_dir
 
 # SmolLM2-135M's shape: 30 layers, hidden 576, intermediate 1536, 9 query / 3 KV heads of 64, vocab 49152.
 SMOLLM2_SIZED = {"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import require_model
 
-from minitorch_infer.benchmark import blas_description
+from minitorch_infer.cli.benchmark import blas_description
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_the_benchmark_script_measures_with_the_kernel_openblas_picks():
 
 
 def test_alternating_runs_merge_into_one_measurement():
-    from minitorch_infer.benchmark import Measurement, merged
+    from minitorch_infer.cli.benchmark import Measurement, merged
 
     first = Measurement("ours", "story", prefill_tok_s=[1.0], decode_tok_s=[2.0], first_token_ms=[3.0],
                         matvec_bound_tok_s=[4.0], load_seconds=[0.5], peak_rss_mb=50, blas="openblas")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from minitorch_infer.chat_template import CHATML_TEMPLATE, ChatTemplate
+from minitorch_infer.generation.chat_template import CHATML_TEMPLATE, ChatTemplate
 from minitorch_infer.errors import ModelNotFoundError, TemplateError
-from minitorch_infer.model_files import REPO_ROOT, find_model
+from minitorch_infer.formats.model_files import find_model
 
-PROMPTS_JSON = REPO_ROOT.parent / "shared" / "reference" / "prompts.json"
+PROMPTS_JSON = Path(__file__).resolve().parent / "fixtures" / "reference" / "prompts.json"
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -42,8 +42,6 @@ def smollm2_template() -> ChatTemplate:
 
 
 def test_smollm2_template_matches_transformers_reference(smollm2_template: ChatTemplate) -> None:
-    if not PROMPTS_JSON.exists():
-        _missing(f"reference prompts not found at {PROMPTS_JSON}")
     expected = json.loads(PROMPTS_JSON.read_text())["smollm2"]["short_text"]
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert smollm2_template.render(messages, add_generation_prompt=True) == expected

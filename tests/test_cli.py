@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minitorch_infer.detokenizer import IncrementalDetokenizer
+from minitorch_infer.generation.detokenizer import IncrementalDetokenizer
 from conftest import require_model
 
 ROOT = Path(__file__).resolve().parent.parent

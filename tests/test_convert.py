@@ -12,10 +12,10 @@ from tokenizers import Tokenizer
 
 from conftest import require_model
 
-from minitorch_infer import convert
-from minitorch_infer.convert import OutputExistsError, convert_gguf_to_hf
+from minitorch_infer.formats import convert
+from minitorch_infer.formats.convert import OutputExistsError, convert_gguf_to_hf
 from minitorch_infer.errors import ModelFormatError
-from minitorch_infer.gguf_loader import read_gguf
+from minitorch_infer.formats.gguf_loader import read_gguf
 
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 

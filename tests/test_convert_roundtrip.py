@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minitorch_infer
-from minitorch_infer.convert import convert_gguf_to_hf
+from minitorch_infer.formats.convert import convert_gguf_to_hf
 from conftest import require_model
 
 

@@ -7,7 +7,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf_helpers.reference_dequant import BLOCKS, random_blocks, reference_dequantize
 
-from minitorch_infer.dequantize import SUPPORTED_TYPES, dequantize
+from minitorch_infer.formats.dequantize import SUPPORTED_TYPES, dequantize
 from minitorch_infer.errors import ModelFormatError, UnsupportedModelError
 
 QUANTISED = sorted(BLOCKS, key=lambda t: t.value)

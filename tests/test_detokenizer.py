@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from conftest import require_model
-from minitorch_infer.detokenizer import IncrementalDetokenizer
+from minitorch_infer.generation.detokenizer import IncrementalDetokenizer
 from minitorch_infer.errors import ModelFormatError
 
 END_OF_TEXT = "<|endoftext|>"

@@ -142,7 +142,7 @@ def test_a_kv_plan_over_budget_is_refused_at_load():
 
 def test_q_and_k_rows_are_stored_in_rope_pair_order(story_model):
     """Each head's rows go (0, D/2, 1, D/2+1, ...): RoPE then rotates adjacent pairs, one complex multiply."""
-    from minitorch_infer.safetensors_file import read_safetensors
+    from minitorch_infer.formats.safetensors_file import read_safetensors
 
     stored = dict(read_safetensors(require_model("story") / "model.safetensors"))
     head_dim = story_model.config.head_dim

@@ -9,9 +9,9 @@ import zipfile
 
 import pytest
 
-from minitorch_infer import fetch
+from minitorch_infer.formats import fetch
 from minitorch_infer.errors import ModelFormatError, ModelNotFoundError
-from minitorch_infer.fetch import fetch_model
+from minitorch_infer.formats.fetch import fetch_model
 
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -21,8 +21,8 @@ from gguf_helpers.synthetic import (
 from conftest import require_model
 
 from minitorch_infer.errors import MinitorchError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
-from minitorch_infer.gguf_file import open_gguf
-from minitorch_infer.gguf_loader import read_gguf
+from minitorch_infer.formats.gguf_file import open_gguf
+from minitorch_infer.formats.gguf_loader import read_gguf
 
 VOCAB = len(byte_level_vocab()["tokenizer.ggml.tokens"])
 

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from conftest import reference, require_model
 
 from minitorch_infer.errors import ModelFormatError, UnsupportedModelError
-from minitorch_infer.gguf_file import open_gguf
-from minitorch_infer.gguf_tokenizer import build_tokenizer, read_special_tokens
+from minitorch_infer.formats.gguf_file import open_gguf
+from minitorch_infer.formats.gguf_tokenizer import build_tokenizer, read_special_tokens
 
 SMOLLM2_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<file_sep>")
 

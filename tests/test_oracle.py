@@ -1,6 +1,6 @@
 """Tests of the test oracle itself (tests/oracle), against what transformers computed.
 
-- The real story model against ../shared/reference (transformers 5.23): greedy tokens exactly, logits to 1e-4.
+- The real story model against transformers' reference outputs (tests/fixtures/reference, transformers 5.23): greedy tokens exactly, logits to 1e-4.
 - The HF golden fixtures (tests/fixtures/hf_golden, made by tests/oracle/make_hf_golden.py): every
   position's logits to 1e-4 and the greedy continuation exactly.
 - Properties that pin the semantics independently of HF: causality, the sliding-window boundary, GQA as
@@ -11,7 +11,6 @@ Nothing here imports minitorch_infer (nor conftest, which does): the oracle must
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +21,13 @@ from oracle import llama_numpy
 from oracle.llama_numpy import forward, greedy, load_hf_dir, model_settings, read_safetensors, weight_shapes
 from oracle.tiny_models import TEST_SEQUENCE_LENGTH, random_configs, to_storage, write_tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-HF_GOLDEN = Path(__file__).resolve().parent / "fixtures" / "hf_golden"
+TESTS = Path(__file__).resolve().parent
+STORY_DIR = TESTS.parent / "models" / "story"            # ships with the checkout
+REFERENCE_DIR = TESTS / "fixtures" / "reference"          # transformers' outputs, copied from ../shared/reference
+HF_GOLDEN = TESTS / "fixtures" / "hf_golden"
 GOLDEN_FIXTURES = sorted(path.name for path in HF_GOLDEN.iterdir() if path.is_dir())
 
 LOGITS_ATOL = 1e-4  # float32 transformers vs the float64 oracle differ by ~1e-5 on these models
-
-
-def shared_file(relative: str) -> Path:
-    """A file under ../shared; skip when it is absent, or fail when MINITORCH_REQUIRE_MODELS=1 (CI)."""
-    path = SHARED / relative
-    if not path.exists():
-        if os.environ.get("MINITORCH_REQUIRE_MODELS") == "1":
-            pytest.fail(f"{path} is required (MINITORCH_REQUIRE_MODELS=1) but missing")
-        pytest.skip(f"{path} not available")
-    return path
 
 
 def top5(logits: np.ndarray) -> tuple:
@@ -52,9 +42,9 @@ def top5(logits: np.ndarray) -> tuple:
 
 @pytest.fixture(scope="module")
 def story():
-    config, weights = load_hf_dir(shared_file("models/story"))
-    reference = json.loads(shared_file("reference/reference_outputs.json").read_text())["story"]
-    prompts = json.loads(shared_file("reference/prompts.json").read_text())["story"]
+    config, weights = load_hf_dir(STORY_DIR)
+    reference = json.loads((REFERENCE_DIR / "reference_outputs.json").read_text())["story"]
+    prompts = json.loads((REFERENCE_DIR / "prompts.json").read_text())["story"]
     return config, weights, reference, prompts
 
 

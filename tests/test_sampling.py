@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from minitorch_infer.errors import SamplingError
-from minitorch_infer.sampling import (
+from minitorch_infer.generation.sampling import (
     Candidates,
     MinP,
     PresenceFrequencyPenalty,

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minitorch_infer.errors import SamplingError
-from minitorch_infer.stopping import FinishReason, StopStringMatcher
+from minitorch_infer.generation.stopping import FinishReason, StopStringMatcher
 
 
 def stream(matcher: StopStringMatcher, pieces: list[str]) -> tuple[list[str], bool]:

@@ -1,6 +1,6 @@
 """The Llama family (Llama, Mistral, Qwen2) as a plain function over graph ops. Read it top to bottom.
 
-Weights are referred to by canonical names (`layers.3.attn.q`); minitorch_infer.weights maps HF and GGUF
+Weights are referred to by canonical names (`layers.3.attn.q`); minitorch_infer.formats.weights maps HF and GGUF
 names onto them. Shapes: S = new tokens this step, T = past + new tokens, D = hidden size.
 RoPE rotates adjacent pairs of dimensions (one complex multiply), so the q/k weight rows are stored in
 pair order: `rope_pair_order` does that once, when the model is built.

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_alternating, median_and_spread
+from .benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_alternating, median_and_spread
 from ..errors import ModelNotFoundError
-from ..model_files import find_model
+from ..formats.model_files import find_model
 from .options import non_negative_int, positive_int
 
 HELP = "measure speed and memory against the naive path (medians of several runs)"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import MinitorchError
-from ..generation import TRUNCATION_POLICIES
+from ..generation.loop import TRUNCATION_POLICIES
 from .options import add_model_arguments, add_sampling_arguments, load_model, note, sampling_settings
 
 HELP = "generate text from a prompt, streamed token by token"
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         for line in dump_traced_and_optimised(model, args.dump_dot):
             note(args, line)
     if args.chat:
-        from ..chat import render_chat_prompt
+        from ..generation.chat import render_chat_prompt
 
         prompt_ids = render_chat_prompt(model, [{"role": "user", "content": prompt}], system=args.system)
     else:

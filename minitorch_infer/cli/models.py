@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=["smollm2-135m-instruct"], help="the model to fetch")
-    parser.add_argument("--models-dir", default=None, help="where to put it (default: the checkout's models/)")
+    parser.add_argument("--models-dir", default=None, help="where to put it (default: the package's models folder, the checkout's models/ in a checkout)")
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from ..fetch import fetch_model
+    from ..formats.fetch import fetch_model
 
     print(fetch_model(args.name, models_dir=args.models_dir))
     return 0
@@ -24,8 +24,8 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..convert import convert_gguf_to_hf
-    from ..model_files import find_model
+    from ..formats.convert import convert_gguf_to_hf
+    from ..formats.model_files import find_model
 
     print(convert_gguf_to_hf(find_model(args.gguf), args.out_dir))
     return 0

@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..model_files import KNOWN_MODELS
+from ..formats.model_files import KNOWN_MODELS
 
 
 def _checked(kind, test, requirement: str):

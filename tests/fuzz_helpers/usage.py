@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from minitorch_infer.chat import render_chat_prompt
+from minitorch_infer.generation.chat import render_chat_prompt
 from minitorch_infer.errors import PromptError, TemplateError
 
 

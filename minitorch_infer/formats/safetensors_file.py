@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import ModelFormatError, UnsupportedModelError, shown
+from ..errors import ModelFormatError, UnsupportedModelError, shown
 
 # Headers past this size are certainly corrupt (real ones are a few hundred KB), and reading them would
 # be the "giant allocation" a bad length field asks for.

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
-from .tokenizer import library_failure
+from ..tokenizer import library_failure
 
 # How many prompt tokens give the first generated token its context (vLLM uses the same number).
 _PROMPT_CONTEXT_TOKENS = 5

@@ -24,7 +24,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from jinja2.utils import missing
 
-from .errors import TemplateError
+from ..errors import TemplateError
 
 # The ChatML format, used when a model ships no template (as transformers' docs suggest).
 CHATML_TEMPLATE = (

@@ -13,8 +13,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import read_json_object
-from .errors import ModelFormatError, shown
+from ..config import read_json_object
+from ..errors import ModelFormatError, shown
 from .safetensors_file import read_safetensors
 
 _LAYER_NAMES = {
@@ -85,20 +85,24 @@ class WeightStore:
         self.source = source
         self._arrays: dict[str, np.ndarray] = {}
         self._origin: dict[str, str] = {}   # canonical name -> name in the file, for error messages
+        self._file: dict[str, str] = {}     # canonical name -> the file it came from, when not `source` itself
 
-    def add(self, name: str, array: np.ndarray, origin: str | None = None) -> None:
+    def add(self, name: str, array: np.ndarray, origin: str | None = None, file: str | None = None) -> None:
+        where = file or self.source
         if array.dtype != np.float32:
-            raise ModelFormatError(f"{self.source}: tensor {shown(origin or name)} is {array.dtype}, expected float32")
+            raise ModelFormatError(f"{where}: tensor {shown(origin or name)} is {array.dtype}, expected float32")
         if name in self._arrays:
-            raise ModelFormatError(f"{self.source}: tensor {shown(origin or name)} appears twice")
+            raise ModelFormatError(f"{where}: tensor {shown(origin or name)} appears twice (also in {self.file(name)})")
         self._arrays[name] = array
         self._origin[name] = origin or name
+        if file is not None:
+            self._file[name] = file
 
-    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], file: str | None = None) -> None:
         for name, array in tensors:
             canonical = canonical_name(name)
             if canonical is not None:
-                self.add(canonical, array, origin=name)
+                self.add(canonical, array, origin=name, file=file)
 
     def replace(self, name: str, array: np.ndarray) -> None:
         """Swap in a rearranged copy of a weight (same shape), e.g. q/k rows reordered for RoPE."""
@@ -121,6 +125,10 @@ class WeightStore:
 
     def origin(self, name: str) -> str:
         return self._origin.get(name, name)
+
+    def file(self, name: str) -> str:
+        """The file a weight was read from (a shard, model.safetensors, the .gguf), for error messages."""
+        return self._file.get(name, self.source)
 
     @property
     def nbytes(self) -> int:
@@ -170,13 +178,14 @@ class WeightStore:
             shape = tuple(self._arrays[name].shape)
             if shape != tuple(value.type.shape):
                 raise ModelFormatError(
-                    f"{self.source}: tensor {shown(self.origin(name))} has shape {list(shape)}, but {config_source} "
+                    f"{self.file(name)}: tensor {shown(self.origin(name))} has shape {list(shape)}, but {config_source} "
                     f"implies {list(value.type.shape)}")
         unused = sorted(set(self._arrays) - set(params))
         if unused:
             listed = ", ".join(shown(self.origin(n)) for n in unused[:5])
+            files = {self.file(n) for n in unused}
             raise ModelFormatError(
-                f"{self.source}: {len(unused)} tensor(s) not used by the architecture in {config_source}: {listed}"
+                f"{files.pop() if len(files) == 1 else self.source}: {len(unused)} tensor(s) not used by the architecture in {config_source}: {listed}"
                 " (does the config match the weights? e.g. attention_bias, tie_word_embeddings)")
 
 
@@ -224,5 +233,5 @@ def _shard_names(index: Path) -> list[str]:
 def load_safetensors_dir(model_dir: Path) -> WeightStore:
     store = WeightStore(source=str(model_dir))
     for path in safetensors_files(model_dir):
-        store.add_hf_tensors(read_safetensors(path))
+        store.add_hf_tensors(read_safetensors(path), file=str(path))
     return store

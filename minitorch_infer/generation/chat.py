@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .chat_template import ChatTemplate
-from .generation import GenerationResult, TextStream, check_prompt, sampling_params
+from .loop import GenerationResult, TextStream, check_prompt, sampling_params
 
 
 def chat_template_for(model) -> ChatTemplate:

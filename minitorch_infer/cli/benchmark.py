@@ -108,7 +108,7 @@ def profile_decode(model, ids: list[int]) -> dict[str, float]:
 def measure_naive(name: str, repeats: int) -> Measurement:
     """The reference backend on the traced graph: prefill the prompt in one step, then decode one by one."""
     import minitorch_infer
-    from .backends import reference
+    from ..backends import reference
 
     began = time.perf_counter()
     model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8, passes=[], max_sequences=1)
@@ -170,7 +170,7 @@ def merged(runs: list[Measurement]) -> Measurement:
 
 def measure_in_subprocess(engine: str, name: str, repeats: int, threads: int | None, profile: bool) -> Measurement:
     """Run one measurement in a fresh interpreter (so peak RSS is this model's alone) and read back its JSON."""
-    command = [sys.executable, "-m", "minitorch_infer.benchmark", engine, name, str(repeats), str(threads or 0),
+    command = [sys.executable, "-m", "minitorch_infer.cli.benchmark", engine, name, str(repeats), str(threads or 0),
                "1" if profile else "0"]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:

@@ -17,7 +17,7 @@ from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from .errors import ModelFormatError, UnsupportedModelError, shown
+from ..errors import ModelFormatError, UnsupportedModelError, shown
 from .gguf_file import GGUFFile
 
 SPACE_MARK = "\u2581"  # "▁", SentencePiece's visible space

@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .dequantize import SUPPORTED_TYPES, dequantize
-from .errors import ModelFormatError, UnsupportedModelError, shown
+from ..errors import ModelFormatError, UnsupportedModelError, shown
 from .gguf_file import GGUFFile, TensorInfo, open_gguf
 from .gguf_tokenizer import SpecialTokens, build_tokenizer, read_special_tokens
 

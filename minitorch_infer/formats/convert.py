@@ -15,7 +15,7 @@ from typing import Any
 
 from safetensors.numpy import save_file
 
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 from .gguf_loader import GGUFModel, read_gguf
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 
-from minitorch_infer.errors import SamplingError
+from ..errors import SamplingError
 
 
 class FinishReason(str, Enum):

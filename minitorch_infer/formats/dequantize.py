@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from .errors import ModelFormatError, UnsupportedModelError, shown
+from ..errors import ModelFormatError, UnsupportedModelError, shown
 
 # One record per block, fields in file order ("d" scale, "m"/"dmin" offset, "qs" low bits, "qh" high bits).
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])

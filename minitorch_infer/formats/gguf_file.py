@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, shown
+from ..errors import ModelFormatError, ModelNotFoundError, UnsupportedModelError, shown
 
 MAGIC = b"GGUF"
 HEADER_SIZE = 24  # magic, version, tensor count, metadata count

@@ -12,18 +12,33 @@ import numbers
 import resource
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .detokenizer import IncrementalDetokenizer
-from .errors import ContextOverflowError, PromptError, SamplingError, shown
-from .kv_cache import KVSequence
+from ..errors import ContextOverflowError, PromptError, SamplingError, shown
+from ..config import ModelConfig
+from ..kv_cache import KVCache, KVSequence
+from ..tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
 from .stopping import FinishReason, StopStringMatcher
 
-if TYPE_CHECKING:
-    from .model import Model
+
+class Model(Protocol):
+    """What the generation loop needs of a model (minitorch_infer.Model is one): it runs tokens through
+    a KV-cache sequence and gives logits. The loop never looks inside the graph or the program."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    context: int
+    kv_cache: KVCache
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
+
+    def forward(self, sequence: KVSequence, token_ids: Sequence[int]) -> np.ndarray: ...
+
+    def decode_step(self, sequence: KVSequence, token: int) -> np.ndarray: ...
 
 # Sampled generation defaults, as llama.cpp's CLI sets them; greedy=True (or temperature=0) overrides.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from minitorch_infer.errors import SamplingError
+from ..errors import SamplingError
 
 # How many candidates top-p looks at before looking at more: trained models usually put 0.9 of the mass
 # on a few hundred tokens at most, so one partial partition settles it; flat distributions need a sort.

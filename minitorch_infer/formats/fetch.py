@@ -16,8 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelFormatError, ModelNotFoundError
-from .model_files import REPO_ROOT
+from ..errors import ModelFormatError, ModelNotFoundError
+from .model_files import BUNDLED_MODELS_DIR
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,12 @@ FETCHABLE = {
 
 
 def fetch_model(name: str = "smollm2-135m-instruct", models_dir: str | os.PathLike | None = None) -> Path:
-    """Path of model `name` in `models_dir` (default: the checkout's models/), downloading it if absent."""
+    """Path of model `name` in `models_dir` (default: the package's models folder, beside the story model; the
+    checkout's models/ under an editable install), downloading it if absent."""
     if name not in FETCHABLE:
         raise ModelNotFoundError(f"no download known for model {name!r}; known: {', '.join(FETCHABLE)}")
     model = FETCHABLE[name]
-    models_dir = Path(models_dir) if models_dir is not None else REPO_ROOT / "models"
+    models_dir = Path(models_dir) if models_dir is not None else BUNDLED_MODELS_DIR
     target = models_dir / model.file_name
     if target.exists():
         return target
