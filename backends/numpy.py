@@ -2,13 +2,15 @@
 
 Every temp value is a view into one preallocated arena at the offset the memory plan gave it; kernels
 write with `out=`, so a step allocates no activation memory. A program is specialised (its views bound)
-once per distinct number of new tokens S and KV-cache slot, then reused: a decode step is just a loop
-over prepared closures. Only the attention and KV-write kernels read the per-step position.
+once per distinct number of new tokens S and of sequences R in a step, then reused: a decode step is just a
+loop over prepared closures. Only the attention, KV-write and last-row kernels read the step's layout
+(which rows belong to which sequence, and where each sequence's positions live in the KV pool).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Callable, Mapping
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from ..errors import GraphError
 from ..ir import Graph, Node, op_def
 from ..passes.memory_plan import MemoryPlan, workspace_key
+from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
 
 Kernel = Callable[[], None]
@@ -45,12 +48,12 @@ def view(op: str):
 
 
 class StepState:
-    """What changes every step without changing any buffer: how many positions the cache holds."""
+    """What changes every step without changing any buffer: the step's layout."""
 
-    __slots__ = ("total",)
+    __slots__ = ("layout",)
 
     def __init__(self):
-        self.total = 0
+        self.layout: StepLayout | None = None
 
 
 class Program:
@@ -69,53 +72,57 @@ class Program:
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
         self.step = StepState()
-        self._bound: dict[tuple[int, int], tuple[list[Kernel], list[np.ndarray]]] = {}
+        self._bound: dict[tuple[int, int, int], tuple[list[Kernel], list[np.ndarray]]] = {}
         self.max_new_tokens = graph.symbols["S"].max
+        self.max_sequences = graph.symbols["R"].max if "R" in graph.symbols else self.max_new_tokens
 
-    def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], total: int) -> list[np.ndarray]:
-        """One step: inputs hold S new tokens, the cache will hold `total` positions after it. Returns the outputs
-        as views of the program's own buffers (copy them to keep them past the next step)."""
-        seq = len(next(iter(inputs.values())))
+    def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray],
+            layout: StepLayout) -> list[np.ndarray]:
+        """One step: inputs hold the S new tokens of the layout's sequences, in its order; `state` is the KV pool.
+        Returns the outputs as views of the program's own buffers (copy them to keep them past the next step)."""
+        seq = layout.row_stops[-1]
         if not 0 < seq <= self.max_new_tokens:
             raise GraphError(f"a step takes 1..{self.max_new_tokens} new tokens, got {seq}")
+        if len(layout.totals) > self.max_sequences:
+            raise GraphError(f"a step takes 1..{self.max_sequences} sequences, got {len(layout.totals)}")
         for name, array in inputs.items():
             self.input_buffers[name][:seq] = array
-        self.step.total = total
-        calls, outputs = self._bound_for(seq, state)
+        self.step.layout = layout
+        calls, outputs = self._bound_for(seq, len(layout.totals), state)
         for call in calls:
             call()
         return outputs
 
-    def profile(self, sequence, steps: int, start_token: int) -> dict[str, float]:
-        """Seconds spent per op type over `steps` one-token steps appended to `sequence` (for bench --profile).
-        A fused op counts apart under the pass that made it: "matmul (fuse_gate_up)"."""
+    def profile(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray],
+                layout: StepLayout) -> dict[str, float]:
+        """Seconds spent per op type in one step (for bench --profile); a fused op counts apart under the pass
+        that made it: "matmul (fuse_gate_up)"."""
         import time
 
-        calls, _ = self._bound_for(1, sequence.arrays)
+        calls, _ = self._bound_for(layout.row_stops[-1], len(layout.totals), state)
         ops = [f"{node.op} ({node.meta['pass']})" if "pass" in node.meta else node.op
                for node in self.graph.nodes if node.op not in VIEWS]
         seconds = dict.fromkeys(ops, 0.0)
-        self.input_buffers["tokens"][0] = start_token
-        for _ in range(steps):
-            sequence.reserve(1)
-            self.input_buffers["positions"][0] = sequence.length
-            self.step.total = sequence.length + 1
-            for op, call in zip(ops, calls):
-                began = time.perf_counter()
-                call()
-                seconds[op] += time.perf_counter() - began
-            sequence.advance(1)
+        for name, array in inputs.items():
+            self.input_buffers[name][:len(array)] = array
+        self.step.layout = layout
+        for op, call in zip(ops, calls):
+            began = time.perf_counter()
+            call()
+            seconds[op] += time.perf_counter() - began
         return seconds
 
-    def _bound_for(self, seq: int, state: Mapping[str, np.ndarray]) -> tuple[list[Kernel], list[np.ndarray]]:
-        """The kernel calls bound for S = seq and this KV slot, binding them the first time they are asked for."""
-        key = (seq, id(state))
+    def _bound_for(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
+                   ) -> tuple[list[Kernel], list[np.ndarray]]:
+        """The kernel calls bound for S = seq, R = sequences and this KV pool, binding them when first asked for."""
+        key = (seq, sequences, id(state))
         if key not in self._bound:
-            self._bound[key] = self._bind(seq, state)
+            self._bound[key] = self._bind(seq, sequences, state)
         return self._bound[key]
 
-    def _bind(self, seq: int, state: Mapping[str, np.ndarray]) -> tuple[list[Kernel], list[np.ndarray]]:
-        bindings = {"S": seq, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
+    def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
+              ) -> tuple[list[Kernel], list[np.ndarray]]:
+        bindings = {"S": seq, "R": sequences, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
         arrays: dict[int, np.ndarray] = {}
         for value in self.graph.inputs:
             arrays[id(value)] = self.input_buffers[value.name][:seq]
@@ -172,9 +179,6 @@ def _slice_cols(x, attrs, bindings):
     return x[:, attrs["start"]:attrs["stop"]]
 
 
-@view("last_row")
-def _last_row(x, attrs, bindings):
-    return x[-1:]
 
 
 # --- kernels --------------------------------------------------------------------------------------
@@ -333,62 +337,109 @@ def _rope(node: Node, ins, outs, scratch, step) -> Kernel:
     return lambda: np.multiply(x_complex, rotation, out=y_complex)
 
 
+@kernel("last_row")
+def _last_row(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    if y.shape[0] == x.shape[0]:
+        return lambda: np.copyto(y, x)           # one row per sequence (a decode step): every row is a last row
+    if y.shape[0] == 1:
+        return lambda: np.copyto(y[0], x[step.layout.last_rows[0]])
+    return lambda: np.take(x, step.layout.last_rows, axis=0, out=y)
+
+
 @kernel("kv_write")
 def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
-    x, cache = ins
+    x, pool = ins
     seq = x.shape[0]
     x_by_head = x.transpose(1, 0, 2)
 
     def call():
-        total = step.total
-        np.copyto(cache[:, total - seq:total], x_by_head)
+        layout = step.layout
+        if layout.write_start is not None:
+            np.copyto(pool[:, layout.write_start:layout.write_start + seq], x_by_head)
+        else:
+            pool[:, layout.write_slots] = x_by_head
     return call
 
 
 @kernel("attention")
 def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
-    q, k_cache, v_cache = ins
+    """Each sequence of the step attends over its own keys: a view of the pool when its positions are one run
+    of slots, else gathered into scratch. A sequence with one query (decode, or after prune_rows) takes the
+    matrix-vector path; one with many (prefill) the transposed-scores path."""
+    q, k_pool, v_pool = ins
     (out,) = outs
-    if q.shape[0] == 1:
-        return _attention_one_query(node, q, k_cache, v_cache, out, scratch, step)
-    return _attention_many_queries(node, q, k_cache, v_cache, out, scratch, step)
+    rows, heads, head_dim = q.shape
+    kv_heads = k_pool.shape[0]
+    context = node.inputs[1].type.concrete_shape()[1]
+    gathered = scratch[scratch.size - 2 * kv_heads * context * head_dim:]
+    gathered_k = gathered[:kv_heads * context * head_dim]
+    gathered_v = gathered[kv_heads * context * head_dim:]
+    scratch = scratch[:scratch.size - gathered.size]
+    one_query = _one_query_attention(node, heads, head_dim, kv_heads, context, scratch)
+    last_queries = node.attrs["queries"] == "last"
+
+    def keys_and_values(layout: StepLayout, i: int, first: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions first..total-1 of sequence i, as [kv_heads, total - first, head_dim] arrays."""
+        start = layout.key_starts[i]
+        if start is not None:
+            return k_pool[:, start + first:start + total], v_pool[:, start + first:start + total]
+        slots, shape = layout.slots[i][first:total], (kv_heads, total - first, head_dim)
+        size = kv_heads * (total - first) * head_dim
+        k, v = gathered_k[:size].reshape(shape), gathered_v[:size].reshape(shape)
+        np.take(k_pool, slots, axis=1, out=k)
+        np.take(v_pool, slots, axis=1, out=v)
+        return k, v
+
+    def call():
+        layout = step.layout
+        for i, (first_row, stop_row, total) in enumerate(zip(layout.row_starts, layout.row_stops, layout.totals)):
+            if last_queries or stop_row - first_row == 1:
+                row = i if last_queries else first_row
+                window = node.attrs["window"]
+                first = max(0, total - window) if window > 0 else 0   # one query: a window is a range of keys
+                k, v = keys_and_values(layout, i, first, total)
+                one_query(q[row], k, v, out[row])
+            else:
+                k, v = keys_and_values(layout, i, 0, total)
+                _many_queries_attention(node, q[first_row:stop_row], k, v, out[first_row:stop_row], scratch)
+    return call
 
 
-def _attention_one_query(node: Node, q, k_cache, v_cache, out, scratch, step) -> Kernel:
-    """Decode: scores [kv_heads, group, T]; q and out are already [kv_heads, group, head_dim] in memory."""
-    _, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[0]
+def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, context: int, scratch):
+    """One query row q [heads, head_dim] over keys and values [kv_heads, n, head_dim] into out [heads, head_dim];
+    scores [kv_heads, group, n]."""
     group = heads // kv_heads
-    scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
-    q_grouped, out_grouped = q.reshape(kv_heads, group, head_dim), out.reshape(kv_heads, group, head_dim)
+    scale = np.float32(node.attrs["scale"])
     row_max = scratch[:heads].reshape(kv_heads, group, 1)
     row_sum = scratch[heads:2 * heads].reshape(kv_heads, group, 1)
     score_space = scratch[2 * heads:]
-    ones = np.ones(k_cache.shape[1], np.float32)           # sums as matrix products: faster than np.sum
+    ones = np.ones(context, np.float32)                     # sums as matrix products: faster than np.sum
 
-    def call():
-        total = step.total
-        first = max(0, total - window) if window > 0 else 0   # with one query, a window is a range of keys
-        width = total - first
+    def attend(q_row, k, v, out_row):
+        width = k.shape[1]
+        q_grouped, out_grouped = q_row.reshape(kv_heads, group, head_dim), out_row.reshape(kv_heads, group, head_dim)
         scores = score_space[:heads * width].reshape(kv_heads, group, width)
-        np.matmul(q_grouped, k_cache[:, first:total].transpose(0, 2, 1), out=scores)
+        np.matmul(q_grouped, k.transpose(0, 2, 1), out=scores)
         np.multiply(scores, scale, out=scores)
         np.maximum.reduce(scores, axis=-1, keepdims=True, out=row_max)   # np.max adds a Python wrapper
         np.subtract(scores, row_max, out=scores)
         np.exp(scores, out=scores)
         np.matmul(scores, ones[:width, None], out=row_sum)
-        np.matmul(scores, v_cache[:, first:total], out=out_grouped)
+        np.matmul(scores, v, out=out_grouped)
         np.divide(out_grouped, row_sum, out=out_grouped)
-    return call
+    return attend
 
 
-def _attention_many_queries(node: Node, q, k_cache, v_cache, out, scratch, step) -> Kernel:
-    """Prefill: scores kept transposed, [kv_heads, T, rows], so the softmax's max and sum run down columns of
+def _many_queries_attention(node: Node, q, k, v, out, scratch) -> None:
+    """Prefill of one sequence: q [n, heads, head_dim] are its newest n positions, k, v [kv_heads, T, head_dim].
+
+    Scores are kept transposed, [kv_heads, T, rows], so the softmax's max and sum run down columns of
     contiguous rows (vectorised) rather than along thousands of short rows. The scaled queries are gathered
     once into [kv_heads, head_dim, rows], so k·q is a plain (untransposed) product: with head_dim as small
     as 16, BLAS is 4x slower on a transposed operand."""
     seq, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[0]
+    kv_heads, total, _ = k.shape
     group = heads // kv_heads
     rows = group * seq                      # query rows per kv head, ordered (group member, position)
     scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
@@ -401,37 +452,33 @@ def _attention_many_queries(node: Node, q, k_cache, v_cache, out, scratch, step)
     out_target = out.reshape(seq, kv_heads, group, head_dim)
     column_max = scratch[2 * size:2 * size + heads * seq].reshape(kv_heads, 1, rows)
     column_sum = scratch[2 * size + heads * seq:2 * size + 2 * heads * seq].reshape(kv_heads, 1, rows)
-    score_space = scratch[2 * size + 2 * heads * seq:]
-    ones = np.ones((1, k_cache.shape[1]), np.float32)
-    masks: dict[int, np.ndarray] = {}
-
-    def call():
-        total = step.total
-        if total not in masks:
-            masks.clear()                   # prefill chunks come at a few offsets; keep the latest only
-            # C-contiguous: adding a transposed mask is 5x slower than adding the same mask in row order.
-            hidden = np.ascontiguousarray(_hidden_keys(seq, total, window).T)
-            masks[total] = np.where(hidden, np.float32(-np.inf), np.float32(0))[:, None, :]
-        scores = score_space[:kv_heads * total * rows].reshape(kv_heads, total, rows)
-        np.multiply(q_source, scale, out=q_target)
-        np.matmul(k_cache[:, :total], q_by_column, out=scores)
-        by_group = scores.reshape(kv_heads, total, group, seq)
-        np.add(by_group, masks[total], out=by_group)
-        np.maximum.reduce(scores, axis=1, keepdims=True, out=column_max)
-        np.subtract(scores, column_max, out=scores)
-        np.exp(scores, out=scores)
-        np.matmul(ones[:, :total], scores, out=column_sum)
-        np.matmul(scores.transpose(0, 2, 1), v_cache[:, :total], out=out_grouped)
-        np.divide(out_grouped, column_sum.transpose(0, 2, 1), out=out_grouped)
-        np.copyto(out_target, out_source)
-    return call
+    scores = scratch[2 * size + 2 * heads * seq:][:kv_heads * total * rows].reshape(kv_heads, total, rows)
+    np.multiply(q_source, scale, out=q_target)
+    np.matmul(k, q_by_column, out=scores)
+    by_group = scores.reshape(kv_heads, total, group, seq)
+    np.add(by_group, _causal_mask(seq, total, window), out=by_group)
+    np.maximum.reduce(scores, axis=1, keepdims=True, out=column_max)
+    np.subtract(scores, column_max, out=scores)
+    np.exp(scores, out=scores)
+    np.matmul(_ones(total), scores, out=column_sum)
+    np.matmul(scores.transpose(0, 2, 1), v, out=out_grouped)
+    np.divide(out_grouped, column_sum.transpose(0, 2, 1), out=out_grouped)
+    np.copyto(out_target, out_source)
 
 
-def _hidden_keys(seq: int, total: int, window: int) -> np.ndarray:
-    """[S, T] True where query i (at position total-seq+i) must not see key j: the future, or past the window."""
-    query = np.arange(total - seq, total)[:, None]
-    key = np.arange(total)[None, :]
+@lru_cache(maxsize=8)
+def _causal_mask(seq: int, total: int, window: int) -> np.ndarray:
+    """[T, 1, S]: -inf where query i (at position total-seq+i) must not see key j (the future, or past the
+    window), else 0. C-contiguous: adding a transposed mask is 5x slower than adding it in row order.
+    Prefill chunks come at a few offsets, so a handful of masks cover a prompt."""
+    query = np.arange(total - seq, total)[None, :]
+    key = np.arange(total)[:, None]
     hidden = key > query
     if window > 0:
         hidden |= key <= query - window
-    return hidden
+    return np.where(hidden, np.float32(-np.inf), np.float32(0))[:, None, :]
+
+
+@lru_cache(maxsize=4)
+def _ones(total: int) -> np.ndarray:
+    return np.ones((1, total), np.float32)

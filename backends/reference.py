@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..ir import Graph
+from .layout import StepLayout
 from .rope import rope_frequencies
 
 KERNELS: dict[str, Callable] = {}
@@ -23,9 +24,26 @@ def kernel(op: str):
     return register
 
 
+class Step:
+    """What a kernel may need beyond its inputs: the symbols' values and where each row's sequence keeps its cache."""
+
+    def __init__(self, bindings: Mapping[str, int], layout: StepLayout):
+        self.bindings = bindings
+        self.layout = layout
+
+
 def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
-        state: Mapping[str, np.ndarray], bindings: Mapping[str, int]) -> list[np.ndarray]:
-    """Evaluate the graph node by node. `state` arrays (the KV cache) are updated in place."""
+        state: Mapping[str, np.ndarray], bindings: Mapping[str, int], layout: StepLayout | None = None
+        ) -> list[np.ndarray]:
+    """Evaluate the graph node by node. `state` arrays (the KV pool) are updated in place.
+
+    Without a layout, the step is one sequence of S rows whose T positions fill slots 0..T-1 (bindings give
+    S and T); R, the sequences in the step, is bound from the layout.
+    """
+    if layout is None:
+        layout = StepLayout.single(bindings["S"], bindings.get("T", bindings["S"]))
+    bindings = {**bindings, "R": len(layout.totals)}
+    step = Step(bindings, layout)
     env: dict[int, np.ndarray] = {}
     for value in graph.inputs:
         env[id(value)] = np.asarray(inputs[value.name])
@@ -36,7 +54,7 @@ def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.
     for node in graph.nodes:
         if node.op not in KERNELS:
             raise GraphError(f"reference backend has no kernel for op {node.op!r}")
-        results = KERNELS[node.op]([env[id(v)] for v in node.inputs], node.attrs, bindings)
+        results = KERNELS[node.op]([env[id(v)] for v in node.inputs], node.attrs, step)
         results = results if isinstance(results, tuple) else (results,)
         for value, result in zip(node.outputs, results):
             env[id(value)] = result
@@ -44,37 +62,37 @@ def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.
 
 
 @kernel("embedding")
-def _embedding(args, attrs, bindings):
+def _embedding(args, attrs, step):
     ids, table = args
     return table[ids]
 
 
 @kernel("rms_norm")
-def _rms_norm(args, attrs, bindings):
+def _rms_norm(args, attrs, step):
     x, weight = args
     variance = np.mean(x * x, axis=-1, keepdims=True)
     return (x / np.sqrt(variance + np.float32(attrs["eps"])) * weight).astype(np.float32)
 
 
 @kernel("matmul")
-def _matmul(args, attrs, bindings):
+def _matmul(args, attrs, step):
     x, w = args
     return x @ w.T
 
 
 @kernel("matmul_add")
-def _matmul_add(args, attrs, bindings):
+def _matmul_add(args, attrs, step):
     x, w, c = args
     return x @ w.T + c
 
 
 @kernel("add")
-def _add(args, attrs, bindings):
+def _add(args, attrs, step):
     return args[0] + args[1]
 
 
 @kernel("mul")
-def _mul(args, attrs, bindings):
+def _mul(args, attrs, step):
     return args[0] * args[1]
 
 
@@ -83,34 +101,34 @@ def _silu_values(x):
 
 
 @kernel("silu")
-def _silu(args, attrs, bindings):
+def _silu(args, attrs, step):
     return _silu_values(args[0])
 
 
 @kernel("swiglu")
-def _swiglu(args, attrs, bindings):
+def _swiglu(args, attrs, step):
     gate, up = np.split(args[0], 2, axis=1)
     return _silu_values(gate) * up
 
 
 @kernel("reshape")
-def _reshape(args, attrs, bindings):
-    shape = tuple(d if isinstance(d, int) else bindings[d.name] for d in attrs["shape"])
+def _reshape(args, attrs, step):
+    shape = tuple(d if isinstance(d, int) else step.bindings[d.name] for d in attrs["shape"])
     return args[0].reshape(shape)
 
 
 @kernel("slice_cols")
-def _slice_cols(args, attrs, bindings):
+def _slice_cols(args, attrs, step):
     return args[0][:, attrs["start"]:attrs["stop"]]
 
 
 @kernel("last_row")
-def _last_row(args, attrs, bindings):
-    return args[0][-1:]
+def _last_row(args, attrs, step):
+    return args[0][step.layout.last_rows]
 
 
 @kernel("rope_table")
-def _rope_table(args, attrs, bindings):
+def _rope_table(args, attrs, step):
     (positions,) = args
     seq_len = int(positions.max()) + 1 if positions.size else 0
     inv_freq = rope_frequencies(attrs["head_dim"], attrs["theta"], attrs["scaling"], seq_len)
@@ -119,7 +137,7 @@ def _rope_table(args, attrs, bindings):
 
 
 @kernel("rope")
-def _rope(args, attrs, bindings):
+def _rope(args, attrs, step):
     x, table = args
     even, odd = x[..., 0::2], x[..., 1::2]
     cos, sin = table[:, None, 0::2], table[:, None, 1::2]
@@ -130,17 +148,29 @@ def _rope(args, attrs, bindings):
 
 
 @kernel("kv_write")
-def _kv_write(args, attrs, bindings):
+def _kv_write(args, attrs, step):
     x, cache = args
-    total = bindings[attrs["total"].name]
-    start = total - x.shape[0]
-    cache[:, start:total, :] = x.transpose(1, 0, 2)
-    return cache[:, :total, :]
+    layout = step.layout
+    for i, (first, stop, total) in enumerate(zip(layout.row_starts, layout.row_stops, layout.totals)):
+        new_positions = layout.positions_of(i)[total - (stop - first):]
+        cache[:, new_positions, :] = x[first:stop].transpose(1, 0, 2)
+    return cache
 
 
 @kernel("attention")
-def _attention(args, attrs, bindings):
-    q, k, v = args
+def _attention(args, attrs, step):
+    q, k_pool, v_pool = args
+    layout = step.layout
+    out = np.empty_like(q)
+    for i, (first, stop, total) in enumerate(zip(layout.row_starts, layout.row_stops, layout.totals)):
+        rows = slice(first, stop) if attrs["queries"] == "all" else slice(i, i + 1)
+        positions = layout.positions_of(i)
+        out[rows] = _causal_attention(q[rows], k_pool[:, positions], v_pool[:, positions], attrs)
+    return out
+
+
+def _causal_attention(q, k, v, attrs):
+    """q [n, Hq, D] are the newest n positions of a sequence whose keys and values are k, v [Hkv, T, D]."""
     seq, heads, head_dim = q.shape
     kv_heads, total, _ = k.shape
     group = heads // kv_heads

@@ -24,7 +24,9 @@ def hoist_last_row(graph, ctx):
     def build(m):
         node = m.node("rows")
         seq = node.output.shape[0]
-        inputs = [m.insert("last_row", v) if v.type.rank == 2 and v.shape[0] == seq else v for v in node.inputs]
+        rows = m.root.attrs["rows"]          # R: one row per sequence in the step
+        inputs = [m.insert("last_row", v, rows=rows) if v.type.rank == 2 and v.shape[0] == seq else v
+                  for v in node.inputs]
         return m.insert(node.op, *inputs, **node.attrs)
 
     # The matcher refuses by itself when the row-wise result has another reader (then all rows are needed).

@@ -43,8 +43,9 @@ def silu(x: Tensor) -> Tensor:
     return _record("silu", x)
 
 
-def last_row(x: Tensor) -> Tensor:
-    return _record("last_row", x)
+def last_row(x: Tensor, rows: Sym) -> Tensor:
+    """Each sequence's newest row: [S, ...] -> [R, ...] with `rows` = R, the sequences in a step."""
+    return _record("last_row", x, rows=rows)
 
 
 def rope_table(positions: Tensor, head_dim: int, theta: float, scaling: tuple = ()) -> Tensor:
@@ -60,4 +61,4 @@ def kv_write(x: Tensor, cache: Tensor, total: Sym) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int = 0) -> Tensor:
-    return _record("attention", q, k, v, scale=float(scale), window=int(window))
+    return _record("attention", q, k, v, scale=float(scale), window=int(window), queries="all")

@@ -193,13 +193,14 @@ def _slice_cols(ts, attrs):
     return [TensorType((x.shape[0], stop - start), x.dtype)]
 
 
-@register_op("last_row", n_inputs=1, view_of=0)
+@register_op("last_row", attrs={"rows": Sym}, n_inputs=1)
 def _last_row(ts, attrs):
-    """The last row of x [S, ...] -> [1, ...]: only the newest position needs logits while generating."""
+    """Each sequence's newest row of x [S, ...] -> [R, ...], R = sequences in the step (the StepLayout says
+    which rows those are): while generating, only the newest position of each sequence needs logits."""
     (x,) = ts
     if x.rank < 1:
         _fail("last_row", "x needs a rows axis", x)
-    return [TensorType((1, *x.shape[1:]), x.dtype)]
+    return [TensorType((attrs["rows"], *x.shape[1:]), x.dtype)]
 
 
 ROPE_ATTRS = {"head_dim": int, "theta": float, "scaling": tuple}
@@ -234,32 +235,41 @@ def _rope(ts, attrs):
 
 @register_op("kv_write", n_inputs=2, side_effect=True, output_kinds=("state",), attrs={"total": Sym})
 def _kv_write(ts, attrs):
-    """Store new keys or values x [S, H, D] at positions T-S..T-1 of the cache [H, C, D]; return its view [H, T, D]."""
+    """Store new keys or values x [S, H, D] into the KV pool [H, C, D] at the slots the StepLayout gives each row
+    (its sequence's positions T-n..T-1); the result stands for each sequence's keys or values [H, T, D]."""
     x, cache = ts
     _expect_rank("kv_write", x, 3, "x")
     _expect_rank("kv_write", cache, 3, "cache")
     if (x.shape[1], x.shape[2]) != (cache.shape[0], cache.shape[2]):
         _fail("kv_write", "heads and head_dim must match the cache", x, cache)
-    total = attrs["total"]
-    if isinstance(cache.shape[1], int) and total.max > cache.shape[1]:
-        _fail("kv_write", f"{total.name} may reach {total.max}, past the cache's {cache.shape[1]} slots", x, cache)
-    return [TensorType((cache.shape[0], total, cache.shape[2]), cache.dtype)]
+    return [TensorType((cache.shape[0], attrs["total"], cache.shape[2]), cache.dtype)]
 
 
 def _attention_workspace(ts, attrs) -> int:
-    """Scores [Hq, S, T], plus the regrouped queries and output (head_dim each), and each row's max and sum."""
+    """Scores [Hq, S, T], the regrouped queries and output (head_dim each), each row's max and sum, and room to
+    gather one sequence's keys and values [Hkv, T, D] when its blocks are not one run of the pool."""
     q, k, _ = ts
     seq, heads, head_dim = q.concrete_shape()
-    return heads * seq * (k.concrete_shape()[1] + 2 * head_dim + 2)
+    kv_heads, total, _ = k.concrete_shape()
+    return heads * seq * (total + 2 * head_dim + 2) + 2 * kv_heads * total * head_dim
 
 
-@register_op("attention", attrs={"scale": float, "window": int}, n_inputs=3, workspace=_attention_workspace)
+ATTENTION_QUERIES = ("all", "last")
+
+
+@register_op("attention", attrs={"scale": float, "window": int, "queries": str}, n_inputs=3,
+             workspace=_attention_workspace)
 def _attention(ts, attrs):
-    """Causal softmax(q·kᵀ·scale)·v for q [S, Hq, D] over cached k, v [Hkv, T, D] (grouped-query when Hq > Hkv).
+    """Causal softmax(q·kᵀ·scale)·v for q [S, Hq, D] over each sequence's cached k, v [Hkv, T, D]
+    (grouped-query when Hq > Hkv).
 
-    Query i sits at position T-S+i and sees keys j <= that position; window > 0 also drops keys more than
-    window-1 positions back (Mistral's sliding window).
+    With queries="all", q holds every new row of the step, and a sequence's query i of n sits at position
+    T-n+i; with queries="last" (after prune_rows), q [R, Hq, D] holds each sequence's newest row only. A query
+    sees keys j <= its position; window > 0 also drops keys more than window-1 positions back (Mistral's
+    sliding window).
     """
+    if attrs["queries"] not in ATTENTION_QUERIES:
+        raise GraphError(f"attention: queries={attrs['queries']!r} should be one of {ATTENTION_QUERIES}")
     q, k, v = ts
     for t, what in ((q, "q"), (k, "k"), (v, "v")):
         _expect_rank("attention", t, 3, what)

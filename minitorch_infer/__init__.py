@@ -5,11 +5,11 @@
     print(m.generate("Once upon a time", max_new_tokens=32, greedy=True).text)
 """
 
-from .errors import (ContextOverflowError, GraphError, MinitorchError, ModelFormatError, ModelNotFoundError,
-                     OutputExistsError, PromptError, SamplingError, TemplateError, TraceError, UnsupportedModelError)
+from .errors import (ContextOverflowError, GraphError, KVCacheFullError, MinitorchError, ModelFormatError,
+                     ModelNotFoundError, OutputExistsError, PromptError, SamplingError, TemplateError, TraceError, UnsupportedModelError)
 from .loading import load
 from .model import Model
 
 __all__ = ["load", "Model", "MinitorchError", "ModelFormatError", "UnsupportedModelError", "ModelNotFoundError",
-           "TraceError", "GraphError", "ContextOverflowError", "SamplingError", "TemplateError", "PromptError",
-           "OutputExistsError"]
+           "TraceError", "GraphError", "ContextOverflowError", "KVCacheFullError", "SamplingError", "TemplateError",
+           "PromptError", "OutputExistsError"]

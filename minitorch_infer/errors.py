@@ -33,6 +33,10 @@ class ContextOverflowError(MinitorchError):
     """A request needs more positions or KV-cache memory than were planned."""
 
 
+class KVCacheFullError(ContextOverflowError):
+    """The KV pool has no free block left for a sequence that must grow (the batched engine preempts instead)."""
+
+
 class SamplingError(MinitorchError):
     """An invalid generation setting: sampling (negative temperature, top-p outside (0, 1], ...),
     max_new_tokens, stop strings or the prompt truncation policy."""

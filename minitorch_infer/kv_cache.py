@@ -1,28 +1,64 @@
-"""The KV cache: every K/V byte, planned once from the graph's state declarations and a sequence count.
+"""The paged KV cache: one pool of fixed-size blocks owns every K/V byte; sequences hold block tables.
 
-Each sequence (a generate call, a chat session) borrows one slot: per layer a K and a V array
-[kv_heads, context, head_dim]. A slot knows how many positions it holds and can be truncated (rolled back)
-to any earlier length. Requests that would not fit are refused before any work starts.
+Per layer, K and V are each one array [kv_heads, slots, head_dim] (the graph's states), cut into blocks of
+`block_size` consecutive slots. A sequence (a generate call, a chat session, a batched request) takes blocks
+as it grows and returns them when it is truncated, closed or dropped (a finalizer), so only the pool's size
+limits how many sequences live at once.
+
+Prefix caching: every full block is registered under (the key of the block before it, its tokens), which
+names its whole prefix exactly. A new sequence whose prompt starts with registered blocks shares them
+(reference counts) and computes only the rest. A freed block keeps its registration ("warm") until it is
+needed for something else, so a preamble repeated later is still found. A shared or registered block is
+never written: a sequence that must write into one (after a rollback into it) copies it first.
+
+Blocks are placed to keep each sequence's slots in one run where the pool allows (a sequence grows into the
+block after its last; a new one starts in the middle of the largest free gap), because attention reads a
+run of slots as a view and must gather scattered ones.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import re
+import weakref
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, KVCacheFullError, MinitorchError
 from .ir import TensorType
+
+DEFAULT_BLOCK_SIZE = 16
+_MEMORY_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_kv_memory(text: str | int) -> tuple[str, int]:
+    """A KV budget as ("bytes", n) or ("tokens", n): an int is bytes; "512MiB", "1.5GB", "8192 tokens"."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return "bytes", text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or (unit not in _MEMORY_UNITS and unit not in ("tok", "tokens")):
+        raise MinitorchError(f"KV memory {text!r} is not a size: give bytes with a unit (512MiB, 2GB) or a token "
+                             "count (8192tokens)")
+    if unit in ("tok", "tokens"):
+        return "tokens", int(float(match.group(1)))
+    return "bytes", int(float(match.group(1)) * _MEMORY_UNITS[unit])
 
 
 class KVSequence:
-    """One sequence's cache slot: its arrays and how many positions are filled."""
+    """One sequence's view of the pool: its block table, how many positions it holds, and their tokens."""
 
-    def __init__(self, cache: KVCache, slot: int, arrays: dict[str, np.ndarray]):
+    def __init__(self, cache: KVCache):
         self.cache = cache
-        self.slot = slot
-        self.arrays = arrays
+        self.blocks: list[int] = []
         self.length = 0
+        self.tokens: list[int] = []            # the token at each position, for prefix sharing
+        self._slots: np.ndarray | None = None  # slot of every position the blocks cover, rebuilt when they change
+        self._run_start: int | None = None     # the first slot, when the blocks are consecutive
+        self._registered = 0                   # how many leading full blocks are registered for sharing
+        # Releases the blocks when the sequence is closed, or dropped without close(): it holds the block list,
+        # never the sequence, so the sequence can be collected.
+        self._finalizer = weakref.finalize(self, cache._release_all, self.blocks)
 
     @property
     def context(self) -> int:
@@ -32,67 +68,237 @@ class KVSequence:
     def free(self) -> int:
         return self.context - self.length
 
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self.cache.arrays
+
     def reserve(self, new_tokens: int) -> None:
-        """Refuse, before any work, a step that would run past the planned context."""
+        """Make room for `new_tokens` more positions, or refuse before any work: past the context is a
+        ContextOverflowError, past the pool a KVCacheFullError (the sequence is left as it was)."""
         if self.length + new_tokens > self.context:
             raise ContextOverflowError(
-                f"{new_tokens} new tokens do not fit: the KV cache holds {self.length} of {self.context} "
+                f"{new_tokens} new tokens do not fit: the sequence holds {self.length} of {self.context} "
                 f"positions (raise the context length, or start a new session)")
+        self.cache._make_room(self, self.length + new_tokens)
 
-    def advance(self, new_tokens: int) -> None:
-        self.reserve(new_tokens)
-        self.length += new_tokens
+    def advance(self, token_ids: Sequence[int]) -> None:
+        """Record that the positions after `length` now hold these tokens' keys and values."""
+        self.tokens[self.length:] = [int(t) for t in token_ids]
+        self.length += len(token_ids)
+        self.cache._register_full_blocks(self)
 
     def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (the values stay but are never read again)."""
+        """Forget every position from `length` on, returning the blocks no longer needed."""
         if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+            raise ValueError(f"cannot truncate a sequence of {self.length} positions to {length}")
         self.length = length
+        del self.tokens[length:]
+        self._registered = min(self._registered, length // self.cache.block_size)
+        self.cache._shrink(self, -(-length // self.cache.block_size))
+
+    def share_prefix(self, token_ids: Sequence[int]) -> int:
+        """On an empty sequence: take the registered blocks that hold a prefix of token_ids (leaving at least
+        one token to compute, whose logits the caller needs). Returns how many positions are now cached."""
+        if self.length:
+            raise ValueError("share_prefix needs an empty sequence")
+        return self.cache._share_prefix(self, list(token_ids))
+
+    def slots(self, total: int) -> np.ndarray:
+        """The pool slot of each position 0..total-1."""
+        if self._slots is None:
+            size = self.cache.block_size
+            self._slots = (np.asarray(self.blocks, np.intp)[:, None] * size + np.arange(size)).reshape(-1)
+        return self._slots[:total]
+
+    @property
+    def run_start(self) -> int | None:
+        """The first slot when the sequence's blocks are consecutive in the pool, else None."""
+        return self._run_start
 
     def close(self) -> None:
-        self.cache.release(self)
+        self._finalizer()
+
+    def _blocks_changed(self) -> None:
+        self._slots = None
+        first = self.blocks[0] if self.blocks else 0
+        consecutive = self.blocks == list(range(first, first + len(self.blocks)))
+        self._run_start = first * self.cache.block_size if consecutive else None
 
 
 class KVCache:
-    def __init__(self, states: Mapping[str, TensorType], max_sequences: int = 1, budget_bytes: int | None = None):
-        if max_sequences < 1:
-            raise ValueError(f"max_sequences must be at least 1, got {max_sequences}")
+    """The pool: K and V arrays per layer, block bookkeeping, and the prefix registry."""
+
+    def __init__(self, states: Mapping[str, TensorType], context: int, block_size: int = DEFAULT_BLOCK_SIZE):
+        if block_size < 1:
+            raise MinitorchError(f"KV block size must be at least 1, got {block_size}")
         self.states = dict(states)
-        self.max_sequences = max_sequences
-        self.context = min(t.concrete_shape()[1] for t in self.states.values()) if self.states else 0
-        self.bytes_per_sequence = sum(t.nbytes() for t in self.states.values())
-        if budget_bytes is not None and self.bytes_per_sequence * max_sequences > budget_bytes:
-            raise ContextOverflowError(
-                f"KV cache for {max_sequences} sequence(s) of {self.context} positions needs "
-                f"{self.bytes_per_sequence * max_sequences / 2**20:.1f} MiB, over the budget of {budget_bytes / 2**20:.1f} MiB")
-        self._slots: list[KVSequence | None] = [None] * max_sequences
-        self._arrays: list[dict[str, np.ndarray] | None] = [None] * max_sequences
+        self.context = context
+        self.block_size = block_size
+        slots = min(t.concrete_shape()[1] for t in self.states.values()) if self.states else 0
+        self.num_blocks = slots // block_size
+        # np.zeros maps fresh pages lazily: memory is committed only as blocks are written.
+        self.arrays = {name: np.zeros(t.concrete_shape(), t.np_dtype) for name, t in self.states.items()}
+        self.bytes_per_token = sum(t.nbytes() // max(t.concrete_shape()[1], 1) for t in self.states.values())
+        self._references = np.zeros(self.num_blocks, np.int64)
+        self._key_of: dict[int, tuple] = {}        # registered block -> (parent serial, tokens)
+        self._serial_of: dict[int, int] = {}       # registered block -> its serial, which its children's keys name
+        self._block_of: dict[tuple, int] = {}      # key -> registered block
+        self._next_serial = 1
+        self._open = 0
+        self.prefix_hits = 0                       # positions served from shared blocks, over the cache's life
 
-    @property
-    def bytes_per_token(self) -> int:
-        return self.bytes_per_sequence // max(self.context, 1)
-
+    # --- accounting -------------------------------------------------------------------------------
     @property
     def planned_bytes(self) -> int:
-        return self.bytes_per_sequence * self.max_sequences
+        return self.bytes_per_token * self.num_blocks * self.block_size
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def open_sequences(self) -> int:
-        return sum(slot is not None for slot in self._slots)
+        return self._open
+
+    @property
+    def used_blocks(self) -> int:
+        return int(np.count_nonzero(self._references))
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.used_blocks
 
     def open(self) -> KVSequence:
-        for slot, holder in enumerate(self._slots):
-            if holder is None:
-                if self._arrays[slot] is None:
-                    # np.zeros maps fresh pages lazily: memory is committed only as positions are written.
-                    self._arrays[slot] = {name: np.zeros(t.concrete_shape(), t.np_dtype) for name, t in self.states.items()}
-                sequence = KVSequence(self, slot, self._arrays[slot])
-                self._slots[slot] = sequence
-                return sequence
-        raise ContextOverflowError(
-            f"all {self.max_sequences} KV-cache sequence slots are in use; close a session or load the model "
-            "with more max_sequences")
+        sequence = KVSequence(self)
+        self._open += 1
+        return sequence
 
-    def release(self, sequence: KVSequence) -> None:
-        if self._slots[sequence.slot] is sequence:
-            self._slots[sequence.slot] = None
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    # --- growing and shrinking --------------------------------------------------------------------
+    def _make_room(self, sequence: KVSequence, length: int) -> None:
+        blocks = sequence.blocks
+        taken = []
+        try:
+            # The block the next write lands in may be shared or registered (after a rollback into it).
+            if sequence.length % self.block_size and sequence.length < len(blocks) * self.block_size:
+                self._own_block(sequence, sequence.length // self.block_size)
+            while len(blocks) * self.block_size < length:
+                block = self._take_block(after=blocks[-1] if blocks else None)
+                blocks.append(block)
+                taken.append(block)
+        except KVCacheFullError:
+            for block in taken:
+                blocks.remove(block)
+                self._release(block)
+            raise
+        finally:
+            if taken:
+                sequence._blocks_changed()
+
+    def _own_block(self, sequence: KVSequence, index: int) -> None:
+        """Make block `index` of the sequence writable: copy it if another sequence shares it, and drop its
+        registration (its content is about to change)."""
+        block = sequence.blocks[index]
+        if self._references[block] > 1:
+            copy = self._take_block(after=sequence.blocks[index - 1] if index else None)
+            for array in self.arrays.values():
+                array[:, self._block_slots(copy)] = array[:, self._block_slots(block)]
+            self._release(block)
+            sequence.blocks[index] = copy
+            sequence._blocks_changed()
+        else:
+            self._unregister(block)
+        sequence._registered = min(sequence._registered, index)
+
+    def _shrink(self, sequence: KVSequence, keep_blocks: int) -> None:
+        if len(sequence.blocks) > keep_blocks:
+            for block in sequence.blocks[keep_blocks:]:
+                self._release(block)
+            del sequence.blocks[keep_blocks:]
+            sequence._blocks_changed()
+
+    def _release_all(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._release(block)
+        blocks.clear()
+        self._open -= 1
+
+    def _release(self, block: int) -> None:
+        self._references[block] -= 1
+
+    def _take_block(self, after: int | None) -> int:
+        """A free block: preferably the one after `after` (the sequence stays one run), else the start of the
+        largest gap (when growing) or its middle (a new sequence, leaving room on both sides). Blocks whose
+        registration could still serve a prefix are taken last, oldest serial first."""
+        cold = (self._references == 0)
+        for block in self._key_of:
+            cold[block] = False
+        if after is not None and after + 1 < self.num_blocks and cold[after + 1]:
+            block = after + 1
+        elif cold.any():
+            start, length = _largest_run(cold)
+            block = start if after is not None or length == self.num_blocks else start + length // 2
+        else:
+            warm = [b for b in self._key_of if self._references[b] == 0]
+            if not warm:
+                raise KVCacheFullError(
+                    f"the KV cache is full: all {self.num_blocks} blocks of {self.block_size} positions are in use "
+                    f"({self.capacity_tokens} positions, {self.planned_bytes / 2**20:.1f} MiB); raise the KV memory "
+                    "(--kv-memory, kv_memory=) or run fewer sequences at once")
+            block = min(warm, key=self._serial_of.__getitem__)
+            self._unregister(block)
+        self._references[block] = 1
+        return block
+
+    def _block_slots(self, block: int) -> slice:
+        return slice(block * self.block_size, (block + 1) * self.block_size)
+
+    # --- prefix sharing ---------------------------------------------------------------------------
+    def _register_full_blocks(self, sequence: KVSequence) -> None:
+        size = self.block_size
+        while (sequence._registered + 1) * size <= sequence.length:
+            index = sequence._registered
+            block = sequence.blocks[index]
+            parent = self._serial_of.get(sequence.blocks[index - 1], -1) if index else 0
+            key = (parent, tuple(sequence.tokens[index * size:(index + 1) * size]))
+            if parent != -1 and block not in self._key_of and key not in self._block_of:
+                self._key_of[block] = key
+                self._block_of[key] = block
+                self._serial_of[block] = self._next_serial
+                self._next_serial += 1
+            sequence._registered += 1
+
+    def _share_prefix(self, sequence: KVSequence, token_ids: list[int]) -> int:
+        size = self.block_size
+        parent = 0
+        usable = (len(token_ids) - 1) // size            # leave at least one token to compute
+        for index in range(usable):
+            block = self._block_of.get((parent, tuple(token_ids[index * size:(index + 1) * size])))
+            if block is None:
+                break
+            self._references[block] += 1
+            sequence.blocks.append(block)
+            parent = self._serial_of[block]
+        if sequence.blocks:
+            sequence._blocks_changed()
+            sequence.length = len(sequence.blocks) * size
+            sequence.tokens = token_ids[:sequence.length]
+            sequence._registered = len(sequence.blocks)
+            self.prefix_hits += sequence.length
+        return sequence.length
+
+    def _unregister(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._block_of[key]
+            del self._serial_of[block]
+
+
+def _largest_run(mask: np.ndarray) -> tuple[int, int]:
+    """(start, length) of the longest run of True in mask (which has at least one)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    starts, stops = edges[0::2], edges[1::2]
+    longest = int(np.argmax(stops - starts))
+    return int(starts[longest]), int(stops[longest] - starts[longest])

@@ -17,8 +17,8 @@ from .formats.weights import WeightStore, load_safetensors_dir
 def load(name_or_path: str | os.PathLike, **options) -> Model:
     """Load and compile a model. `name_or_path`: a folder, a .gguf file, or a known name ("story").
 
-    Options go to Model: context, prefill_chunk, max_sequences (KV-cache slots: generate calls and chat
-    sessions alive at once), passes, memory_plan, kv_budget_bytes (refuse a KV-cache plan larger than this).
+    Options go to Model: context, prefill_chunk, passes, memory_plan, kv_memory (the paged KV pool's size:
+    bytes, or "512MiB", "8192tokens"), kv_block_size, max_batch (sequences per step).
     """
     path = find_model(name_or_path)
     if path.is_dir():

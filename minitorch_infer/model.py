@@ -16,7 +16,8 @@ from .backends import numpy as numpy_backend
 from .config import ModelConfig
 from .errors import ContextOverflowError, MinitorchError, PromptError
 from .ir import Graph
-from .kv_cache import KVCache, KVSequence
+from .backends.layout import StepLayout
+from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVSequence, parse_kv_memory
 from .passes import DEFAULT_PASSES, PassManager, PassReport
 from .passes.memory_plan import MemoryPlan, plan_memory
 from .tokenizer import Tokenizer
@@ -26,6 +27,8 @@ from .generation.chat import Session
 
 DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_KV_CONTEXTS = 4          # without a KV budget, the pool holds this many full contexts
+DEFAULT_MAX_BATCH = 32           # sequences in one step, at most
 
 
 @dataclass
@@ -39,9 +42,17 @@ class CompiledGraph:
 
 
 class Model:
+    """A loaded model compiled into a program: logits, generate, stream, chat, and batches of sequences.
+
+    The KV cache is one paged pool (`kv_memory`: bytes, or a string such as "512MiB" or "8192tokens";
+    default four full contexts' worth, committed only as it is written), shared by every generate call, chat
+    session and batched request; `max_batch` bounds the sequences one step carries.
+    """
+
     def __init__(self, config: ModelConfig, weights: WeightStore, tokenizer: Tokenizer | None, source: str,
-                 context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_sequences: int = 4,
-                 passes: Sequence[str] | None = None, memory_plan: bool = True, kv_budget_bytes: int | None = None):
+                 context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 passes: Sequence[str] | None = None, memory_plan: bool = True, kv_memory: int | str | None = None,
+                 kv_block_size: int = DEFAULT_BLOCK_SIZE, max_batch: int = DEFAULT_MAX_BATCH):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -50,15 +61,34 @@ class Model:
         if self.context < 1:
             raise MinitorchError(f"context length must be positive, got {self.context}")
         self.prefill_chunk = min(prefill_chunk, self.context)
+        if max_batch < 1:
+            raise MinitorchError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        self.kv_block_size = kv_block_size
+        self.kv_slots = self._kv_slots(kv_memory, kv_block_size)
         self._step_token = np.zeros(1, np.int64)
         self._step_position = np.zeros(1, np.int64)
         self._step_inputs = {"tokens": self._step_token, "positions": self._step_position}
-        self.max_sequences = max_sequences
-        self.kv_budget_bytes = kv_budget_bytes
         # Once, before any pass adds packed weights: the file's tensors are exactly what the config implies.
         weights.check_params(self.trace().params, config.source)
         rope_pair_order(config, weights)
         self.compile(passes, memory_plan)
+
+    def _kv_slots(self, kv_memory: int | str | None, block_size: int) -> int:
+        """Positions the KV pool holds, from the budget, in whole blocks; refused if not one block fits."""
+        c = self.config
+        bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+        if kv_memory is None:
+            tokens = DEFAULT_KV_CONTEXTS * self.context
+        else:
+            unit, amount = parse_kv_memory(kv_memory)
+            tokens = amount if unit == "tokens" else amount // bytes_per_token
+        blocks = tokens // block_size
+        if blocks < 1:
+            raise ContextOverflowError(
+                f"KV memory {kv_memory!r} holds {tokens} positions ({bytes_per_token / 1024:.1f} KiB each), less than "
+                f"one block of {block_size}")
+        return blocks * block_size
 
     # --- compiling -------------------------------------------------------------------------------
     def compile(self, passes: Sequence[str] | None = None, memory_plan: bool = True) -> None:
@@ -70,12 +100,12 @@ class Model:
         self.memory_plan_enabled = memory_plan
         self._last = self._compile_graph(all_logits=False)
         self._all: CompiledGraph | None = None       # the every-position-logits program, built when first asked
-        self.kv_cache = KVCache({n: v.type for n, v in self._last.graph.states.items()}, self.max_sequences,
-                                self.kv_budget_bytes)
+        self.kv_cache = KVCache({n: v.type for n, v in self._last.graph.states.items()}, self.context,
+                                self.kv_block_size)
 
     def trace(self, all_logits: bool = False) -> Graph:
         """A freshly traced, unoptimised graph of this model (what the passes start from)."""
-        return build_graph(self.config, self.context, self.prefill_chunk, all_logits)
+        return build_graph(self.config, self.context, self.prefill_chunk, all_logits, self.kv_slots, self.max_batch)
 
     def _compile_graph(self, all_logits: bool) -> CompiledGraph:
         graph = self.trace(all_logits)
@@ -107,12 +137,7 @@ class Model:
 
         Returns the last position's logits [vocab] (a copy), or every position's [n, vocab] with all_logits.
         """
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.size == 0:
-            raise PromptError("no tokens to run: the prompt is empty")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
-            raise PromptError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        ids = self._checked_ids(token_ids)
         sequence.reserve(len(ids))
         compiled = self._every_position() if all_logits else self._last
         rows = []
@@ -120,8 +145,8 @@ class Model:
             chunk = ids[begin:begin + self.prefill_chunk]
             start = sequence.length
             inputs = {"tokens": chunk, "positions": np.arange(start, start + len(chunk))}
-            (logits,) = compiled.program.run(inputs, sequence.arrays, total=start + len(chunk))
-            sequence.advance(len(chunk))
+            (logits,) = compiled.program.run(inputs, sequence.arrays, _layout([sequence], [len(chunk)]))
+            sequence.advance(chunk)
             if all_logits:
                 rows.append(logits.copy())
         return np.concatenate(rows) if all_logits else logits[-1].copy()
@@ -133,9 +158,34 @@ class Model:
         start = sequence.length
         self._step_token[0] = token
         self._step_position[0] = start
-        (logits,) = self._last.program.run(self._step_inputs, sequence.arrays, total=start + 1)
-        sequence.advance(1)
+        run_start = sequence.run_start
+        layout = (StepLayout.single(1, start + 1, run_start) if run_start is not None
+                  else _layout([sequence], [1]))
+        (logits,) = self._last.program.run(self._step_inputs, sequence.arrays, layout)
+        sequence.advance(self._step_token)
         return logits[-1]
+
+    def step(self, sequences: Sequence[KVSequence], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """One step over several sequences: token_ids[i] are sequence i's next tokens (a prefill chunk or one
+        decode token), all run as the S rows of one graph. Returns each sequence's newest logits [R, vocab],
+        a view the next step overwrites. Each sequence must have room reserved for its tokens."""
+        ids = [self._checked_ids(t) for t in token_ids]
+        starts = [s.length for s in sequences]
+        inputs = {"tokens": np.concatenate(ids),
+                  "positions": np.concatenate([np.arange(start, start + len(t)) for start, t in zip(starts, ids)])}
+        (logits,) = self._last.program.run(inputs, self.kv_cache.arrays, _layout(sequences, [len(t) for t in ids]))
+        for sequence, chunk in zip(sequences, ids):
+            sequence.advance(chunk)
+        return logits
+
+    def _checked_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size == 0:
+            raise PromptError("no tokens to run: the prompt is empty")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
+            raise PromptError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
 
     def _every_position(self) -> CompiledGraph:
         if self._all is None:
@@ -175,3 +225,9 @@ class Model:
         c = self.config
         return (f"Model({self.source}: {c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
                 f"heads {c.num_heads}/{c.num_kv_heads}, vocab {c.vocab_size}, context {self.context})")
+
+
+def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepLayout:
+    """The layout of a step in which sequence i (room already reserved) gets new_tokens[i] more positions."""
+    totals = [s.length + n for s, n in zip(sequences, new_tokens)]
+    return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)])

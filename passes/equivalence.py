@@ -122,7 +122,9 @@ def _trial_steps(graph: Graph, trial: int, rng: np.random.Generator, same_cache_
         steps = [{"S": new, "T": past + new}]
     else:
         steps = [{"S": new, "T": new}, {"S": 1, "T": new + 1}]
-    others = {name: int(rng.integers(1, sym.max + 1)) for name, sym in symbols.items() if name not in ("S", "T")}
+    # R (sequences in the step) is 1: a trial step is one sequence whose positions fill the cache from slot 0.
+    others = {name: 1 if name == "R" else int(rng.integers(1, sym.max + 1))
+              for name, sym in symbols.items() if name not in ("S", "T")}
     return [{name: value for name, value in step.items() if name in symbols} | others for step in steps]
 
 

@@ -8,14 +8,15 @@ all rows).
 
     before (last layer, 128-token prefill)        after
 
-    attention(q, K, V)          [128, H, D]       attention(last_row(q), K, V)   [1, H, D]
-    o projection + residual     [128, hidden]     o projection + residual        [1, hidden]
-    norm, gate/up, swiglu, down [128, ·]          norm, gate/up, swiglu, down    [1, ·]
-    last_row                    [1, hidden]
+    attention(q, K, V)          [128, H, D]       attention(last_row(q), K, V)   [R, H, D]
+    o projection + residual     [128, hidden]     o projection + residual        [R, hidden]
+    norm, gate/up, swiglu, down [128, ·]          norm, gate/up, swiglu, down    [R, ·]
+    last_row                    [R, hidden]
 
-llama.cpp does the same with its output ids. Attention qualifies because its queries are the newest
-positions, aligned to the end of the cache: one query row is exactly the last position's. The keys and
-values keep every row, since the KV cache needs them all. `examples/custom_pass.py` is this pass's first
+R is the number of sequences in the step (one for a single stream): last_row keeps each one's newest row.
+llama.cpp does the same with its output ids. Attention qualifies because each sequence's queries are its
+newest positions, aligned to the end of its cache; rebuilt on the last rows it is told so
+(queries="last"). The keys and values keep every row, since the KV cache needs them all. `examples/custom_pass.py` is this pass's first
 half (row-wise ops only), written as a user would.
 """
 
@@ -40,6 +41,7 @@ def prune_rows(graph: Graph, ctx: PassContext) -> PassResult:
     def build(m: Match) -> Value | None:
         node = m.node("rows")
         rows = node.output.shape[0]
+        kept_rows = m.root.attrs["rows"]            # R: one row per sequence in the step
         if not isinstance(rows, Sym):
             return m.decline(f"{node.op} has a fixed number of rows")
         if node.op in ROW_INPUTS:
@@ -52,7 +54,9 @@ def prune_rows(graph: Graph, ctx: PassContext) -> PassResult:
         if node.op == "reshape":
             if node.inputs[0].shape[0] != rows:
                 return m.decline("a reshape that moves rows across the first axis")
-            attrs["shape"] = (1, *attrs["shape"][1:])
+            attrs["shape"] = (kept_rows, *attrs["shape"][1:])
+        if node.op == "attention":
+            attrs["queries"] = "last"
 
         def insert(op: str, *inputs: Value, meta: dict, **attrs) -> Value:
             value = m.insert(op, *inputs, **attrs)
@@ -62,7 +66,8 @@ def prune_rows(graph: Graph, ctx: PassContext) -> PassResult:
         # The rebuilt op is the same op on fewer rows (and the same fusion, if it was one); the last_rows
         # only take the place they are put in.
         where = {k: node.meta[k] for k in LOCATION_META if k in node.meta}
-        inputs = [insert("last_row", v, meta=where) if i in row_inputs else v for i, v in enumerate(node.inputs)]
+        inputs = [insert("last_row", v, meta=where, rows=kept_rows) if i in row_inputs else v
+                  for i, v in enumerate(node.inputs)]
         return insert(node.op, *inputs, meta=node.meta, **attrs)
 
     rewritten = merged = 0

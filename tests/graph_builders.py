@@ -103,7 +103,7 @@ def random_graphs(draw) -> Graph:
             start = draw(st.integers(0, width - 2))
             inputs, attrs = [a], {"start": start, "stop": draw(st.integers(start + 1, width))}
         elif op == "last_row":
-            inputs = [a]
+            inputs, attrs = [a], {"rows": Sym("R", 1)}
         elif op == "swiglu" and width % 2 == 0:
             inputs = [a]
         elif op == "kv_write":
@@ -114,7 +114,7 @@ def random_graphs(draw) -> Graph:
             kv = pick(lambda v: v.kind == "state" and v.type.shape[0] == a.type.shape[1]
                       and v.type.shape[2] == a.type.shape[2])
             inputs = [a, kv, kv] if kv is not None else None
-            attrs = {"scale": 0.5, "window": 0}
+            attrs = {"scale": 0.5, "window": 0, "queries": "all"}
         if inputs is None:
             continue
         node = graph.create_node(op, inputs, attrs)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minitorch_infer
-from minitorch_infer.errors import ContextOverflowError
+from minitorch_infer.errors import ContextOverflowError, KVCacheFullError
 from conftest import require_model
 
 
@@ -60,15 +60,20 @@ def test_streamed_turn_equals_sent_turn(smollm2_model):
         assert "".join(stream) == sent.text == stream.result.text
 
 
-def test_sessions_are_limited_by_the_kv_cache_plan():
-    model = minitorch_infer.load(require_model("smollm2-135m-instruct"), context=64, max_sequences=2)
-    first, second = model.chat(), model.chat()
-    with pytest.raises(ContextOverflowError, match="all 2 KV-cache sequence slots are in use"):
-        model.chat()
+def test_sessions_are_limited_only_by_the_kv_pool():
+    model = minitorch_infer.load(require_model("smollm2-135m-instruct"), context=64, kv_memory="128tokens")
+    for question in ["Hi", "Hello", "Hey", "Yo", "Hi again", "One more", "And another"]:
+        model.chat().send(question, greedy=True, max_new_tokens=2)      # dropped without close()
+    assert model.kv_cache.open_sequences == 0 and model.kv_cache.used_blocks == 0
+    first, second, third = model.chat(), model.chat(), model.chat()
+    first.send("word " * 20, max_new_tokens=4)
+    second.send("text " * 20, max_new_tokens=4)
+    with pytest.raises(KVCacheFullError, match="the KV cache is full: all 8 blocks of 16 positions are in use"):
+        third.send("more " * 20, max_new_tokens=4)
+    assert third.cached_tokens == 0
     second.close()
-    with pytest.raises(ContextOverflowError, match="do not fit: the KV cache holds 0 of 64"):
-        first.send("word " * 80, max_new_tokens=4)
-    assert first.cached_tokens == 0
-    reply = first.send("Hi", greedy=True, max_new_tokens=200)
+    with pytest.raises(ContextOverflowError, match="do not fit: the sequence holds 0 of 64"):
+        third.send("word " * 80, max_new_tokens=4)
+    reply = third.send("Hi", greedy=True, max_new_tokens=200)
     assert reply.finish_reason in ("stop", "context")
     first.close()

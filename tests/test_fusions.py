@@ -8,6 +8,7 @@ import pytest
 from graph_builders import SMOLLM2_SIZED, S, T, smollm2_sized_graph, story_config, story_graph, story_weights, traced
 from minitorch_infer.architectures import build_graph
 from minitorch_infer.config import ModelConfig
+from minitorch_infer.ir import Sym
 from minitorch_infer.ir import functional as F
 from minitorch_infer.passes import DEFAULT_PASSES, PassManager, check_pass, random_weights
 
@@ -246,10 +247,14 @@ def test_the_last_layer_computes_only_the_row_the_logits_need(overrides):
     optimised, _ = check_pass(graph, DEFAULT_PASSES, **TOLERANCE)
     last_layer = [n for n in optimised.nodes if n.meta.get("layer") == 1]
     attention = next(n for n in last_layer if n.op == "attention")
-    assert attention.inputs[0].type.shape[0] == 1 and attention.output.type.shape[0] == 1
-    assert {n.op for n in last_layer if n.output.type.shape[0] == 1} >= {"rope", "matmul_add", "rms_norm", "swiglu"}
+    one_per_sequence = Sym("R", 1)                               # R: the sequences in a step, one row each
+    assert attention.inputs[0].type.shape[0] == one_per_sequence == attention.output.type.shape[0]
+    assert attention.attrs["queries"] == "last"
+    assert {n.op for n in last_layer if n.output.type.shape[0] == one_per_sequence} >= {"rope", "matmul_add",
+                                                                                         "rms_norm", "swiglu"}
     first_layer = [n for n in optimised.nodes if n.meta.get("layer") == 0 and n.op == "attention"]
-    assert first_layer[0].output.type.shape[0] != 1            # earlier layers feed every row to the next
+    assert first_layer[0].output.type.shape[0] != one_per_sequence   # earlier layers feed every row to the next
+    assert first_layer[0].attrs["queries"] == "all"
 
 
 def test_every_position_logits_keep_every_row():
@@ -260,7 +265,7 @@ def test_every_position_logits_keep_every_row():
 
 def test_a_matmul_whose_second_operand_has_the_rows_axis_keeps_it_whole():
     def scores(x, y):                                  # x·yᵀ: row i of the result needs every row of y
-        return F.last_row(F.matmul(x, y))
+        return F.last_row(F.matmul(x, y), Sym("R", 1))
 
     optimised, report = check_pass(traced(scores, x=8, y=8), ["prune_rows"], **TOLERANCE)
     matmul = next(n for n in optimised.nodes if n.op == "matmul")

@@ -113,12 +113,12 @@ def test_a_stream_left_unread_is_recorded_before_undo_and_undone(smollm2_model):
 
 
 def test_closing_a_stream_before_it_starts_releases_its_cache_slot():
-    model = minitorch_infer.load(require_model("story"), max_sequences=1, context=32)
+    model = minitorch_infer.load(require_model("story"), kv_memory="32tokens", context=32)
     stream = model.stream("Once upon a time")
     stream.close()
     assert model.kv_cache.open_sequences == 0
     assert stream.result.finish_reason == "interrupted" and stream.result.token_ids == []
-    assert model.generate("Once", max_new_tokens=2).token_ids        # the one slot is free again
+    assert model.generate("Once", max_new_tokens=2).token_ids        # the pool's one context is free again
 
 
 class _Reader:

@@ -109,7 +109,7 @@ def loosen_the_norm(graph, ctx):
 
 
 def test_check_equivalent_names_the_output_and_the_difference():
-    message = r"output 0 \(%\d+ in `before`\) on trial 0 \(S=16, T=\d+\) differs: max \|difference\| [\d.]+ \(allowed"
+    message = r"output 0 \(%\d+ in `before`\) on trial 0 \(S=16, T=\d+, R=1\) differs: max \|difference\| [\d.]+ \(allowed"
     with pytest.raises(AssertionError, match=message):
         check_pass(story_graph(), [loosen_the_norm])
 

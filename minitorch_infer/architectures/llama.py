@@ -1,7 +1,8 @@
 """The Llama family (Llama, Mistral, Qwen2) as a plain function over graph ops. Read it top to bottom.
 
 Weights are referred to by canonical names (`layers.3.attn.q`); minitorch_infer.formats.weights maps HF and GGUF
-names onto them. Shapes: S = new tokens this step, T = past + new tokens, D = hidden size.
+names onto them. Shapes: S = new tokens this step (of one or more sequences), T = a sequence's past + new
+tokens, R = sequences in the step, D = hidden size.
 RoPE rotates adjacent pairs of dimensions (one complex multiply), so the q/k weight rows are stored in
 pair order: `rope_pair_order` does that once, when the model is built.
 """
@@ -16,22 +17,23 @@ from ..ir.types import Sym
 from ..config import ModelConfig
 
 
-def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym, all_logits: bool) -> Tensor:
+def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym, sequences: Sym, cache_slots: int,
+          all_logits: bool) -> Tensor:
     c = config
     x = F.embedding(tokens, F.param("embed", (c.vocab_size, c.hidden_size)))       # [S, D]
     rotation = F.rope_table(positions, c.head_dim, c.rope_theta, c.rope_scaling)    # [S, head_dim]: cos/sin pairs
     for i in range(c.num_layers):
         with F.scope(f"layers.{i}", layer=i):
-            x = x + attention_block(x, rotation, c, i, total)                         # [S, D]
+            x = x + attention_block(x, rotation, c, i, total, cache_slots)            # [S, D]
             x = x + mlp_block(x, c, i)                                                 # [S, D]
     if not all_logits:
-        x = F.last_row(x)                                                               # [1, D]: generation needs one row
+        x = F.last_row(x, sequences)                                   # [R, D]: each sequence's newest row
     x = F.rms_norm(x, F.param("norm", (c.hidden_size,)), c.rms_norm_eps)
     head = "embed" if c.tie_word_embeddings else "lm_head"
-    return F.matmul(x, F.param(head, (c.vocab_size, c.hidden_size)))                  # [S or 1, vocab]
+    return F.matmul(x, F.param(head, (c.vocab_size, c.hidden_size)))                  # [S or R, vocab]
 
 
-def attention_block(x: Tensor, rotation: Tensor, c: ModelConfig, i: int, total: Sym) -> Tensor:
+def attention_block(x: Tensor, rotation: Tensor, c: ModelConfig, i: int, total: Sym, cache_slots: int) -> Tensor:
     seq = x.shape[0]
     q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     with F.scope("attn"):
@@ -41,7 +43,7 @@ def attention_block(x: Tensor, rotation: Tensor, c: ModelConfig, i: int, total: 
         v = linear(h, f"layers.{i}.attn.v", kv_width, c.hidden_size, c.qkv_bias)
         q = F.rope(q.reshape(seq, c.num_heads, c.head_dim), rotation)                  # [S, Hq, hd]
         k = F.rope(k.reshape(seq, c.num_kv_heads, c.head_dim), rotation)               # [S, Hkv, hd]
-        cache_shape = (c.num_kv_heads, total.max, c.head_dim)
+        cache_shape = (c.num_kv_heads, cache_slots, c.head_dim)                          # the paged KV pool
         keys = F.kv_write(k, F.state(f"kv.{i}.k", cache_shape), total)                 # [Hkv, T, hd]
         values = F.kv_write(v.reshape(seq, c.num_kv_heads, c.head_dim), F.state(f"kv.{i}.v", cache_shape), total)
         out = F.attention(q, keys, values, scale=c.head_dim ** -0.5, window=c.layer_windows[i])

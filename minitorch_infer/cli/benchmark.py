@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..backends.layout import StepLayout
+
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 128
 
@@ -96,9 +98,16 @@ def matvec_bound(model, steps: int = 8) -> float:
 def profile_decode(model, ids: list[int]) -> dict[str, float]:
     """Share of a decode step's time per op type."""
     sequence = model.kv_cache.open()
+    times: dict[str, float] = {}
     try:
         model.forward(sequence, ids[:16])
-        times = model.program.profile(sequence, steps=32, start_token=ids[16])
+        for token in ids[16:48]:
+            sequence.reserve(1)
+            inputs = {"tokens": np.array([token]), "positions": np.array([sequence.length])}
+            layout = StepLayout.of([1], [sequence.slots(sequence.length + 1)])
+            for op, seconds in model.program.profile(inputs, sequence.arrays, layout).items():
+                times[op] = times.get(op, 0.0) + seconds
+            sequence.advance([token])
     finally:
         sequence.close()
     total = sum(times.values())
@@ -111,7 +120,8 @@ def measure_naive(name: str, repeats: int) -> Measurement:
     from ..backends import reference
 
     began = time.perf_counter()
-    model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8, passes=[], max_sequences=1)
+    context = PROMPT_TOKENS + DECODE_TOKENS + 8
+    model = minitorch_infer.load(name, context=context, passes=[], kv_memory=f"{context}tokens")
     graph = model.trace()
     params = {n: model.weights[n] for n in graph.params}
     result = Measurement("naive (reference backend)", name, load_seconds=[time.perf_counter() - began])

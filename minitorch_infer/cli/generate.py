@@ -78,7 +78,8 @@ def print_stats(model, result) -> None:
         f"decode: {s.new_tokens} tokens, {s.decode_tokens_per_second:,.1f} tok/s; time to first token "
         f"{s.time_to_first_token * 1e3:.1f} ms; finish: {result.finish_reason}",
         f"memory: peak RSS {s.peak_rss_bytes / mib:.1f} MiB; weights {model.weights.nbytes / mib:.1f} MiB; "
-        f"{model.memory_plan.summary()}; KV cache {model.kv_cache.bytes_per_sequence / mib:.1f} MiB per sequence "
-        f"({model.kv_cache.bytes_per_token / 1024:.1f} KiB per token, {model.context} positions)",
+        f"{model.memory_plan.summary()}; KV cache {model.kv_cache.used_blocks * model.kv_cache.block_size} positions "
+        f"in use of a {model.kv_cache.capacity_tokens}-position pool ({model.kv_cache.bytes_per_token / 1024:.1f} KiB "
+        f"per position, {model.kv_cache.planned_bytes / mib:.1f} MiB reserved, committed as written)",
     ]
     print("\n".join(lines), file=sys.stderr)

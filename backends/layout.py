@@ -1,0 +1,85 @@
+"""StepLayout: where each row of a step belongs, for the two ops that touch the KV cache.
+
+A step carries the new tokens of one or more sequences, flattened into the S rows of the graph (vLLM's
+variable-length layout): sequence 0's rows first, then sequence 1's, and so on. Every op but `kv_write` and
+`attention` is row-wise and never needs to know. Those two learn from the layout, per sequence:
+
+- which rows of the step are its new tokens (`row_starts`, `row_stops`), and how many positions it holds
+  after the step (`totals`);
+- where its positions live in the paged KV pool ([kv_heads, slots, head_dim] per layer): when they fill one
+  contiguous run of slots, `key_starts` gives its first slot and attention reads a view of the pool; when not,
+  `slots` lists the slot of every position and attention gathers them.
+
+`write_start` (or, when the new rows' slots are not one run, `write_slots`) is where kv_write stores the
+step's rows; `last_rows` are the rows whose logits are wanted, each sequence's newest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class StepLayout:
+    __slots__ = ("row_starts", "row_stops", "totals", "key_starts", "slots", "write_start", "write_slots",
+                 "last_rows")
+
+    def __init__(self, row_starts: list[int], row_stops: list[int], totals: list[int],
+                 key_starts: list[int | None], slots: list[np.ndarray | None], write_start: int | None,
+                 write_slots: np.ndarray | None, last_rows: np.ndarray):
+        self.row_starts = row_starts
+        self.row_stops = row_stops
+        self.totals = totals
+        self.key_starts = key_starts
+        self.slots = slots
+        self.write_start = write_start
+        self.write_slots = write_slots
+        self.last_rows = last_rows
+
+    @classmethod
+    def of(cls, new_tokens: Sequence[int], slots: Sequence[np.ndarray]) -> StepLayout:
+        """new_tokens[i] rows of sequence i come next in the step; slots[i] holds the cache slot of each of
+        its positions 0..total-1 after the step (so its total is len(slots[i]))."""
+        if len(new_tokens) != len(slots) or not len(new_tokens):
+            raise ValueError(f"a step needs one slot array per sequence, got {len(new_tokens)} and {len(slots)}")
+        totals = [len(s) for s in slots]
+        if any(not 1 <= n <= total for n, total in zip(new_tokens, totals)):
+            raise ValueError(f"every sequence needs 1..total new rows, got {list(new_tokens)} for totals {totals}")
+        stops = np.cumsum(new_tokens)
+        slots = [np.asarray(s, dtype=np.intp) for s in slots]
+        key_starts = [run_start(s) for s in slots]
+        write_slots = np.concatenate([s[total - n:] for s, n, total in zip(slots, new_tokens, totals)])
+        write_start = run_start(write_slots)
+        return cls([int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops], totals,
+                   key_starts, [None if k is not None else s for k, s in zip(key_starts, slots)], write_start,
+                   None if write_start is not None else write_slots, np.asarray(stops - 1, dtype=np.intp))
+
+    @classmethod
+    def single(cls, new_tokens: int, total: int, first_slot: int = 0) -> StepLayout:
+        """One sequence whose positions sit in consecutive slots from `first_slot` (a contiguous cache)."""
+        return cls([0], [new_tokens], [total], [first_slot], [None], first_slot + total - new_tokens, None,
+                   np.array([new_tokens - 1], dtype=np.intp))
+
+    @property
+    def sequences(self) -> int:
+        return len(self.totals)
+
+    @property
+    def rows(self) -> int:
+        return self.row_stops[-1]
+
+    def positions_of(self, sequence: int) -> np.ndarray:
+        """The cache slot of each position of sequence i (a range when they are one run)."""
+        start = self.key_starts[sequence]
+        return np.arange(start, start + self.totals[sequence]) if start is not None else self.slots[sequence]
+
+
+def run_start(slots: np.ndarray) -> int | None:
+    """The first slot if `slots` are consecutive (a view of the pool can stand for them), else None."""
+    if len(slots) == 0:
+        return None
+    first = int(slots[0])
+    if int(slots[-1]) - first == len(slots) - 1 and (len(slots) < 3 or bool(np.all(np.diff(slots) == 1))):
+        return first
+    return None
