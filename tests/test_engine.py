@@ -143,7 +143,7 @@ def test_bad_token_ids_and_empty_prompts_are_refused(story_model):
 
 
 def test_a_kv_budget_under_one_block_or_not_a_size_is_refused_at_load():
-    with pytest.raises(ContextOverflowError, match=r"KV memory '1KiB' holds 0 positions \(2.0 KiB each\), less than "
+    with pytest.raises(ContextOverflowError, match=r"KV memory '1KiB' holds 1 positions \(1.0 KiB each\), less than "
                                                    r"one block of 16"):
         minitorch_infer.load(require_model("story"), kv_memory="1KiB")
     with pytest.raises(MinitorchError, match=r"KV memory 'lots' is not a size"):
