@@ -72,7 +72,7 @@ def test_sessions_are_limited_only_by_the_kv_pool():
         third.send("more " * 20, max_new_tokens=4)
     assert third.cached_tokens == 0
     second.close()
-    with pytest.raises(ContextOverflowError, match="do not fit: the sequence holds 0 of 64"):
+    with pytest.raises(ContextOverflowError, match=r"do not fit: the sequence holds \d+ of 64"):
         third.send("word " * 80, max_new_tokens=4)
     reply = third.send("Hi", greedy=True, max_new_tokens=200)
     assert reply.finish_reason in ("stop", "context")

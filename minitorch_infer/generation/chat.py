@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import ContextOverflowError
 from .chat_template import ChatTemplate
 from .loop import GenerationResult, TextStream, check_prompt, sampling_params
 
@@ -67,9 +68,15 @@ class Session:
         messages = self.messages + [{"role": "user", "content": text}]
         prompt_ids = self._conversation_ids(messages)
         check_prompt(self.model, prompt_ids)
-        cached = self._reusable_prefix(prompt_ids)
-        self.sequence.truncate(cached)
-        self.sequence.reserve(len(prompt_ids) - cached)
+        own = self._reusable_prefix(prompt_ids)
+        self.sequence.truncate(own)
+        # With nothing of its own cached, share what another sequence computed (e.g. the system prompt).
+        cached = own or self.sequence.share_prefix(prompt_ids)
+        try:
+            self.sequence.reserve(len(prompt_ids) - cached)
+        except ContextOverflowError:
+            self.sequence.truncate(own)                       # the turn never started: hold only our own
+            raise
         turn = _Turn(len(self.messages), len(self.token_ids))
 
         def record(stream: TextStream) -> None:
@@ -104,7 +111,7 @@ class Session:
 
     def _reusable_prefix(self, prompt_ids: list[int]) -> int:
         """How many leading tokens the cache already holds for this prompt."""
-        limit = min(self.sequence.length, len(prompt_ids) - 1)   # always feed one token to get logits
+        limit = min(self.sequence.length, len(self.token_ids), len(prompt_ids) - 1)   # feed one token for logits
         shared = 0
         while shared < limit and self.token_ids[shared] == prompt_ids[shared]:
             shared += 1

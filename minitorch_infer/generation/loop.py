@@ -159,6 +159,65 @@ def fit_to_context(model: Model, prompt_ids: list[int], max_new_tokens: int, pol
     return prompt_ids[:keep_bos] + prompt_ids[len(prompt_ids) - kept:]
 
 
+class Decoder:
+    """One request's side of decoding, whatever runs the model: from each step's logits, sample the next token,
+    detokenise it, and say when the request is done (EOS, a stop string, max_new_tokens). The generation loop
+    below and the batched engine both drive it, so a request gives the same text either way."""
+
+    def __init__(self, model: Model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False, sampling: SamplingParams | None = None):
+        check_max_new_tokens(max_new_tokens)
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, Sequence) or not all(isinstance(text, str) for text in stop):
+            raise SamplingError(f"stop must be a string or a list of strings, got {shown(stop)}")
+        if not isinstance(ignore_eos, bool):
+            raise SamplingError(f"ignore_eos must be True or False, got {shown(ignore_eos)}")
+        self.max_new_tokens = max_new_tokens
+        self.sampler = Sampler(sampling or DEFAULT_SAMPLING, model.config.vocab_size)
+        self.stops = StopStringMatcher(stop)
+        self.eos_ids = frozenset(() if ignore_eos else model.config.eos_token_ids)
+        # Without a tokenizer (a bare weights folder) the run still produces token ids, just no text.
+        self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, prompt_ids, source=model.tokenizer.source)
+                            if model.tokenizer is not None else _NoText())
+        self.history = np.zeros(len(prompt_ids) + max_new_tokens, dtype=np.int64)
+        self.history[:len(prompt_ids)] = prompt_ids
+        self.known = len(prompt_ids)
+        self.new_ids: list[int] = []
+        self.pieces: list[str] = []
+
+    def accept(self, logits: np.ndarray) -> tuple[str, str | None]:
+        """Sample the next token from `logits`; returns (its text, if any, and the finish reason once done)."""
+        token = self.sampler.sample(logits, self.history[:self.known])
+        self.new_ids.append(token)
+        self.history[self.known] = token
+        self.known += 1
+        if token in self.eos_ids:
+            return "", FinishReason.STOP.value
+        piece, stopped = self.stops.push(self.detokenizer.push(token))
+        if piece:
+            self.pieces.append(piece)
+        if stopped:
+            return piece, FinishReason.STOP.value
+        if len(self.new_ids) >= self.max_new_tokens:
+            return piece, FinishReason.LENGTH.value
+        return piece, None
+
+    def tail(self, finish: str) -> str:
+        """The text still held back (an incomplete character, a possible stop string's start) once the run
+        ends, unless a stop string ended it."""
+        if finish == FinishReason.STOP.value and self.stops.stopped:
+            return ""
+        tail, _ = self.stops.push(self.detokenizer.flush())
+        tail += self.stops.flush()
+        if tail:
+            self.pieces.append(tail)
+        return tail
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
 class TextStream:
     """One generation: iterate for text pieces as they are produced; `.result` once it has finished.
 
@@ -170,24 +229,11 @@ class TextStream:
     def __init__(self, model: Model, sequence: KVSequence, history: Sequence[int], new_ids: Sequence[int],
                  max_new_tokens: int = 128, stop: str | Sequence[str] = (), ignore_eos: bool = False,
                  sampling: SamplingParams | None = None, on_finish=None, dropped_prompt_tokens: int = 0):
-        check_max_new_tokens(max_new_tokens)
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, Sequence) or not all(isinstance(text, str) for text in stop):
-            raise SamplingError(f"stop must be a string or a list of strings, got {shown(stop)}")
-        if not isinstance(ignore_eos, bool):
-            raise SamplingError(f"ignore_eos must be True or False, got {shown(ignore_eos)}")
         self.model = model
         self.sequence = sequence
         self.prompt_ids = list(history) + list(new_ids)
         self.new_ids = list(new_ids)          # tokens the cache has not seen yet
-        self.max_new_tokens = max_new_tokens
-        self.sampler = Sampler(sampling or DEFAULT_SAMPLING, model.config.vocab_size)
-        self.stops = StopStringMatcher(stop)
-        self.eos_ids = frozenset(() if ignore_eos else model.config.eos_token_ids)
-        # Without a tokenizer (a bare weights folder) the run still produces token ids, just no text.
-        self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, self.prompt_ids,
-                                                  source=model.tokenizer.source)
-                            if model.tokenizer is not None else _NoText())
+        self.decoder = Decoder(model, self.prompt_ids, max_new_tokens, stop, ignore_eos, sampling)
         self.on_finish = on_finish
         self.dropped_prompt_tokens = dropped_prompt_tokens
         self.result: GenerationResult | None = None
@@ -210,69 +256,51 @@ class TextStream:
         "interrupted". Nothing happens to a run that has already ended."""
         if inspect.getgeneratorstate(self._iterator) == inspect.GEN_CREATED:
             self._iterator.close()      # a generator closed before it started never runs its `finally`
-            self._finish([], [], FinishReason.INTERRUPTED.value, GenerationStats(prompt_tokens=len(self.new_ids)))
+            self._finish(FinishReason.INTERRUPTED.value, GenerationStats(prompt_tokens=len(self.new_ids)))
         else:
             self._iterator.close()
 
     def _run(self) -> Iterator[str]:
-        model, sequence = self.model, self.sequence
-        history = np.zeros(len(self.prompt_ids) + self.max_new_tokens, dtype=np.int64)
-        history[:len(self.prompt_ids)] = self.prompt_ids
-        known = len(self.prompt_ids)
+        model, sequence, decoder = self.model, self.sequence, self.decoder
         stats = GenerationStats(prompt_tokens=len(self.new_ids))
-        new_ids: list[int] = []
-        pieces: list[str] = []
         finish = FinishReason.LENGTH.value
         began = time.perf_counter()
         try:
-            if self.max_new_tokens == 0:
+            if decoder.max_new_tokens == 0:
                 return
             logits = model.forward(sequence, self.new_ids)
             stats.prefill_seconds = time.perf_counter() - began
             decode_began = time.perf_counter()
             while True:
-                token = self.sampler.sample(logits, history[:known])
-                if not new_ids:
+                piece, finished = decoder.accept(logits)
+                if len(decoder.new_ids) == 1:
                     stats.time_to_first_token = time.perf_counter() - began
-                new_ids.append(token)
-                history[known] = token
-                known += 1
-                if token in self.eos_ids:
-                    finish = FinishReason.STOP.value
-                    break
-                piece, stopped = self.stops.push(self.detokenizer.push(token))
                 if piece:
-                    pieces.append(piece)
                     yield piece
-                if stopped:
-                    finish = FinishReason.STOP.value
-                    break
-                if len(new_ids) >= self.max_new_tokens:
+                if finished is not None:
+                    finish = finished
                     break
                 if sequence.free == 0:
                     finish = FinishReason.CONTEXT.value
                     break
-                logits = model.decode_step(sequence, token)
+                logits = model.decode_step(sequence, decoder.new_ids[-1])
             stats.decode_seconds = time.perf_counter() - decode_began
-            if finish != FinishReason.STOP.value or not self.stops.stopped:
-                tail, _ = self.stops.push(self.detokenizer.flush())
-                tail += self.stops.flush()
-                if tail:
-                    pieces.append(tail)
-                    yield tail
+            tail = decoder.tail(finish)
+            if tail:
+                yield tail
         except (KeyboardInterrupt, GeneratorExit):
             # Ctrl-C inside a step, or close() (a consumer that stopped, e.g. on its own Ctrl-C). The cache
             # only counts steps that completed, so it ends at the last token whose step finished.
             finish = FinishReason.INTERRUPTED.value
             raise
         finally:
-            self._finish(new_ids, pieces, finish, stats)
+            self._finish(finish, stats)
 
-    def _finish(self, new_ids: list[int], pieces: list[str], finish: str, stats: GenerationStats) -> None:
-        stats.new_tokens = len(new_ids)
+    def _finish(self, finish: str, stats: GenerationStats) -> None:
+        stats.new_tokens = len(self.decoder.new_ids)
         stats.dropped_prompt_tokens = self.dropped_prompt_tokens
         stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.result = GenerationResult("".join(pieces), new_ids, finish, self.prompt_ids, stats)
+        self.result = GenerationResult(self.decoder.text, self.decoder.new_ids, finish, self.prompt_ids, stats)
         if self.on_finish is not None:
             self.on_finish(self)
 
@@ -291,8 +319,10 @@ def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, 
     prompt_ids = fit_to_context(model, encoded, max_new_tokens, truncate_prompt)
     sequence = model.kv_cache.open()
     try:
-        sequence.reserve(len(prompt_ids))
-        return TextStream(model, sequence, [], prompt_ids, max_new_tokens, stop, ignore_eos, params,
+        cached = sequence.share_prefix(prompt_ids)        # full blocks of a prompt seen before are reused
+        sequence.reserve(len(prompt_ids) - cached)
+        return TextStream(model, sequence, prompt_ids[:cached], prompt_ids[cached:], max_new_tokens, stop,
+                          ignore_eos, params,
                           on_finish=lambda s: s.sequence.close(), dropped_prompt_tokens=len(encoded) - len(prompt_ids))
     except BaseException:
         sequence.close()   # the stream that would have released it was never made
