@@ -22,7 +22,9 @@ from .passes import DEFAULT_PASSES, PassManager, PassReport
 from .passes.memory_plan import MemoryPlan, plan_memory
 from .tokenizer import Tokenizer
 from .formats.weights import WeightStore
+from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
 from .generation import loop
+from .generation.loop import GenerationResult
 from .generation.chat import Session
 
 DEFAULT_PREFILL_CHUNK = 128
@@ -203,6 +205,10 @@ class Model:
             sequence.close()
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt: text is encoded with the model's tokenizer (adding BOS where the tokenizer
+        does); ids are taken as they are."""
+        if not isinstance(prompt, str) and any(isinstance(t, str) for t in prompt):
+            raise PromptError("a prompt is a string or a list of token ids; for several prompts use generate_batch")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise PromptError(f"{self.source} has no tokenizer.json: pass token ids, not text")
@@ -216,6 +222,23 @@ class Model:
     def stream(self, prompt: str | Sequence[int], **settings) -> Iterator[str]:
         """Yield the continuation's text as it is produced; the pieces join to the final text."""
         return loop.stream(self, prompt, **settings)
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                       **settings) -> list[GenerationResult]:
+        """Generate a continuation of every prompt, many sequences per step (continuous batching); settings
+        as generate's, shared by all. Each result equals what generate gives that prompt alone (a seeded
+        sampled request too). Returns the results in the prompts' order."""
+        if isinstance(prompts, str):
+            raise PromptError("generate_batch takes a list of prompts; for one prompt use generate")
+        engine = Engine(self, max_batch_tokens)
+        handles = [engine.submit(prompt, **settings) for prompt in prompts]
+        engine.run()
+        return [handle.result() for handle in handles]
+
+    def engine(self, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> Engine:
+        """A batched engine over this model, for concurrent use: `submit(prompt, **settings)` returns a handle
+        to stream, wait on or cancel; `start()` steps it on a background thread (see engine.Engine)."""
+        return Engine(self, max_batch_tokens)
 
     def chat(self, system: str | None = None) -> Session:
         """A chat Session: keeps its KV cache across turns (see minitorch_infer.generation.chat.Session)."""

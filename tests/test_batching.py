@@ -1,0 +1,194 @@
+"""Many sequences per step over the paged KV cache: each sequence's logits and tokens equal its run alone,
+whatever shares its steps, however its blocks are placed, whatever is preempted or cancelled."""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import minitorch_infer
+from conftest import require_model
+from minitorch_infer.errors import KVCacheFullError, PromptError
+from oracle import tiny_models
+from test_differential import CACHE_CONSISTENT, config_id, write_config
+
+STORY_PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a cat",
+                 "Lily had a red ball", "The sun"]
+
+
+def solo_logits(model, ids: list[int]) -> np.ndarray:
+    return model.logits(ids)[-1]
+
+
+def run_mixed_steps(model, prompts: list[list[int]], chunk: int) -> list[list[np.ndarray]]:
+    """Feed every prompt through model.step in chunks of `chunk`, all sequences in the same steps (some
+    prefilling while others have finished their prompt and decode their own tokens), and return each
+    sequence's logits after each of its steps."""
+    sequences = [model.kv_cache.open() for _ in prompts]
+    fed = [0] * len(prompts)
+    seen: list[list[np.ndarray]] = [[] for _ in prompts]
+    try:
+        while any(f < len(p) for f, p in zip(fed, prompts)):
+            active = [i for i, p in enumerate(prompts) if fed[i] < len(p)]
+            chunks = [prompts[i][fed[i]:fed[i] + chunk] for i in active]
+            for i, ids in zip(active, chunks):
+                sequences[i].reserve(len(ids))
+            logits = model.step([sequences[i] for i in active], chunks)
+            for row, (i, ids) in enumerate(zip(active, chunks)):
+                fed[i] += len(ids)
+                seen[i].append(logits[row].copy())
+    finally:
+        for sequence in sequences:
+            sequence.close()
+    return seen
+
+
+def test_a_mixed_step_gives_each_sequence_its_own_logits(story_model):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 2048, size=n).tolist() for n in (1, 5, 17, 40, 3)]
+    seen = run_mixed_steps(story_model, prompts, chunk=6)
+    for ids, logits in zip(prompts, seen):
+        for step, row in enumerate(logits):
+            prefix = ids[:min(len(ids), (step + 1) * 6)]
+            np.testing.assert_allclose(row, solo_logits(story_model, prefix), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module", params=CACHE_CONSISTENT[::3], ids=lambda i: config_id(i))
+def tiny(request, tmp_path_factory):
+    return write_config(request.param, tmp_path_factory)
+
+
+def test_random_configs_batched_equal_alone(tiny):
+    """GQA, MQA, sliding windows, biases: a batch of mixed lengths equals each sequence alone within 1e-4."""
+    config, _, ids, folder = tiny
+    model = minitorch_infer.load(folder, context=64, prefill_chunk=32, kv_block_size=4)
+    prompts = [ids[:n] for n in (3, 11, len(ids))]
+    seen = run_mixed_steps(model, prompts, chunk=5)
+    scale = max(np.abs(solo_logits(model, p)).max() for p in prompts)
+    for prompt, logits in zip(prompts, seen):
+        for step, row in enumerate(logits):
+            prefix = prompt[:min(len(prompt), (step + 1) * 5)]
+            assert np.abs(row - solo_logits(model, prefix)).max() / scale < 1e-4
+
+
+def test_generate_batch_equals_generate_alone_greedy_and_seeded(story_model):
+    solo = [story_model.generate(p, max_new_tokens=40, greedy=True) for p in STORY_PROMPTS]
+    batch = story_model.generate_batch(STORY_PROMPTS, max_new_tokens=40, greedy=True)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
+    assert [r.text for r in batch] == [r.text for r in solo]
+    sampled = [story_model.generate(p, max_new_tokens=30, seed=11, temperature=1.0) for p in STORY_PROMPTS]
+    assert [r.text for r in story_model.generate_batch(STORY_PROMPTS, max_new_tokens=30, seed=11,
+                                                        temperature=1.0)] == [r.text for r in sampled]
+
+
+def test_smollm2_batch_equals_alone(smollm2_model):
+    prompts = ["What is the capital of France?", "Name three colours.", "Say hello."]
+    solo = [smollm2_model.generate(p, max_new_tokens=12, greedy=True) for p in prompts]
+    batch = smollm2_model.generate_batch(prompts, max_new_tokens=12, greedy=True)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
+
+
+def test_a_pool_too_small_for_everyone_preempts_and_still_gives_every_answer():
+    model = minitorch_infer.load(require_model("story"), context=128, kv_memory="160tokens", kv_block_size=8)
+    solo = [model.generate(p, max_new_tokens=48, greedy=True, ignore_eos=True) for p in STORY_PROMPTS]
+    engine = model.engine(max_batch_tokens=32)
+    handles = [engine.submit(p, max_new_tokens=48, greedy=True, ignore_eos=True) for p in STORY_PROMPTS]
+    engine.run()
+    assert engine.scheduler.preemptions > 0
+    assert [h.result().token_ids for h in handles] == [r.token_ids for r in solo]
+    assert model.kv_cache.used_blocks == 0 and model.kv_cache.open_sequences == 0
+
+
+def test_a_request_alone_larger_than_the_pool_ends_with_context_and_a_prompt_larger_is_refused():
+    model = minitorch_infer.load(require_model("story"), context=128, kv_memory="32tokens", kv_block_size=8)
+    result = model.generate_batch(["Once upon a time"], max_new_tokens=100, greedy=True, ignore_eos=True)[0]
+    assert result.finish_reason == "context" and len(result.token_ids) > 20
+    with pytest.raises(KVCacheFullError, match="more than the whole KV pool holds"):
+        model.engine().submit(list(range(3, 40)))
+    assert model.kv_cache.used_blocks == 0
+
+
+def test_a_shared_preamble_is_computed_once(story_model):
+    preamble = ("Once upon a time, there was a little girl named Lily. She loved to play with her red ball in the "
+                "garden. Every morning she ran outside with her dog Max, and they played until the sun was high. "
+                "Her mother watched them from the kitchen window and smiled. ")
+    first = story_model.generate(preamble + "One day", max_new_tokens=4, greedy=True)
+    second = story_model.generate(preamble + "The next day", max_new_tokens=4, greedy=True)
+    alone = minitorch_infer.load(require_model("story")).generate(preamble + "The next day", max_new_tokens=4,
+                                                                  greedy=True)
+    assert second.token_ids == alone.token_ids
+    assert len(second.prompt_ids) >= 48 and first.stats.prompt_tokens == len(first.prompt_ids)
+    assert second.stats.prompt_tokens <= len(second.prompt_ids) - 32        # two full blocks came from the first
+
+
+def test_a_list_of_prompts_given_to_generate_points_at_generate_batch(story_model):
+    with pytest.raises(PromptError, match="generate_batch"):
+        story_model.generate(["a", "b"])
+
+
+def test_the_engine_serves_threads_streams_and_cancels(story_model):
+    expected = {p: story_model.generate(p, max_new_tokens=30, greedy=True).text for p in STORY_PROMPTS}
+    with story_model.engine().start() as engine:
+        streamed: dict[str, str] = {}
+
+        def client(prompt: str) -> None:
+            handle = engine.submit(prompt, max_new_tokens=30, greedy=True)
+            streamed[prompt] = "".join(handle.stream())
+            assert handle.result().text == streamed[prompt]
+
+        threads = [threading.Thread(target=client, args=(p,)) for p in STORY_PROMPTS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        cancelled = engine.submit("Once upon a time", max_new_tokens=400, greedy=True, ignore_eos=True)
+        cancelled.cancel()
+        assert cancelled.result(timeout=10).finish_reason == "interrupted"
+    assert streamed == expected
+    assert story_model.kv_cache.open_sequences == 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_random_arrivals_lengths_cancels_and_block_sizes(data):
+    block_size = data.draw(st.sampled_from([1, 3, 8, 16]))
+    pool = data.draw(st.integers(96, 320))
+    model = _tiny_story(block_size, pool)
+    requests = data.draw(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.booleans(),
+                                            st.integers(0, 4)), min_size=1, max_size=7))
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    shared = rng.integers(3, 2048, size=20).tolist()            # some prompts share a prefix
+    prompts = [(shared[:length // 2] + rng.integers(3, 2048, size=length - length // 2).tolist()) for length, *_ in
+               requests]
+    engine = model.engine(max_batch_tokens=data.draw(st.integers(4, 64)))
+    handles = []
+    for (length, new_tokens, cancel, arrive_after), prompt in zip(requests, prompts):
+        for _ in range(arrive_after):                            # arrivals between steps
+            engine.step()
+        handles.append(engine.submit(prompt, max_new_tokens=new_tokens, greedy=True, ignore_eos=True))
+        if cancel:
+            handles[-1].cancel()
+    engine.run()
+    for handle, prompt, (length, new_tokens, cancel, _) in zip(handles, prompts, requests):
+        result = handle.result()
+        if cancel:
+            assert result.finish_reason == "interrupted"
+            continue
+        alone = model.generate(prompt, max_new_tokens=new_tokens, greedy=True, ignore_eos=True)
+        assert result.token_ids == alone.token_ids[:len(result.token_ids)]
+        assert result.finish_reason == alone.finish_reason or result.finish_reason == "context"
+    assert model.kv_cache.used_blocks == 0 and model.kv_cache.open_sequences == 0
+
+
+_TINY_MODELS: dict = {}
+
+
+def _tiny_story(block_size: int, pool: int):
+    key = (block_size, pool // block_size)
+    if key not in _TINY_MODELS:
+        _TINY_MODELS[key] = minitorch_infer.load(require_model("story"), context=96, prefill_chunk=64,
+                                                 kv_memory=f"{pool}tokens", kv_block_size=block_size)
+    return _TINY_MODELS[key]
