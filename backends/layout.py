@@ -23,7 +23,7 @@ import numpy as np
 
 class StepLayout:
     __slots__ = ("row_starts", "row_stops", "totals", "key_starts", "slots", "write_start", "write_slots",
-                 "last_rows")
+                 "last_rows", "_derived")
 
     def __init__(self, row_starts: list[int], row_stops: list[int], totals: list[int],
                  key_starts: list[int | None], slots: list[np.ndarray | None], write_start: int | None,
@@ -36,30 +36,34 @@ class StepLayout:
         self.write_start = write_start
         self.write_slots = write_slots
         self.last_rows = last_rows
+        self._derived: dict = {}        # what every layer's attention would otherwise rebuild, built once a step
 
     @classmethod
-    def of(cls, new_tokens: Sequence[int], slots: Sequence[np.ndarray]) -> StepLayout:
+    def of(cls, new_tokens: Sequence[int], slots: Sequence[np.ndarray],
+           key_starts: Sequence[int | None] | None = None) -> StepLayout:
         """new_tokens[i] rows of sequence i come next in the step; slots[i] holds the cache slot of each of
-        its positions 0..total-1 after the step (so its total is len(slots[i]))."""
+        its positions 0..total-1 after the step (so its total is len(slots[i])). key_starts[i], when the
+        caller knows it, is the first slot of a sequence whose slots are one run (None if they are not)."""
         if len(new_tokens) != len(slots) or not len(new_tokens):
             raise ValueError(f"a step needs one slot array per sequence, got {len(new_tokens)} and {len(slots)}")
         totals = [len(s) for s in slots]
         if any(not 1 <= n <= total for n, total in zip(new_tokens, totals)):
             raise ValueError(f"every sequence needs 1..total new rows, got {list(new_tokens)} for totals {totals}")
         stops = np.cumsum(new_tokens)
-        slots = [np.asarray(s, dtype=np.intp) for s in slots]
-        key_starts = [run_start(s) for s in slots]
+        if key_starts is None:
+            key_starts = [run_start(np.asarray(s)) for s in slots]
         write_slots = np.concatenate([s[total - n:] for s, n, total in zip(slots, new_tokens, totals)])
         write_start = run_start(write_slots)
         return cls([int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops], totals,
-                   key_starts, [None if k is not None else s for k, s in zip(key_starts, slots)], write_start,
-                   None if write_start is not None else write_slots, np.asarray(stops - 1, dtype=np.intp))
+                   list(key_starts), [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
+                   write_start, None if write_start is not None else write_slots.astype(np.intp, copy=False),
+                   np.asarray(stops - 1, dtype=np.intp))
 
     @classmethod
     def single(cls, new_tokens: int, total: int, first_slot: int = 0) -> StepLayout:
         """One sequence whose positions sit in consecutive slots from `first_slot` (a contiguous cache)."""
-        return cls([0], [new_tokens], [total], [first_slot], [None], first_slot + total - new_tokens, None,
-                   np.array([new_tokens - 1], dtype=np.intp))
+        last_row = _FIRST_ROW if new_tokens == 1 else np.array([new_tokens - 1], dtype=np.intp)
+        return cls([0], [new_tokens], [total], [first_slot], [None], first_slot + total - new_tokens, None, last_row)
 
     @property
     def sequences(self) -> int:
@@ -69,10 +73,35 @@ class StepLayout:
     def rows(self) -> int:
         return self.row_stops[-1]
 
+    def padded_slots(self) -> np.ndarray:
+        """[R, T_max]: sequence i's slots in row i, padded with slot 0 (masked out by `padded_mask`)."""
+        if "slots" not in self._derived:
+            padded = np.zeros((len(self.totals), max(self.totals)), np.intp)
+            for i, total in enumerate(self.totals):
+                padded[i, :total] = self.positions_of(i)
+            self._derived["slots"] = padded
+        return self._derived["slots"]
+
+    def padded_mask(self, window: int) -> np.ndarray:
+        """[R, T_max]: 0 where sequence i's newest position may see key j (j < total, within the window), else -inf."""
+        key = ("mask", window)
+        if key not in self._derived:
+            keys = np.arange(max(self.totals))[None, :]
+            totals = np.asarray(self.totals)[:, None]
+            visible = keys < totals
+            if window > 0:
+                visible &= keys >= totals - window
+            self._derived[key] = np.where(visible, np.float32(0), np.float32(-np.inf))
+        return self._derived[key]
+
     def positions_of(self, sequence: int) -> np.ndarray:
         """The cache slot of each position of sequence i (a range when they are one run)."""
         start = self.key_starts[sequence]
         return np.arange(start, start + self.totals[sequence]) if start is not None else self.slots[sequence]
+
+
+_FIRST_ROW = np.zeros(1, dtype=np.intp)
+_FIRST_ROW.flags.writeable = False
 
 
 def run_start(slots: np.ndarray) -> int | None:

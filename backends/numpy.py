@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..ir import Graph, Node, op_def
+from ..ir.ops import BATCHED_ATTENTION_KEYS
 from ..passes.memory_plan import MemoryPlan, workspace_key
 from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
@@ -364,20 +365,24 @@ def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
 
 @kernel("attention")
 def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
-    """Each sequence of the step attends over its own keys: a view of the pool when its positions are one run
-    of slots, else gathered into scratch. A sequence with one query (decode, or after prune_rows) takes the
-    matrix-vector path; one with many (prefill) the transposed-scores path."""
+    """Each sequence of the step attends over its own keys. A decode step of several sequences (one query
+    each) gathers all their keys into one padded batch when they fit BATCHED_ATTENTION_KEYS; otherwise each
+    sequence goes alone, reading its keys as a view of the pool when its positions are one run of slots
+    (gathering them when not): one query takes the matrix-vector path, many (prefill) the transposed one."""
     q, k_pool, v_pool = ins
     (out,) = outs
     rows, heads, head_dim = q.shape
     kv_heads = k_pool.shape[0]
+    group = heads // kv_heads
     context = node.inputs[1].type.concrete_shape()[1]
-    gathered = scratch[scratch.size - 2 * kv_heads * context * head_dim:]
-    gathered_k = gathered[:kv_heads * context * head_dim]
-    gathered_v = gathered[kv_heads * context * head_dim:]
-    scratch = scratch[:scratch.size - gathered.size]
-    one_query = _one_query_attention(node, heads, head_dim, kv_heads, context, scratch)
-    last_queries = node.attrs["queries"] == "last"
+    gather_size = kv_heads * max(context, BATCHED_ATTENTION_KEYS) * head_dim
+    gathered_k, gathered_v = scratch[-2 * gather_size:-gather_size], scratch[-gather_size:]
+    scratch = scratch[:-2 * gather_size]
+    window, last_queries = node.attrs["window"], node.attrs["queries"] == "last"
+    attend = _one_query_attention(node, heads, head_dim, kv_heads, context, scratch)
+    # Every row's query and output regrouped [kv_heads, group, head_dim], as views made once.
+    q_rows = [q[r].reshape(kv_heads, group, head_dim) for r in range(rows)]
+    out_rows = [out[r].reshape(kv_heads, group, head_dim) for r in range(rows)]
 
     def keys_and_values(layout: StepLayout, i: int, first: int, total: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions first..total-1 of sequence i, as [kv_heads, total - first, head_dim] arrays."""
@@ -391,15 +396,30 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         np.take(v_pool, slots, axis=1, out=v)
         return k, v
 
+    def one_query(layout: StepLayout, i: int, row: int) -> None:
+        total = layout.totals[i]
+        first = max(0, total - window) if window > 0 else 0      # with one query, a window is a range of keys
+        k, v = keys_and_values(layout, i, first, total)
+        attend(q_rows[row], k, v, out_rows[row])
+
+    if rows == 1:                                                # one sequence, one query: the lean decode path
+        return lambda: one_query(step.layout, 0, 0)
+
+    batched = _batched_one_query_attention(node, q, out, k_pool, v_pool, gathered_k, gathered_v, scratch)
+
     def call():
         layout = step.layout
+        sequences = len(layout.totals)
+        if last_queries or rows == sequences:                    # one query per sequence
+            if sequences > 1 and sequences * max(layout.totals) <= BATCHED_ATTENTION_KEYS:
+                batched(layout)
+                return
+            for i in range(sequences):
+                one_query(layout, i, i if last_queries else layout.row_starts[i])
+            return
         for i, (first_row, stop_row, total) in enumerate(zip(layout.row_starts, layout.row_stops, layout.totals)):
-            if last_queries or stop_row - first_row == 1:
-                row = i if last_queries else first_row
-                window = node.attrs["window"]
-                first = max(0, total - window) if window > 0 else 0   # one query: a window is a range of keys
-                k, v = keys_and_values(layout, i, first, total)
-                one_query(q[row], k, v, out[row])
+            if stop_row - first_row == 1:
+                one_query(layout, i, first_row)
             else:
                 k, v = keys_and_values(layout, i, 0, total)
                 _many_queries_attention(node, q[first_row:stop_row], k, v, out[first_row:stop_row], scratch)
@@ -407,8 +427,8 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
 
 
 def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, context: int, scratch):
-    """One query row q [heads, head_dim] over keys and values [kv_heads, n, head_dim] into out [heads, head_dim];
-    scores [kv_heads, group, n]."""
+    """attend(q, k, v, out): one query q [kv_heads, group, head_dim] over keys and values [kv_heads, n, head_dim]
+    into out [kv_heads, group, head_dim]; scores [kv_heads, group, n]."""
     group = heads // kv_heads
     scale = np.float32(node.attrs["scale"])
     row_max = scratch[:heads].reshape(kv_heads, group, 1)
@@ -416,9 +436,8 @@ def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, c
     score_space = scratch[2 * heads:]
     ones = np.ones(context, np.float32)                     # sums as matrix products: faster than np.sum
 
-    def attend(q_row, k, v, out_row):
+    def attend(q_grouped, k, v, out_grouped):
         width = k.shape[1]
-        q_grouped, out_grouped = q_row.reshape(kv_heads, group, head_dim), out_row.reshape(kv_heads, group, head_dim)
         scores = score_space[:heads * width].reshape(kv_heads, group, width)
         np.matmul(q_grouped, k.transpose(0, 2, 1), out=scores)
         np.multiply(scores, scale, out=scores)
@@ -429,6 +448,42 @@ def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, c
         np.matmul(scores, v, out=out_grouped)
         np.divide(out_grouped, row_sum, out=out_grouped)
     return attend
+
+
+def _batched_one_query_attention(node: Node, q, out, k_pool, v_pool, gathered_k, gathered_v, scratch):
+    """A decode step of R sequences at once: their keys and values gathered into [kv_heads, R, T_max, head_dim]
+    (padded; the padding masked out), then one batched product for the scores and one for the output."""
+    rows, heads, head_dim = q.shape
+    kv_heads = k_pool.shape[0]
+    group = heads // kv_heads
+    scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
+    ones = np.ones((BATCHED_ATTENTION_KEYS, 1), np.float32)
+
+    def call(layout: StepLayout) -> None:
+        sequences, longest = len(layout.totals), max(layout.totals)
+        shape = (kv_heads, sequences, longest, head_dim)
+        size = kv_heads * sequences * longest * head_dim
+        k, v = gathered_k[:size].reshape(shape), gathered_v[:size].reshape(shape)
+        slots = layout.padded_slots()
+        np.take(k_pool, slots, axis=1, out=k)
+        np.take(v_pool, slots, axis=1, out=v)
+        used = heads * sequences
+        row_max = scratch[:used].reshape(kv_heads, sequences, group, 1)
+        row_sum = scratch[used:2 * used].reshape(kv_heads, sequences, group, 1)
+        out_grouped = scratch[2 * used:2 * used + used * head_dim].reshape(kv_heads, sequences, group, head_dim)
+        scores = scratch[2 * used + used * head_dim:][:used * longest].reshape(kv_heads, sequences, group, longest)
+        q_grouped = q[:sequences].reshape(sequences, kv_heads, group, head_dim).transpose(1, 0, 2, 3)
+        np.matmul(q_grouped, k.transpose(0, 1, 3, 2), out=scores)
+        np.multiply(scores, scale, out=scores)
+        np.add(scores, layout.padded_mask(window)[:, None, :], out=scores)
+        np.maximum.reduce(scores, axis=-1, keepdims=True, out=row_max)
+        np.subtract(scores, row_max, out=scores)
+        np.exp(scores, out=scores)
+        np.matmul(scores, ones[:longest], out=row_sum)
+        np.matmul(scores, v, out=out_grouped)
+        np.divide(out_grouped, row_sum, out=out_grouped)
+        np.copyto(out[:sequences].reshape(sequences, kv_heads, group, head_dim), out_grouped.transpose(1, 0, 2, 3))
+    return call
 
 
 def _many_queries_attention(node: Node, q, k, v, out, scratch) -> None:

@@ -56,6 +56,7 @@ class KVSequence:
         self._slots: np.ndarray | None = None  # slot of every position the blocks cover, rebuilt when they change
         self._run_start: int | None = None     # the first slot, when the blocks are consecutive
         self._registered = 0                   # how many leading full blocks are registered for sharing
+        self._write_block_checked = True       # False when the next write may land in a shared block
         # Releases the blocks when the sequence is closed, or dropped without close(): it holds the block list,
         # never the sequence, so the sequence can be collected.
         self._finalizer = weakref.finalize(self, cache._release_all, self.blocks)
@@ -75,17 +76,22 @@ class KVSequence:
     def reserve(self, new_tokens: int) -> None:
         """Make room for `new_tokens` more positions, or refuse before any work: past the context is a
         ContextOverflowError, past the pool a KVCacheFullError (the sequence is left as it was)."""
-        if self.length + new_tokens > self.context:
+        length = self.length + new_tokens
+        if length > self.context:
             raise ContextOverflowError(
                 f"{new_tokens} new tokens do not fit: the sequence holds {self.length} of {self.context} "
                 f"positions (raise the context length, or start a new session)")
-        self.cache._make_room(self, self.length + new_tokens)
+        # The common case, a decode step inside a block the sequence owns alone, costs two comparisons.
+        if self._write_block_checked and length <= len(self.blocks) * self.cache.block_size:
+            return
+        self.cache._make_room(self, length)
 
     def advance(self, token_ids: Sequence[int]) -> None:
         """Record that the positions after `length` now hold these tokens' keys and values."""
         self.tokens[self.length:] = [int(t) for t in token_ids]
         self.length += len(token_ids)
-        self.cache._register_full_blocks(self)
+        if self.length >= (self._registered + 1) * self.cache.block_size:
+            self.cache._register_full_blocks(self)
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on, returning the blocks no longer needed."""
@@ -94,6 +100,7 @@ class KVSequence:
         self.length = length
         del self.tokens[length:]
         self._registered = min(self._registered, length // self.cache.block_size)
+        self._write_block_checked = False
         self.cache._shrink(self, -(-length // self.cache.block_size))
 
     def share_prefix(self, token_ids: Sequence[int]) -> int:
@@ -184,6 +191,7 @@ class KVCache:
             # The block the next write lands in may be shared or registered (after a rollback into it).
             if sequence.length % self.block_size and sequence.length < len(blocks) * self.block_size:
                 self._own_block(sequence, sequence.length // self.block_size)
+            sequence._write_block_checked = True
             while len(blocks) * self.block_size < length:
                 block = self._take_block(after=blocks[-1] if blocks else None)
                 blocks.append(block)
@@ -230,14 +238,17 @@ class KVCache:
 
     def _take_block(self, after: int | None) -> int:
         """A free block: preferably the one after `after` (the sequence stays one run), else the start of the
-        largest gap (when growing) or its middle (a new sequence, leaving room on both sides). Blocks whose
-        registration could still serve a prefix are taken last, oldest serial first."""
+        largest gap (when growing) or its middle (a new sequence, leaving room on both sides). Elsewhere, blocks
+        whose registration could still serve a prefix are taken last, oldest serial first."""
+        if after is not None and after + 1 < self.num_blocks and self._references[after + 1] == 0:
+            block = after + 1                   # even a warm one: a sequence in one run is read as a view
+            self._unregister(block)
+            self._references[block] = 1
+            return block
         cold = (self._references == 0)
         for block in self._key_of:
             cold[block] = False
-        if after is not None and after + 1 < self.num_blocks and cold[after + 1]:
-            block = after + 1
-        elif cold.any():
+        if cold.any():
             start, length = _largest_run(cold)
             block = start if after is not None or length == self.num_blocks else start + length // 2
         else:

@@ -164,7 +164,7 @@ class Model:
         layout = (StepLayout.single(1, start + 1, run_start) if run_start is not None
                   else _layout([sequence], [1]))
         (logits,) = self._last.program.run(self._step_inputs, sequence.arrays, layout)
-        sequence.advance(self._step_token)
+        sequence.advance((token,))
         return logits[-1]
 
     def step(self, sequences: Sequence[KVSequence], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
@@ -253,4 +253,5 @@ class Model:
 def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepLayout:
     """The layout of a step in which sequence i (room already reserved) gets new_tokens[i] more positions."""
     totals = [s.length + n for s, n in zip(sequences, new_tokens)]
-    return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)])
+    return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)],
+                         [s.run_start for s in sequences])
