@@ -160,10 +160,7 @@ class Model:
         start = sequence.length
         self._step_token[0] = token
         self._step_position[0] = start
-        run_start = sequence.run_start
-        layout = (StepLayout.single(1, start + 1, run_start) if run_start is not None
-                  else _layout([sequence], [1]))
-        (logits,) = self._last.program.run(self._step_inputs, sequence.arrays, layout)
+        (logits,) = self._last.program.run(self._step_inputs, sequence.arrays, _layout((sequence,), (1,)))
         sequence.advance((token,))
         return logits[-1]
 
@@ -171,12 +168,12 @@ class Model:
         """One step over several sequences: token_ids[i] are sequence i's next tokens (a prefill chunk or one
         decode token), all run as the S rows of one graph. Returns each sequence's newest logits [R, vocab],
         a view the next step overwrites. Each sequence must have room reserved for its tokens."""
-        ids = [self._checked_ids(t) for t in token_ids]
-        starts = [s.length for s in sequences]
-        inputs = {"tokens": np.concatenate(ids),
-                  "positions": np.concatenate([np.arange(start, start + len(t)) for start, t in zip(starts, ids)])}
-        (logits,) = self._last.program.run(inputs, self.kv_cache.arrays, _layout(sequences, [len(t) for t in ids]))
-        for sequence, chunk in zip(sequences, ids):
+        counts = [len(t) for t in token_ids]
+        tokens = self._checked_ids([t for chunk in token_ids for t in chunk])
+        positions = np.concatenate([np.arange(s.length, s.length + n) for s, n in zip(sequences, counts)])
+        (logits,) = self._last.program.run({"tokens": tokens, "positions": positions}, self.kv_cache.arrays,
+                                           _layout(sequences, counts))
+        for sequence, chunk in zip(sequences, token_ids):
             sequence.advance(chunk)
         return logits
 
@@ -252,6 +249,8 @@ class Model:
 
 def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepLayout:
     """The layout of a step in which sequence i (room already reserved) gets new_tokens[i] more positions."""
+    if len(sequences) == 1 and sequences[0].run_start is not None:
+        return StepLayout.single(new_tokens[0], sequences[0].length + new_tokens[0], sequences[0].run_start)
     totals = [s.length + n for s, n in zip(sequences, new_tokens)]
     return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)],
                          [s.run_start for s in sequences])

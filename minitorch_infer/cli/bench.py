@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import batch_benchmark
 from .benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_alternating, median_and_spread
 from ..errors import ModelNotFoundError
 from ..formats.model_files import find_model
@@ -23,10 +24,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also print each op type's share of a decode step (fused ops under their pass)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive path (it is slow on big models)")
+    parser.add_argument("--concurrency", type=_levels, default=None, metavar="LIST",
+                        help="instead, measure the batched engine at these numbers of concurrent requests, "
+                             "e.g. 1,4,16, against the single-stream engine in the same run")
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"every concurrency must be at least 1, got {text!r}")
+    return levels
 
 
 def run(args: argparse.Namespace) -> int:
     names = args.model or [n for n in DEFAULT_MODELS if _exists(n)]
+    if args.concurrency:
+        return _run_concurrency(names, args)
     print(f"prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} greedy decode steps, {args.repeat} runs each; "
           "median [min-max]")
     for name in names:
@@ -39,6 +55,16 @@ def run(args: argparse.Namespace) -> int:
         print(_bound(ours))
         if ours.profile:
             print("decode step time by op: " + ", ".join(f"{op} {share:.0%}" for op, share in ours.profile.items()))
+    return 0
+
+
+def _run_concurrency(names: list[str], args: argparse.Namespace) -> int:
+    print(f"{batch_benchmark.PROMPT_TOKENS}-token prompts, {batch_benchmark.NEW_TOKENS} greedy new tokens per request, "
+          f"{args.repeat} runs per level taking turns; medians (latencies over every request and token)")
+    for name in names:
+        print(f"\n{name}")
+        measured = batch_benchmark.measure_in_subprocess(name, args.concurrency, args.repeat, args.threads)
+        print("\n".join(batch_benchmark.table(measured)))
     return 0
 
 

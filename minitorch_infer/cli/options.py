@@ -44,6 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-passes", action="store_true", help="run the traced graph unoptimised")
     group.add_argument("--no-memory-plan", action="store_true",
                        help="give every activation its own buffer instead of sharing one planned arena")
+    group.add_argument("--kv-memory", default=None, metavar="SIZE",
+                       help="the KV cache's pool: bytes with a unit (512MiB, 2GB) or positions (8192tokens); "
+                            "default: four contexts' worth, committed only as it is written")
     group.add_argument("--threads", type=non_negative_int, default=0,
                        help="threads for matrix products (BLAS; default: all cores)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
@@ -87,7 +90,8 @@ def load_model(args: argparse.Namespace):
 
     with progress(args, f"loading {args.model}"):
         return minitorch_infer.load(args.model, context=args.context, prefill_chunk=args.prefill_chunk,
-                                    passes=pass_list(args), memory_plan=not args.no_memory_plan)
+                                    passes=pass_list(args), memory_plan=not args.no_memory_plan,
+                                    kv_memory=args.kv_memory)
 
 
 def note(args: argparse.Namespace, message: str) -> None:
