@@ -192,3 +192,42 @@ def _tiny_story(block_size: int, pool: int):
         _TINY_MODELS[key] = minitorch_infer.load(require_model("story"), context=96, prefill_chunk=64,
                                                  kv_memory=f"{pool}tokens", kv_block_size=block_size)
     return _TINY_MODELS[key]
+
+
+def test_a_rollback_into_a_shared_block_copies_it_before_writing(story_model):
+    """Two sequences share a prompt's full blocks; one rolls back into the shared block and writes other
+    tokens there. The other sequence's keys and values, and its logits, must not change."""
+    prompt = list(range(3, 3 + 40))                             # two full blocks of 16, and 8 more
+    first = story_model.kv_cache.open()
+    second = story_model.kv_cache.open()
+    try:
+        story_model.forward(first, prompt)
+        assert second.share_prefix(prompt) == 32 and second.blocks[:2] == first.blocks[:2]
+        story_model.forward(second, prompt[32:])
+        before = {name: array[:, first.slots(40)].copy() for name, array in story_model.kv_cache.arrays.items()}
+        second.truncate(20)                                     # into the second shared block
+        story_model.forward(second, [900, 901, 902])
+        assert second.blocks[1] != first.blocks[1]              # copied before the write
+        for name, array in story_model.kv_cache.arrays.items():
+            np.testing.assert_array_equal(array[:, first.slots(40)], before[name])
+        np.testing.assert_allclose(story_model.forward(first, [77]), solo_logits(story_model, prompt + [77]),
+                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(story_model.forward(second, [78]),
+                                   solo_logits(story_model, prompt[:20] + [900, 901, 902, 78]), atol=1e-4, rtol=0)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_dynamic_ntk_models_run_one_sequence_per_step(tmp_path):
+    """Their rotary frequencies follow the step's longest position, so sequences must not share a step."""
+    config = dict(tiny_models.random_configs()[0], rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                  max_position_embeddings=16)
+    tiny_models.write_tiny_model(tmp_path, config, seed=3)
+    model = minitorch_infer.load(tmp_path, context=48)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31, 32]]
+    solo = [model.generate(p, max_new_tokens=8, greedy=True, ignore_eos=True).token_ids for p in prompts]
+    engine = model.engine()
+    assert engine.scheduler.max_sequences == 1
+    assert [r.token_ids for r in model.generate_batch(prompts, max_new_tokens=8, greedy=True,
+                                                      ignore_eos=True)] == solo

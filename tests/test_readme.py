@@ -26,3 +26,10 @@ def test_every_cli_flag_is_in_the_readme():
                 if flag.startswith("--") and flag != "--help" and f"`{flag}" not in README:
                     missing.append(f"{name} {flag}")
     assert not missing, f"undocumented flags: {missing}"
+
+
+def test_the_graph_excerpt_is_what_the_tracer_prints(story_model):
+    excerpt = re.search(r"The traced story graph, one layer of it:\n\n```\n(.*?)\n```", README, re.S).group(1)
+    traced = {line.strip() for line in str(story_model.trace()).splitlines()}
+    for line in excerpt.splitlines():
+        assert line == "..." or line in traced, line

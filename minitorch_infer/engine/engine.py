@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+from ..backends.rope import is_position_dependent
 from ..errors import KVCacheFullError, SamplingError
 from ..generation.loop import (Decoder, GenerationResult, GenerationStats, check_max_new_tokens, check_prompt,
                                fit_to_context, sampling_params)
@@ -80,7 +81,12 @@ class Engine:
         self.model = model
         # A step's rows are the graph's S: at most the prefill chunk the program was planned for.
         self.max_batch_tokens = min(max_batch_tokens, model.prefill_chunk)
-        self.scheduler = Scheduler(model.kv_cache, self.max_batch_tokens, min(model.max_batch, model.prefill_chunk))
+        sequences = min(model.max_batch, model.prefill_chunk)
+        if is_position_dependent(model.config.rope_scaling):
+            # Dynamic NTK derives the rotary frequencies from the step's longest position: sequences sharing a
+            # step would change each other's rotations, so each step runs one sequence.
+            sequences = 1
+        self.scheduler = Scheduler(model.kv_cache, self.max_batch_tokens, sequences)
         self._handles: dict[Request, RequestHandle] = {}
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
