@@ -44,8 +44,11 @@ class StepLayout:
         """new_tokens[i] rows of sequence i come next in the step; slots[i] holds the cache slot of each of
         its positions 0..total-1 after the step (so its total is len(slots[i])). key_starts[i], when the
         caller knows it, is the first slot of a sequence whose slots are one run (None if they are not)."""
-        if len(new_tokens) != len(slots) or not len(new_tokens):
-            raise ValueError(f"a step needs one slot array per sequence, got {len(new_tokens)} and {len(slots)}")
+        if not len(new_tokens):
+            raise ValueError("a step needs at least one sequence")
+        if len(new_tokens) != len(slots):
+            raise ValueError(f"a step needs one slot array per sequence: {len(new_tokens)} sequences, "
+                             f"{len(slots)} slot arrays")
         totals = [len(s) for s in slots]
         if any(not 1 <= n <= total for n, total in zip(new_tokens, totals)):
             raise ValueError(f"every sequence needs 1..total new rows, got {list(new_tokens)} for totals {totals}")
@@ -55,7 +58,8 @@ class StepLayout:
         write_slots = np.concatenate([s[total - n:] for s, n, total in zip(slots, new_tokens, totals)])
         write_start = run_start(write_slots)
         return cls([int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops], totals,
-                   list(key_starts), [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
+                   list(key_starts),
+                   [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
                    write_start, None if write_start is not None else write_slots.astype(np.intp, copy=False),
                    np.asarray(stops - 1, dtype=np.intp))
 

@@ -180,8 +180,6 @@ def _slice_cols(x, attrs, bindings):
     return x[:, attrs["start"]:attrs["stop"]]
 
 
-
-
 # --- kernels --------------------------------------------------------------------------------------
 
 @kernel("embedding")

@@ -57,6 +57,7 @@ class KVSequence:
         self._run_start: int | None = None     # the first slot, when the blocks are consecutive
         self._registered = 0                   # how many leading full blocks are registered for sharing
         self._write_block_checked = True       # False when the next write may land in a shared block
+        self.closed = False
         # Releases the blocks when the sequence is closed, or dropped without close(): it holds the block list,
         # never the sequence, so the sequence can be collected.
         self._finalizer = weakref.finalize(self, cache._release_all, self.blocks)
@@ -77,6 +78,9 @@ class KVSequence:
         """Make room for `new_tokens` more positions, or refuse before any work: past the context is a
         ContextOverflowError, past the pool a KVCacheFullError (the sequence is left as it was)."""
         length = self.length + new_tokens
+        if self.closed:
+            raise MinitorchError("this KV-cache sequence was closed and holds nothing; a closed chat session or "
+                                 "stream cannot run again: open a new one")
         if length > self.context:
             raise ContextOverflowError(
                 f"{new_tokens} new tokens do not fit: the sequence holds {self.length} of {self.context} "
@@ -106,8 +110,8 @@ class KVSequence:
     def share_prefix(self, token_ids: Sequence[int]) -> int:
         """On an empty sequence: take the registered blocks that hold a prefix of token_ids (leaving at least
         one token to compute, whose logits the caller needs). Returns how many positions are now cached."""
-        if self.length:
-            raise ValueError("share_prefix needs an empty sequence")
+        if self.length or self.closed:
+            raise ValueError("share_prefix needs an open, empty sequence")
         return self.cache._share_prefix(self, list(token_ids))
 
     def slots(self, total: int) -> np.ndarray:
@@ -123,7 +127,12 @@ class KVSequence:
         return self._run_start
 
     def close(self) -> None:
+        """Return every block to the pool; the sequence then holds nothing and refuses to grow."""
         self._finalizer()
+        self.closed = True
+        self.length = self._registered = 0
+        self.tokens = []
+        self._blocks_changed()
 
     def _blocks_changed(self) -> None:
         self._slots = None
@@ -152,7 +161,6 @@ class KVCache:
         self._block_of: dict[tuple, int] = {}      # key -> registered block
         self._next_serial = 1
         self._open = 0
-        self.prefix_hits = 0                       # positions served from shared blocks, over the cache's life
 
     # --- accounting -------------------------------------------------------------------------------
     @property
@@ -297,7 +305,6 @@ class KVCache:
             sequence.length = len(sequence.blocks) * size
             sequence.tokens = token_ids[:sequence.length]
             sequence._registered = len(sequence.blocks)
-            self.prefix_hits += sequence.length
         return sequence.length
 
     def _unregister(self, block: int) -> None:

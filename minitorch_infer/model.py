@@ -96,7 +96,7 @@ class Model:
     def compile(self, passes: Sequence[str] | None = None, memory_plan: bool = True) -> None:
         """(Re)build the program with the named passes (None: the defaults; []: none), or pass functions.
 
-        The KV cache is planned anew, so sessions opened before a recompile must be opened again.
+        The KV cache is planned anew, so sessions and engines made before a recompile must be made again.
         """
         self.passes = list(DEFAULT_PASSES if passes is None else passes)
         self.memory_plan_enabled = memory_plan
@@ -171,6 +171,9 @@ class Model:
         counts = [len(t) for t in token_ids]
         tokens = self._checked_ids([t for chunk in token_ids for t in chunk])
         positions = np.concatenate([np.arange(s.length, s.length + n) for s, n in zip(sequences, counts)])
+        if any(s.cache is not self.kv_cache for s in sequences):
+            raise MinitorchError("a sequence from another KV cache: the model was recompiled since it was opened "
+                                 "(open sequences, sessions and engines anew after compile())")
         (logits,) = self._last.program.run({"tokens": tokens, "positions": positions}, self.kv_cache.arrays,
                                            _layout(sequences, counts))
         for sequence, chunk in zip(sequences, token_ids):
@@ -192,7 +195,8 @@ class Model:
         return self._all
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits [len(token_ids), vocab] (float32) of every position, from an empty cache; keeps no state."""
+        """Logits [len(token_ids), vocab] (float32) of every position, from an empty sequence, which is then
+        closed (its full blocks stay registered, so a later prompt that starts the same can reuse them)."""
         if len(token_ids) > self.context:
             raise ContextOverflowError(f"{len(token_ids)} tokens exceed the context length {self.context}")
         sequence = self.kv_cache.open()

@@ -231,3 +231,44 @@ def test_dynamic_ntk_models_run_one_sequence_per_step(tmp_path):
     assert engine.scheduler.max_sequences == 1
     assert [r.token_ids for r in model.generate_batch(prompts, max_new_tokens=8, greedy=True,
                                                       ignore_eos=True)] == solo
+
+
+def test_an_engine_blocked_by_sequences_outside_it_raises_kv_cache_full():
+    model = minitorch_infer.load(require_model("story"), context=128, kv_memory="64tokens")
+    outside = model.kv_cache.open()
+    model.forward(outside, list(range(3, 40)))                  # 3 of the 4 blocks
+    handle = model.engine().submit(list(range(50, 70)), max_new_tokens=8, greedy=True, ignore_eos=True)
+    with pytest.raises(KVCacheFullError, match="3 of its 4 blocks are held outside this engine"):
+        handle.result()
+    outside.close()
+    assert model.kv_cache.used_blocks == 0
+
+
+def test_a_closed_sequence_refuses_to_run_and_keeps_nothing(story_model):
+    sequence = story_model.kv_cache.open()
+    story_model.forward(sequence, [1, 80, 147])
+    sequence.close()
+    assert sequence.length == 0 and sequence.blocks == []
+    with pytest.raises(minitorch_infer.MinitorchError, match="was closed"):
+        story_model.forward(sequence, [201])
+
+
+def test_stopping_the_background_thread_leaves_streams_to_finish_on_their_own_thread(story_model):
+    engine = story_model.engine().start()
+    handle = engine.submit("Once upon a time", max_new_tokens=100, greedy=True, ignore_eos=True)
+    pieces = []
+    reader = threading.Thread(target=lambda: pieces.extend(handle.stream()))
+    reader.start()
+    engine.stop()
+    reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert "".join(pieces) == handle.result().text and len(handle.result().token_ids) == 100
+
+
+def test_an_engine_refuses_to_run_after_the_model_is_recompiled():
+    model = minitorch_infer.load(require_model("story"))
+    engine = model.engine()
+    handle = engine.submit("Once upon a time", max_new_tokens=4)
+    model.compile()
+    with pytest.raises(minitorch_infer.MinitorchError, match="recompiled after this engine was made"):
+        handle.result()

@@ -3,8 +3,10 @@
 Threading model: every model step runs on one thread, the one that drives the engine. Either the caller
 drives it (`run()`, or waiting on a handle of an engine that was not started, as `generate_batch` does),
 or `start()` runs a background thread that steps while there is work and sleeps when there is none.
-`submit`, `cancel` and reading handles are safe from any thread; the model, its KV cache and the
-scheduler are touched only under the engine's lock, from the stepping thread.
+`submit`, `cancel` and reading handles are safe from any thread: the engine touches the model, its KV cache
+and the scheduler only under its lock. The model's own calls (generate, chat sessions, logits) take no such
+lock: while an engine's background thread runs, do not call them from another thread, since they share the
+program's buffers and the pool's bookkeeping.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from ..backends.rope import is_position_dependent
-from ..errors import KVCacheFullError, SamplingError
+from ..errors import KVCacheFullError, MinitorchError, SamplingError
 from ..generation.loop import (Decoder, GenerationResult, GenerationStats, check_max_new_tokens, check_prompt,
                                fit_to_context, sampling_params)
 from ..generation.stopping import FinishReason
@@ -23,11 +25,16 @@ from .scheduler import Request, Scheduler
 
 DEFAULT_MAX_BATCH_TOKENS = 256
 _DONE = object()     # ends a handle's stream of pieces
+_POLL_SECONDS = 0.05  # how often a waiting handle checks that a background thread still steps the engine
 
 
 class RequestHandle:
     """A submitted request: iterate `stream()` for its text as it is produced, `result()` to wait for the
-    whole GenerationResult, `cancel()` to stop it (finish_reason "interrupted")."""
+    whole GenerationResult, `cancel()` to stop it (finish_reason "interrupted"). A request the engine could
+    not serve (the KV pool held by others, a failed step) raises its error from `stream()` and `result()`.
+
+    Waiting on a handle of an engine with no background thread (never started, or stopped) steps the engine
+    on the waiting thread."""
 
     def __init__(self, engine: Engine, request: Request):
         self._engine = engine
@@ -35,6 +42,7 @@ class RequestHandle:
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
 
     @property
     def done(self) -> bool:
@@ -44,29 +52,46 @@ class RequestHandle:
         while True:
             piece = self._next_piece()
             if piece is _DONE:
+                self._raise_error()
                 return
             yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        if not self._engine.running_in_background:
-            self._engine.run(until=self._done.is_set)
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self._request.number} did not finish within {timeout} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {self._request.number} did not finish within {timeout} s")
+            if self._engine.running_in_background:
+                self._done.wait(_POLL_SECONDS)
+            elif not self._engine.step() and not self._done.is_set():
+                raise self._stuck()
+        self._raise_error()
         return self._result
 
     def cancel(self) -> None:
         self._engine.cancel(self)
 
     def _next_piece(self):
-        if not self._engine.running_in_background:
-            self._engine.run(until=lambda: not self._pieces.empty())
-        return self._pieces.get()
+        while True:
+            background = self._engine.running_in_background
+            try:
+                return self._pieces.get(block=background, timeout=_POLL_SECONDS if background else None)
+            except queue.Empty:
+                if not background and not self._engine.step() and self._pieces.empty():
+                    raise self._stuck() from None
+
+    def _stuck(self) -> MinitorchError:
+        return MinitorchError(f"request {self._request.number} cannot finish: the engine has nothing it can run")
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def _emit(self, piece: str) -> None:
         self._pieces.put(piece)
 
-    def _finish(self, result: GenerationResult) -> None:
-        self._result = result
+    def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
         self._pieces.put(_DONE)
         self._done.set()
 
@@ -91,7 +116,7 @@ class Engine:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stop_thread: threading.Event | None = None   # each background thread has its own
         self._numbers = iter(range(1 << 62))
         self.steps = 0
 
@@ -131,6 +156,8 @@ class Engine:
     def step(self) -> bool:
         """Run one step; False when there was nothing to do."""
         with self._lock:
+            if self.model.kv_cache is not self.scheduler.kv_cache:
+                raise MinitorchError("the model was recompiled after this engine was made: make a new engine")
             batch = self.scheduler.schedule()
             if not batch:
                 return self._unblock()
@@ -153,19 +180,30 @@ class Engine:
                     self._finish(request, finished)
             return True
 
-    def run(self, until=None) -> None:
-        """Step until there is no work left (or `until()` is true), on the calling thread."""
-        while (until is None or not until()) and self.step():
+    def run(self) -> None:
+        """Step until there is no work left, on the calling thread."""
+        while self.step():
             pass
 
     def _unblock(self) -> bool:
-        """Nothing could be scheduled. If requests wait while none runs, the head of the queue cannot fit in
-        the whole pool even alone (it grew past it): it ends with finish_reason "context"."""
+        """Nothing could be scheduled although requests wait and none runs: the head of the queue cannot get
+        the blocks it needs. If the rest of the pool is free, it has outgrown the whole pool and ends with
+        finish_reason "context"; if sequences outside this engine (sessions, streams, another engine) hold
+        blocks, it fails with KVCacheFullError, as generate would."""
         scheduler = self.scheduler
-        if scheduler.waiting and not scheduler.running:
-            self._finish(scheduler.waiting[0], FinishReason.CONTEXT.value)
-            return True
-        return False
+        if not scheduler.waiting or scheduler.running:
+            return False
+        request = scheduler.waiting[0]
+        cache = self.model.kv_cache
+        if cache.used_blocks == 0:
+            self._finish(request, FinishReason.CONTEXT.value)
+        else:
+            scheduler.retire(request)
+            self._handles.pop(request)._finish(None, KVCacheFullError(
+                f"the KV cache is full: {cache.used_blocks} of its {cache.num_blocks} blocks are held outside "
+                f"this engine (sessions, streams, another engine), and request {request.number} needs more; close "
+                "them, or raise the KV memory (--kv-memory, kv_memory=)"))
+        return True
 
     def _finish(self, request: Request, reason: str) -> None:
         self.scheduler.retire(request)
@@ -174,8 +212,7 @@ class Engine:
         handle = self._handles.pop(request)
         if tail:
             handle._emit(tail)
-        handle._finish(GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids,
-                                        _stats(request)))
+        handle._finish(GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, _stats(request)))
 
     # --- a background thread ----------------------------------------------------------------------
     @property
@@ -186,27 +223,40 @@ class Engine:
         """Step on a background thread from now on (until stop())."""
         with self._lock:
             if self._thread is None:
-                self._stopping = False
-                self._thread = threading.Thread(target=self._loop, name="minitorch-engine", daemon=True)
+                self._stop_thread = threading.Event()
+                self._thread = threading.Thread(target=self._loop, args=(self._stop_thread,),
+                                                name="minitorch-engine", daemon=True)
                 self._thread.start()
         return self
 
     def stop(self) -> None:
+        """End the background thread after its current step. Unfinished requests stay queued; waiting on
+        their handles steps the engine from then on."""
         with self._lock:
-            self._stopping = True
-            self._wake.notify()
+            if self._stop_thread is not None:
+                self._stop_thread.set()
+            self._wake.notify_all()
             thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self.scheduler.has_work:
+                while not stop.is_set() and not self.scheduler.has_work:
                     self._wake.wait()
-                if self._stopping:
+                if stop.is_set():
                     return
-            self.step()
+            try:
+                self.step()
+            except BaseException as error:         # a failed step fails every request, never hangs them
+                self._fail_all(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            for request in list(self._handles):
+                self.scheduler.retire(request)
+                self._handles.pop(request)._finish(None, error)
 
     def __enter__(self) -> Engine:
         return self

@@ -38,10 +38,6 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     token_times: list[float] = field(default_factory=list)
 
-    @property
-    def prefilling(self) -> bool:
-        return not self.decoder.new_ids
-
     def all_tokens(self) -> list[int]:
         return self.prompt_ids + self.decoder.new_ids
 
