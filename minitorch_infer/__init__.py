@@ -6,7 +6,8 @@
 """
 
 from .errors import (ContextOverflowError, GraphError, KVCacheFullError, MinitorchError, ModelFormatError,
-                     ModelNotFoundError, OutputExistsError, PromptError, SamplingError, TemplateError, TraceError, UnsupportedModelError)
+                     ModelNotFoundError, OutputExistsError, PromptError, SamplingError, TemplateError, TraceError,
+                     UnsupportedModelError)
 from .loading import load
 from .model import Model
 

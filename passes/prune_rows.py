@@ -16,8 +16,8 @@ all rows).
 R is the number of sequences in the step (one for a single stream): last_row keeps each one's newest row.
 llama.cpp does the same with its output ids. Attention qualifies because each sequence's queries are its
 newest positions, aligned to the end of its cache; rebuilt on the last rows it is told so
-(queries="last"). The keys and values keep every row, since the KV cache needs them all. `examples/custom_pass.py` is this pass's first
-half (row-wise ops only), written as a user would.
+(queries="last"). The keys and values keep every row, since the KV cache needs them all.
+`examples/custom_pass.py` is this pass's first half (row-wise ops only), written as a user would.
 """
 
 from __future__ import annotations

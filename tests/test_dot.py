@@ -48,7 +48,8 @@ def require_dot() -> None:
     if shutil.which("dot") is None:
         if os.environ.get("MINITORCH_REQUIRE_MODELS") == "1":
             pytest.fail("the Graphviz `dot` program is required (MINITORCH_REQUIRE_MODELS=1) but not installed")
-        pytest.skip("Graphviz's `dot` program is not installed (a system package: apt install graphviz); the .dot text is tested without it")
+        pytest.skip("Graphviz's `dot` program is not installed (a system package: apt install graphviz); "
+                    "the .dot text is tested without it")
 
 
 # --- layout and ids ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests of the test oracle itself (tests/oracle), against what transformers computed.
 
-- The real story model against transformers' reference outputs (tests/fixtures/reference, transformers 5.23): greedy tokens exactly, logits to 1e-4.
+- The real story model against transformers' reference outputs (tests/fixtures/reference, transformers 5.23):
+  greedy tokens exactly, logits to 1e-4.
 - The HF golden fixtures (tests/fixtures/hf_golden, made by tests/oracle/make_hf_golden.py): every
   position's logits to 1e-4 and the greedy continuation exactly.
 - Properties that pin the semantics independently of HF: causality, the sliding-window boundary, GQA as

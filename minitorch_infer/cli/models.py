@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 def _fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=["smollm2-135m-instruct"], help="the model to fetch")
-    parser.add_argument("--models-dir", default=None, help="where to put it (default: the package's models folder, the checkout's models/ in a checkout)")
+    parser.add_argument("--models-dir", default=None,
+                        help="where to put it (default: the package's models folder, the checkout's models/ in a "
+                             "checkout)")
 
 
 def _fetch(args: argparse.Namespace) -> int:

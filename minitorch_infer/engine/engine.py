@@ -133,7 +133,8 @@ class Engine:
         cache = self.model.kv_cache
         if len(prompt_ids) > cache.capacity_tokens:
             raise KVCacheFullError(f"the prompt is {len(prompt_ids)} tokens, more than the whole KV pool holds "
-                                   f"({cache.capacity_tokens} positions); raise the KV memory (--kv-memory, kv_memory=)")
+                                   f"({cache.capacity_tokens} positions); raise the KV memory "
+                                   "(--kv-memory, kv_memory=)")
         decoder = Decoder(self.model, prompt_ids, max_new_tokens, stop, ignore_eos, params)
         with self._lock:
             request = Request(next(self._numbers), prompt_ids, decoder, pending=list(prompt_ids))
