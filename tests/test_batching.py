@@ -272,3 +272,33 @@ def test_an_engine_refuses_to_run_after_the_model_is_recompiled():
     model.compile()
     with pytest.raises(minitorch_infer.MinitorchError, match="recompiled after this engine was made"):
         handle.result()
+
+
+@pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [5, 1, 12, 1], [1] * 12],
+                         ids=["decode", "mixed", "decode-12"])
+def test_batched_kernels_equal_the_reference_backend_on_scattered_slots(story_model, new_tokens):
+    """The fast backend's kv_write, attention (per sequence and padded batch) and last_row against the plain
+    reference interpreter, on one layout with every sequence's positions scattered over the pool."""
+    from minitorch_infer.backends import numpy as numpy_backend, reference
+    from minitorch_infer.backends.layout import StepLayout
+
+    rng = np.random.default_rng(len(new_tokens) + sum(new_tokens))
+    graph = story_model.graph
+    pool = {name: rng.standard_normal(array.shape).astype(np.float32)
+            for name, array in story_model.kv_cache.arrays.items()}
+    capacity = next(iter(pool.values())).shape[1]
+    totals = [n + int(rng.integers(0, 60)) for n in new_tokens]
+    slots = np.split(rng.permutation(capacity)[:sum(totals)], np.cumsum(totals)[:-1])
+    layout = StepLayout.of(new_tokens, slots)
+    assert all(start is None for start in layout.key_starts)           # every sequence gathered
+    inputs = {"tokens": rng.integers(3, 2048, size=sum(new_tokens)),
+              "positions": np.concatenate([np.arange(t - n, t) for n, t in zip(new_tokens, totals)])}
+    params = {name: story_model.weights[name] for name in graph.params}
+    expected_pool = {name: array.copy() for name, array in pool.items()}
+    (expected,) = reference.run(graph, params, inputs, expected_pool, {"S": sum(new_tokens), "T": max(totals)},
+                                layout)
+    program = numpy_backend.compile(graph, story_model.memory_plan, story_model.weights)
+    (found,) = program.run(inputs, pool, layout)
+    np.testing.assert_allclose(found, expected, atol=1e-4, rtol=1e-4)
+    for name in pool:
+        np.testing.assert_allclose(pool[name], expected_pool[name], atol=1e-5, rtol=1e-5)
