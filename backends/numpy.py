@@ -58,6 +58,9 @@ class StepState:
 
 
 class Program:
+    """A graph compiled for NumPy: `run(inputs, pool, layout)` executes one step and returns views of its output
+    buffers. Built by `compile`; every op must have a kernel here (or a view rule), checked now, not mid-run."""
+
     def __init__(self, graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]):
         for node in graph.nodes:
             if node.op not in KERNELS and node.op not in VIEWS:
@@ -162,6 +165,7 @@ class Program:
 
 
 def compile(graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]) -> Program:
+    """Bind `graph` to its weights (`params` by name) and to one arena laid out as `plan` says."""
     return Program(graph, plan, params)
 
 

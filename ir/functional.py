@@ -36,6 +36,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """x · weightᵀ: x [S, in], weight [out, in] (HF's layout) -> [S, out]."""
     return _record("matmul", x, weight)
 
 

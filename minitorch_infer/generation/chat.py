@@ -44,6 +44,10 @@ class _Turn:
 
 
 class Session:
+    """A conversation with a model (`Model.chat()`): `send`/`stream` a user turn, `rollback` the last turn,
+    `reset`, `close` (or use it as a context manager). Its KV-cache sequence keeps the conversation, so each
+    turn prefills only its own tokens; a session dropped without close() returns its blocks all the same."""
+
     def __init__(self, model, system: str | None = None):
         self.model = model
         self.template = chat_template_for(model)
