@@ -147,7 +147,8 @@ class Program:
                 if value.kind == "state":
                     outs.append(ins[1])          # kv_write: the whole cache; readers slice it per step
                 elif id(value) in outputs:
-                    outs.append(self.output_buffers[value.name][:value.type.concrete_shape(bindings)[0]])
+                    bound = value.type.concrete_shape(bindings)
+                    outs.append(self.output_buffers[value.name][tuple(slice(0, n) for n in bound)])
                 else:
                     outs.append(self._arena_view(self.plan.offsets[value.name], value.type.concrete_shape(bindings),
                                                  value.type.np_dtype))
@@ -250,6 +251,133 @@ def _mul(node: Node, ins, outs, scratch, step) -> Kernel:
     a, b = ins
     (y,) = outs
     return lambda: np.multiply(a, b, out=y)
+
+
+@kernel("sub")
+def _sub(node: Node, ins, outs, scratch, step) -> Kernel:
+    a, b = ins
+    (y,) = outs
+    return lambda: np.subtract(a, b, out=y)
+
+
+@kernel("div")
+def _div(node: Node, ins, outs, scratch, step) -> Kernel:
+    a, b = ins
+    (y,) = outs
+    return lambda: np.divide(a, b, out=y)
+
+
+@kernel("constant")
+def _constant(node: Node, ins, outs, scratch, step) -> Kernel:
+    (y,) = outs
+    value = np.float32(node.attrs["value"])
+    return lambda: y.fill(value)          # every step: the planner may reuse the buffer between steps
+
+
+@kernel("exp")
+def _exp(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    return lambda: np.exp(x, out=y)
+
+
+@kernel("tanh")
+def _tanh(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    return lambda: np.tanh(x, out=y)
+
+
+@kernel("softmax")
+def _softmax(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    rows = np.empty((*x.shape[:-1], 1), np.float32)       # one float per row, bound once per program
+
+    def call():
+        np.maximum.reduce(x, axis=-1, keepdims=True, out=rows)
+        np.subtract(x, rows, out=y)
+        np.exp(y, out=y)
+        np.add.reduce(y, axis=-1, keepdims=True, out=rows)
+        np.divide(y, rows, out=y)
+    return call
+
+
+# Abramowitz & Stegun 7.1.26: erf to 1.5e-7 absolute, enough for float32 (NumPy has no erf of its own).
+_ERF_P = np.float32(0.3275911)
+_ERF_A = tuple(np.float32(a) for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+
+
+@kernel("gelu")
+def _gelu(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    t = np.empty(x.shape, np.float32)
+    if node.attrs["approximate"] == "tanh":
+        inner = np.float32(math.sqrt(2 / math.pi))
+
+        def tanh_form():
+            np.multiply(x, x, out=t)
+            np.multiply(t, np.float32(0.044715), out=t)
+            np.add(t, np.float32(1), out=t)
+            np.multiply(t, x, out=t)
+            np.multiply(t, inner, out=t)
+            np.tanh(t, out=t)
+            np.add(t, np.float32(1), out=t)
+            np.multiply(t, x, out=y)
+            np.multiply(y, np.float32(0.5), out=y)
+        return tanh_form
+    a1, a2, a3, a4, a5 = _ERF_A
+    z, polynomial = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)
+
+    def erf_form():
+        # Φ(x) = (1 + erf(x/√2)) / 2, with erf odd: erf(|z|) by A&S, then the sign back.
+        np.multiply(x, np.float32(1 / math.sqrt(2)), out=z)
+        np.abs(z, out=z)
+        np.multiply(z, _ERF_P, out=t)
+        np.add(t, np.float32(1), out=t)
+        np.reciprocal(t, out=t)                           # t = 1 / (1 + p|z|)
+        np.multiply(t, a5, out=polynomial)                # ((((a5 t + a4) t + a3) t + a2) t + a1) t
+        for a in (a4, a3, a2, a1):
+            np.add(polynomial, a, out=polynomial)
+            np.multiply(polynomial, t, out=polynomial)
+        np.multiply(z, z, out=z)
+        np.negative(z, out=z)
+        np.exp(z, out=z)
+        np.multiply(polynomial, z, out=z)                 # 1 - erf(|z|)
+        np.subtract(np.float32(1), z, out=z)
+        np.copysign(z, x, out=z)                          # erf(x/√2)
+        np.add(z, np.float32(1), out=z)
+        np.multiply(z, x, out=y)
+        np.multiply(y, np.float32(0.5), out=y)
+    return erf_form
+
+
+@kernel("layer_norm")
+def _layer_norm(node: Node, ins, outs, scratch, step) -> Kernel:
+    x, weight, bias = ins
+    (y,) = outs
+    width = x.shape[-1]
+    x_rows, y_rows = x.reshape(-1, width), y.reshape(-1, width)
+    stat = np.empty((x_rows.shape[0], 1), np.float32)        # one float per row, bound once per program
+    stat_flat = stat[:, 0]
+    inverse_width, eps = np.float32(1 / width), np.float32(node.attrs["eps"])
+
+    def call():
+        np.add.reduce(x_rows, axis=-1, keepdims=True, out=stat)
+        np.multiply(stat, inverse_width, out=stat)
+        np.subtract(x_rows, stat, out=y_rows)               # centred; y may be x's buffer, x is not read again
+        np.vecdot(y_rows, y_rows, out=stat_flat)
+        np.multiply(stat, inverse_width, out=stat)
+        np.add(stat, eps, out=stat)
+        np.sqrt(stat, out=stat)
+        np.divide(y_rows, stat, out=y_rows)
+        np.multiply(y_rows, weight, out=y_rows)
+        np.add(y_rows, bias, out=y_rows)
+    return call
+
+
+@kernel("transpose")
+def _transpose(node: Node, ins, outs, scratch, step) -> Kernel:
+    (x,), (y,) = ins, outs
+    permuted = x.transpose(node.attrs["perm"])
+    return lambda: np.copyto(y, permuted)
 
 
 def _silu_into(x: np.ndarray, y: np.ndarray) -> None:

@@ -4,6 +4,7 @@ every pass are checked against, so each kernel is written for clarity, not speed
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import numpy as np
@@ -94,6 +95,63 @@ def _add(args, attrs, step):
 @kernel("mul")
 def _mul(args, attrs, step):
     return args[0] * args[1]
+
+
+@kernel("sub")
+def _sub(args, attrs, step):
+    return args[0] - args[1]
+
+
+@kernel("div")
+def _div(args, attrs, step):
+    return args[0] / args[1]
+
+
+@kernel("constant")
+def _constant(args, attrs, step):
+    return np.array(attrs["value"], dtype=np.float32)
+
+
+@kernel("exp")
+def _exp(args, attrs, step):
+    return np.exp(args[0])
+
+
+@kernel("tanh")
+def _tanh(args, attrs, step):
+    return np.tanh(args[0])
+
+
+@kernel("softmax")
+def _softmax(args, attrs, step):
+    shifted = np.exp(args[0] - args[0].max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+_ERF = np.frompyfunc(math.erf, 1, 1)
+
+
+@kernel("gelu")
+def _gelu(args, attrs, step):
+    x = args[0].astype(np.float64)
+    if attrs["approximate"] == "tanh":
+        y = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    else:
+        y = 0.5 * x * (1 + _ERF(x / math.sqrt(2)).astype(np.float64))
+    return y.astype(np.float32)
+
+
+@kernel("layer_norm")
+def _layer_norm(args, attrs, step):
+    x, weight, bias = args
+    mean = x.mean(axis=-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((x - mean) / np.sqrt(variance + np.float32(attrs["eps"])) * weight + bias).astype(np.float32)
+
+
+@kernel("transpose")
+def _transpose(args, attrs, step):
+    return np.ascontiguousarray(args[0].transpose(attrs["perm"]))
 
 
 def _silu_values(x):

@@ -44,6 +44,38 @@ def silu(x: Tensor) -> Tensor:
     return _record("silu", x)
 
 
+def constant(value: float) -> Tensor:
+    """A float32 scalar, broadcast by add, sub, mul and div (`x * 0.5` makes one for you)."""
+    return _record("constant", value=float(value))
+
+
+def exp(x: Tensor) -> Tensor:
+    return _record("exp", x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return _record("tanh", x)
+
+
+def softmax(x: Tensor) -> Tensor:
+    """Softmax over the last axis."""
+    return _record("softmax", x)
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU: exact ("none", with erf) or the tanh form GPT-2 uses ("tanh")."""
+    return _record("gelu", x, approximate=approximate)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    return _record("layer_norm", x, weight, bias, eps=float(eps))
+
+
+def transpose(x: Tensor, perm: tuple) -> Tensor:
+    """x with its axes permuted, as numpy.transpose(x, perm); a copy, not a view."""
+    return _record("transpose", x, perm=tuple(int(axis) for axis in perm))
+
+
 def last_row(x: Tensor, rows: Sym) -> Tensor:
     """Each sequence's newest row: [S, ...] -> [R, ...] with `rows` = R, the sequences in a step."""
     return _record("last_row", x, rows=rows)

@@ -153,6 +153,55 @@ def _elementwise(name: str, doc: str):
 
 _elementwise("add", "a + b, b broadcast over a's leading axes.")
 _elementwise("mul", "a * b, b broadcast over a's leading axes.")
+_elementwise("sub", "a - b, b broadcast over a's leading axes.")
+_elementwise("div", "a / b, b broadcast over a's leading axes.")
+
+
+@register_op("constant", attrs={"value": float}, n_inputs=0)
+def _constant(ts, attrs):
+    """A float32 scalar f32[] (rank 0), which elementwise ops broadcast: `x * 0.5` traces mul(x, constant)."""
+    return [TensorType((), "f32")]
+
+
+def _unary(name: str, doc: str, attrs=None):
+    def infer(ts, attrs):
+        return [ts[0]]
+
+    infer.__doc__ = doc
+    register_op(name, attrs=attrs, n_inputs=1)(infer)
+
+
+_unary("exp", "e to the power x, elementwise.")
+_unary("tanh", "tanh(x), elementwise.")
+_unary("softmax", "softmax over the last axis: exp(x - max) / sum.")
+GELU_FORMS = ("none", "tanh")
+
+
+@register_op("gelu", attrs={"approximate": str}, n_inputs=1)
+def _gelu(ts, attrs):
+    """x * Φ(x) (approximate="none", with erf) or GPT-2's 0.5x(1 + tanh(√(2/π)(x + 0.044715x³))) ("tanh")."""
+    if attrs["approximate"] not in GELU_FORMS:
+        raise GraphError(f"gelu: approximate={attrs['approximate']!r} should be one of {GELU_FORMS}")
+    return [ts[0]]
+
+
+@register_op("layer_norm", attrs={"eps": float}, n_inputs=3, inplace=0)
+def _layer_norm(ts, attrs):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis of x [..., D]; weight, bias [D]."""
+    x, weight, bias = ts
+    if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        _fail("layer_norm", "weight and bias must be [D], D the last axis of x", x, weight, bias)
+    return [x]
+
+
+@register_op("transpose", attrs={"perm": tuple}, n_inputs=1)
+def _transpose(ts, attrs):
+    """x with its axes permuted (perm as numpy.transpose takes it), into a buffer of its own."""
+    (x,) = ts
+    perm = attrs["perm"]
+    if sorted(perm) != list(range(x.rank)):
+        _fail("transpose", f"perm {perm} is not a permutation of the {x.rank} axes", x)
+    return [TensorType(tuple(x.shape[axis] for axis in perm), x.dtype)]
 
 
 @register_op("silu", n_inputs=1)

@@ -40,11 +40,27 @@ class Tensor:
     def reshape(self, *shape) -> Tensor:
         return self.tracer.record("reshape", [self], {"shape": tuple(shape)})
 
-    def __add__(self, other: Tensor) -> Tensor:
-        return self.tracer.record("add", [self, other])
+    def __add__(self, other: Tensor | float) -> Tensor:
+        return self.tracer.record("add", [self, self._operand(other)])
 
-    def __mul__(self, other: Tensor) -> Tensor:
-        return self.tracer.record("mul", [self, other])
+    def __mul__(self, other: Tensor | float) -> Tensor:
+        return self.tracer.record("mul", [self, self._operand(other)])
+
+    def __sub__(self, other: Tensor | float) -> Tensor:
+        return self.tracer.record("sub", [self, self._operand(other)])
+
+    def __truediv__(self, other: Tensor | float) -> Tensor:
+        return self.tracer.record("div", [self, self._operand(other)])
+
+    # A number on the left: 0.5 * x and 1 + x are x * 0.5 and x + 1 (the broadcast operand goes second).
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def _operand(self, other: Tensor | float) -> Tensor:
+        """A Python number becomes a float32 constant node."""
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return self.tracer.record("constant", [], {"value": float(other)})
+        return other
 
     def _data_dependent(self, *_args, **_kwargs):
         raise TraceError(
@@ -99,7 +115,8 @@ class Tracer:
         values = []
         for item in inputs:
             if not isinstance(item, Tensor):
-                raise TraceError(f"{op}: argument {item!r} is not a traced tensor (a constant must be a param)")
+                raise TraceError(f"{op}: argument {item!r} is not a traced tensor (a Python number becomes a "
+                                 "constant; an array must be a param)")
             values.append(item.value)
         meta = {"scope": ".".join(self._scope), "source": _caller_line()}
         if self._layer is not None:

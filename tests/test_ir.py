@@ -47,9 +47,11 @@ def test_branching_on_a_traced_value_is_a_trace_error():
         trace(branchy, {"x": TensorType((Sym("S", 4), 8))})
 
 
-def test_passing_a_constant_is_a_trace_error():
-    with pytest.raises(TraceError, match="not a traced tensor"):
-        trace(lambda x: x + 1.0, {"x": TensorType((4,))})
+def test_an_array_where_a_tensor_belongs_is_a_trace_error_but_a_number_is_a_constant():
+    with pytest.raises(TraceError, match="not a traced tensor .* an array must be a param"):
+        trace(lambda x: x + np.ones(4, np.float32), {"x": TensorType((4,))})
+    graph = trace(lambda x: x + 1.0, {"x": TensorType((4,))})
+    assert [n.op for n in graph.nodes] == ["constant", "add"] and graph.nodes[0].attrs == {"value": 1.0}
 
 
 def test_shape_errors_name_the_op_and_types():
