@@ -113,6 +113,8 @@ class Engine:
             sequences = 1
         self.scheduler = Scheduler(model.kv_cache, self.max_batch_tokens, sequences)
         self._handles: dict[Request, RequestHandle] = {}
+        # Called as finish_observer(request, result) when a request ends (e.g. a server's metrics).
+        self.finish_observers: list = []
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -213,7 +215,10 @@ class Engine:
         handle = self._handles.pop(request)
         if tail:
             handle._emit(tail)
-        handle._finish(GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, _stats(request)))
+        result = GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, _stats(request))
+        for observe in self.finish_observers:
+            observe(request, result)
+        handle._finish(result)
 
     # --- a background thread ----------------------------------------------------------------------
     @property

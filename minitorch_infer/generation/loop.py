@@ -179,7 +179,8 @@ class Decoder:
         # Without a tokenizer (a bare weights folder) the run still produces token ids, just no text.
         self.detokenizer = (IncrementalDetokenizer(model.tokenizer.backend, prompt_ids, source=model.tokenizer.source)
                             if model.tokenizer is not None else _NoText())
-        self.history = np.zeros(len(prompt_ids) + max_new_tokens, dtype=np.int64)
+        # A sequence never outgrows the context, however large max_new_tokens is.
+        self.history = np.zeros(len(prompt_ids) + min(max_new_tokens, model.context), dtype=np.int64)
         self.history[:len(prompt_ids)] = prompt_ids
         self.known = len(prompt_ids)
         self.new_ids: list[int] = []

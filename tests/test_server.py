@@ -1,0 +1,191 @@
+"""The OpenAI-compatible server, driven by the real `openai` client (sync and async) and by plain HTTP, against
+a server started here on 127.0.0.1: answers equal the engine's own, streams join to the same text, errors
+come back as OpenAI errors."""
+
+import asyncio
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+import minitorch_infer
+from conftest import require_model
+from minitorch_infer.serving.app import build_app
+
+PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a cat",
+           "Lily had a red ball", "The sun", "A big bear", "Mom said", "The boy ran", "It was a cold day",
+           "The bird sang", "Max the cat", "In the garden", "Ben found a box", "The girl smiled", "Sam and Mia"]
+
+
+@contextlib.contextmanager
+def serving(model, name: str, **options):
+    """A server for `model` on a free loopback port, in a thread; yields its base URL."""
+    engine = model.engine().start()
+    app = build_app(model, engine, name, **options)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def story_server():
+    model = minitorch_infer.load(require_model("story"))
+    with serving(model, "story") as url:
+        yield model, url
+
+
+@pytest.fixture(scope="module")
+def client(story_server):
+    return openai.OpenAI(base_url=story_server[1] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_a_greedy_chat_completion_equals_a_chat_session(story_server, client):
+    model, _ = story_server
+    reply = client.chat.completions.create(model="story", messages=[{"role": "user", "content": "Once upon a time"}],
+                                           temperature=0, max_tokens=24)
+    expected = model.chat().send("Once upon a time", greedy=True, max_new_tokens=24)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == "length" and reply.object == "chat.completion"
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.prompt_tokens == len(expected.prompt_ids)
+
+
+def test_smollm2_chat_with_its_own_template():
+    model = minitorch_infer.load(require_model("smollm2-135m-instruct"), context=512)
+    with serving(model, "smollm2") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = client.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=12)
+        stream = client.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=12,
+                                                stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    expected = model.chat().send("What is the capital of France?", greedy=True, max_new_tokens=12).text
+    assert reply.choices[0].message.content == streamed == expected
+
+
+def test_streamed_deltas_join_to_the_whole_answer_with_usage_last(client):
+    whole = client.completions.create(model="story", prompt="Once upon a time", temperature=0, max_tokens=30)
+    stream = client.completions.create(model="story", prompt="Once upon a time", temperature=0, max_tokens=30,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_answer(story_server, client):
+    model, _ = story_server
+    expected = {p: model.generate(p, max_new_tokens=24, greedy=True).text for p in PROMPTS}
+    found: dict[str, str] = {}
+
+    def stream(prompt: str) -> None:
+        chunks = client.completions.create(model="story", prompt=prompt, temperature=0, max_tokens=24, stream=True)
+        found[prompt] = "".join(c.choices[0].text for c in chunks if c.choices)
+
+    threads = [threading.Thread(target=stream, args=(p,)) for p in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert found == expected
+
+
+def test_async_client_stop_strings_and_n(story_server):
+    model, url = story_server
+
+    async def ask():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stopped = await client.completions.create(model="story", prompt="Once upon a time", temperature=0,
+                                                  max_tokens=60, stop=["Lily"])
+        several = await client.completions.create(model="story", prompt="The little dog", max_tokens=20, n=3,
+                                                  seed=4, temperature=1.0)
+        await client.close()
+        return stopped, several
+
+    stopped, several = asyncio.run(ask())
+    expected = model.generate("Once upon a time", greedy=True, max_new_tokens=60, stop=["Lily"])
+    assert stopped.choices[0].text == expected.text and stopped.choices[0].finish_reason == "stop"
+    # OpenAI's defaults (temperature 1, nothing else), and choice i seeded with seed + i:
+    alone = [model.generate("The little dog", max_new_tokens=20, seed=4 + i, temperature=1.0, top_k=0, top_p=1.0,
+                            min_p=0.0) for i in range(3)]
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [r.text for r in alone]
+    assert several.usage.completion_tokens == sum(len(r.token_ids) for r in alone)
+    assert several.usage.prompt_tokens == len(model.encode("The little dog"))
+
+
+def test_server_sent_events_are_framed_as_openai_frames_them(story_server):
+    _, url = story_server
+    connection = http.client.HTTPConnection(url.removeprefix("http://"))
+    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 5, "stream": True, "temperature": 0}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    frames = response.read().decode().split("\n\n")
+    assert frames[-1] == "" and frames[-2] == "data: [DONE]"
+    for frame in frames[:-2]:
+        assert frame.startswith("data: ") and json.loads(frame[6:])["object"] == "text_completion"
+
+
+def test_models_health_and_metrics(story_server, client):
+    _, url = story_server
+    assert [m.id for m in client.models.list()] == ["story"]
+    connection = http.client.HTTPConnection(url.removeprefix("http://"))
+    connection.request("GET", "/health")
+    assert json.loads(connection.getresponse().read()) == {"status": "ok"}
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    for metric in ("minitorch_requests_running", "minitorch_requests_waiting", "minitorch_kv_blocks_used",
+                   "minitorch_kv_blocks_free", "minitorch_prompt_tokens_total", "minitorch_generation_tokens_total",
+                   "minitorch_prefix_cache_hit_tokens_total", "minitorch_time_to_first_token_seconds_bucket",
+                   "minitorch_inter_token_latency_seconds_bucket"):
+        assert metric in text, metric
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, "not valid JSON"),
+    ({"model": "story", "prompt": 5}, 400, "prompt", "prompt must be"),
+    ({"model": "gpt-9", "prompt": "x"}, 404, "model", "does not exist"),
+    ({"model": "story", "prompt": "x", "max_tokens": -1}, 400, "max_tokens", "positive integer"),
+    ({"model": "story", "prompt": "x", "max_tokens": 10 ** 9}, 400, "max_tokens", "context length"),
+    ({"model": "story", "prompt": "x", "temperature": "hot"}, 400, "temperature", "must be a number"),
+    ({"model": "story", "prompt": "x", "seed": 1.5}, 400, "seed", "seed must be an integer"),
+    ({"model": "story", "prompt": "word " * 600}, 400, None, "longer than the context length"),
+    ({"model": "story", "prompt": "x", "logprobs": 2}, 400, "logprobs", "not supported"),
+    ({"model": "story", "messages": "hi"}, 400, "messages", "non-empty list"),
+])
+def test_bad_requests_get_openai_errors(story_server, body, status, param, words):
+    _, url = story_server
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    connection = http.client.HTTPConnection(url.removeprefix("http://"))
+    connection.request("POST", path, body if isinstance(body, bytes) else json.dumps(body),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    error = json.loads(response.read())["error"]
+    assert response.status == status and error["param"] == param and words in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+def test_an_api_key_is_required_when_set():
+    model = minitorch_infer.load(require_model("story"))
+    with serving(model, "story", api_key="sesame") as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+        assert client.completions.create(model="story", prompt="Once", max_tokens=3).choices[0].text
