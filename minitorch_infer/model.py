@@ -80,11 +80,10 @@ class Model:
         """Positions the KV pool holds, from the budget, in whole blocks; refused if not one block fits."""
         c = self.config
         bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
-        if kv_memory is None:
-            tokens = DEFAULT_KV_CONTEXTS * self.context
-        else:
-            unit, amount = parse_kv_memory(kv_memory)
-            tokens = amount if unit == "tokens" else amount // bytes_per_token
+        if kv_memory is None:                    # whole blocks, however short the context
+            return -(-DEFAULT_KV_CONTEXTS * self.context // block_size) * block_size
+        unit, amount = parse_kv_memory(kv_memory)
+        tokens = amount if unit == "tokens" else amount // bytes_per_token
         blocks = tokens // block_size
         if blocks < 1:
             raise ContextOverflowError(

@@ -165,3 +165,10 @@ def test_q_and_k_rows_are_stored_in_rope_pair_order(story_model):
     np.testing.assert_array_equal(ours[1], hf_q[head_dim // 2])
     np.testing.assert_array_equal(ours[head_dim + 3], hf_q[head_dim + head_dim // 2 + 1])
     np.testing.assert_array_equal(story_model.weights["layers.0.attn.v"], stored["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_the_default_kv_pool_holds_whole_blocks_even_for_a_tiny_context():
+    """Found by the GGUF fuzzer: a context of 1 made a default pool of 4 positions, less than one block."""
+    model = minitorch_infer.load(require_model("story"), context=1)
+    assert model.kv_cache.capacity_tokens == model.kv_block_size
+    assert model.generate([1], max_new_tokens=3).finish_reason == "context"

@@ -3,7 +3,6 @@ a server started here on 127.0.0.1: answers equal the engine's own, streams join
 come back as OpenAI errors."""
 
 import asyncio
-import contextlib
 import http.client
 import json
 import socket
@@ -12,43 +11,22 @@ import time
 
 import openai
 import pytest
-import uvicorn
 
 import minitorch_infer
 from conftest import require_model
-from minitorch_infer.serving.app import build_app
+from minitorch_infer.serving.app import serving_in_thread as serving
 
 PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a cat",
            "Lily had a red ball", "The sun", "A big bear", "Mom said", "The boy ran", "It was a cold day",
            "The bird sang", "Max the cat", "In the garden", "Ben found a box", "The girl smiled", "Sam and Mia"]
 
 
-@contextlib.contextmanager
-def serving(model, name: str, **options):
-    """A server for `model` on a free loopback port, in a thread; yields its base URL."""
-    engine = model.engine().start()
-    app = build_app(model, engine, name, **options)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join()
-        engine.stop()
-
-
 @pytest.fixture(scope="module")
 def story_server():
-    model = minitorch_infer.load(require_model("story"))
-    with serving(model, "story") as url:
-        yield model, url
+    """(a model of its own to compute expected answers with, the server's URL): while a server's engine runs
+    on its thread, its model is not used from others."""
+    with serving(minitorch_infer.load(require_model("story")), "story") as url:
+        yield minitorch_infer.load(require_model("story")), url
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +167,94 @@ def test_an_api_key_is_required_when_set():
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
         assert client.completions.create(model="story", prompt="Once", max_tokens=3).choices[0].text
+
+
+def kv_blocks_used(url: str) -> float:
+    connection = http.client.HTTPConnection(url.removeprefix("http://"))
+    connection.request("GET", "/metrics")
+    line = next(l for l in connection.getresponse().read().decode().splitlines()
+                if l.startswith("minitorch_kv_blocks_used "))
+    return float(line.split()[1])
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(story_server):
+    _, url = story_server
+    connection = http.client.HTTPConnection(url.removeprefix("http://"))
+    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 400, "stream": True, "temperature": 0,
+            "stop": ["never appears in a story, surely"]}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    response.read(200)                                          # a few chunks, then hang up
+    assert kv_blocks_used(url) > 0
+    connection.close()
+    deadline = time.monotonic() + 10
+    while kv_blocks_used(url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kv_blocks_used(url) == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after():
+    model = minitorch_infer.load(require_model("story"))
+    with serving(model, "story", max_queue=1) as url:
+        engine_waiting = []
+        slow = {"model": "story", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "stream": True}
+        connections = []
+        for _ in range(40):                                    # more than one step admits: some must wait
+            connection = http.client.HTTPConnection(url.removeprefix("http://"))
+            connection.request("POST", "/v1/completions", json.dumps(slow), {"Content-Type": "application/json"})
+            connections.append(connection)
+        statuses = []
+        for connection in connections:
+            response = connection.getresponse()
+            statuses.append(response.status)
+            if response.status == 429:
+                engine_waiting.append(response.getheader("Retry-After"))
+                assert json.loads(response.read())["error"]["code"] == "queue_full"
+            connection.close()
+    assert 429 in statuses and 200 in statuses and set(engine_waiting) == {"1"}
+
+
+def test_sigterm_stops_the_command_cleanly():
+    import signal
+    import subprocess
+    import sys
+
+    require_model("story")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "minitorch_infer", "serve", "-m", "story", "--port", str(port),
+                               "--shutdown-grace", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                connection.request("GET", "/health")
+                assert connection.getresponse().status == 200
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.1)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_load_with_disconnects_and_malformed_requests_leaves_nothing_behind(story_server):
+    """The suite's small version of benchmarks/serve_load.py."""
+    from minitorch_infer.serving.load import run_round
+
+    model, url = story_server
+    while kv_blocks_used(url) > 0:                              # earlier tests' cancelled streams settle first
+        time.sleep(0.05)
+    expected = {p: model.generate(p, max_new_tokens=12, greedy=True).text for p in PROMPTS[:6]}
+    report = run_round(url, "story", expected, requests=40, clients=8, max_tokens=12)
+    assert report.wrong == [] and report.completed == 40 - 4 - 2
+    assert report.disconnected == 4 and report.malformed_refused == 2
+    deadline = time.monotonic() + 10
+    while kv_blocks_used(url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kv_blocks_used(url) == 0

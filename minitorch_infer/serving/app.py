@@ -8,9 +8,13 @@ mid-stream cancels its request.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +38,7 @@ def build_app(model, engine, model_name: str, api_key: str | None = None, max_qu
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
@@ -71,7 +75,7 @@ def build_app(model, engine, model_name: str, api_key: str | None = None, max_qu
     async def _respond(parsed: CompletionRequest, chat: bool):
         if max_queue is not None and len(engine.scheduler.waiting) >= max_queue:
             raise APIError(429, f"the server's queue is full ({max_queue} requests wait); try again shortly",
-                           kind="server_busy", code="queue_full")
+                           kind="server_busy", code="queue_full", headers={"Retry-After": "1"})
         handles = _submit(parsed, chat)
         reply = _Reply(model_name, chat, handles, parsed)
         if parsed.stream:
@@ -168,3 +172,28 @@ class _Reply:
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@contextlib.contextmanager
+def serving_in_thread(model, model_name: str, host: str = "127.0.0.1", port: int = 0, **options) -> Iterator[str]:
+    """Serve `model` from a thread of this process (tests, benchmarks, notebooks); yields the base URL. Port 0
+    picks a free one. The engine and the server stop when the block ends."""
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    engine = model.engine().start()
+    server = uvicorn.Server(uvicorn.Config(build_app(model, engine, model_name, **options), host=host, port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="minitorch-server", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        engine.stop()
