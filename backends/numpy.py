@@ -10,6 +10,7 @@ loop over prepared closures. Only the attention, KV-write and last-row kernels r
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Callable, Mapping
 
@@ -23,6 +24,7 @@ from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
 
 Kernel = Callable[[], None]
+MAX_BINDINGS = 64          # (S, R) shapes a program keeps bound at once
 KernelBuilder = Callable[..., Kernel]
 KERNELS: dict[str, KernelBuilder] = {}
 VIEWS: dict[str, Callable[[np.ndarray, dict, dict], np.ndarray]] = {}
@@ -76,7 +78,8 @@ class Program:
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
         self.step = StepState()
-        self._bound: dict[tuple[int, int, int], tuple[list[Kernel], list[np.ndarray]]] = {}
+        # The most recently used bindings; a server sees many (S, R) shapes, so old ones are dropped.
+        self._bound: OrderedDict[tuple[int, int, int], tuple[list[Kernel], list[np.ndarray]]] = OrderedDict()
         self.max_new_tokens = graph.symbols["S"].max
         self.max_sequences = graph.symbols["R"].max if "R" in graph.symbols else self.max_new_tokens
 
@@ -120,9 +123,13 @@ class Program:
                    ) -> tuple[list[Kernel], list[np.ndarray]]:
         """The kernel calls bound for S = seq, R = sequences and this KV pool, binding them when first asked for."""
         key = (seq, sequences, id(state))
-        if key not in self._bound:
-            self._bound[key] = self._bind(seq, sequences, state)
-        return self._bound[key]
+        if key in self._bound:
+            self._bound.move_to_end(key)
+            return self._bound[key]
+        bound = self._bound[key] = self._bind(seq, sequences, state)
+        if len(self._bound) > MAX_BINDINGS:
+            self._bound.popitem(last=False)
+        return bound
 
     def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
               ) -> tuple[list[Kernel], list[np.ndarray]]:
@@ -564,7 +571,7 @@ def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, c
     row_max = scratch[:heads].reshape(kv_heads, group, 1)
     row_sum = scratch[heads:2 * heads].reshape(kv_heads, group, 1)
     score_space = scratch[2 * heads:]
-    ones = np.ones(context, np.float32)                     # sums as matrix products: faster than np.sum
+    ones = _ones(context)[0]                                # sums as matrix products: faster than np.sum
 
     def attend(q_grouped, k, v, out_grouped):
         width = k.shape[1]
@@ -587,7 +594,7 @@ def _batched_one_query_attention(node: Node, q, out, k_pool, v_pool, gathered_k,
     kv_heads = k_pool.shape[0]
     group = heads // kv_heads
     scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
-    ones = np.ones((BATCHED_ATTENTION_KEYS, 1), np.float32)
+    ones = _ones(BATCHED_ATTENTION_KEYS).T
 
     def call(layout: StepLayout) -> None:
         sequences, longest = len(layout.totals), max(layout.totals)
