@@ -302,3 +302,20 @@ def test_batched_kernels_equal_the_reference_backend_on_scattered_slots(story_mo
     np.testing.assert_allclose(found, expected, atol=1e-4, rtol=1e-4)
     for name in pool:
         np.testing.assert_allclose(pool[name], expected_pool[name], atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_are_the_log_softmax_of_the_logits_alone_and_in_a_batch(story_model):
+    result = story_model.generate("Once upon a time", max_new_tokens=4, greedy=True, logprobs=3)
+    ids = result.prompt_ids + result.token_ids
+    logits = story_model.logits(ids).astype(np.float64)
+    for step, entry in enumerate(result.logprobs):
+        row = logits[len(result.prompt_ids) - 1 + step]
+        log_softmax = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert entry.token_id == result.token_ids[step]
+        assert entry.logprob == pytest.approx(log_softmax[entry.token_id], abs=1e-4)
+        assert [t for t, _ in entry.top] == np.argsort(-log_softmax, kind="stable")[:3].tolist()
+    batched = story_model.generate_batch(["Once upon a time", "The sun"], max_new_tokens=4, greedy=True, logprobs=3)
+    assert [e.token_id for e in batched[0].logprobs] == result.token_ids
+    assert [e.logprob for e in batched[0].logprobs] == pytest.approx([e.logprob for e in result.logprobs], abs=1e-4)
+    with pytest.raises(minitorch_infer.SamplingError, match="logprobs must be an integer from 0 to 20"):
+        story_model.generate("Once", logprobs=21)

@@ -145,7 +145,9 @@ def test_models_health_and_metrics(story_server, client):
     ({"model": "story", "prompt": "x", "temperature": "hot"}, 400, "temperature", "must be a number"),
     ({"model": "story", "prompt": "x", "seed": 1.5}, 400, "seed", "seed must be an integer"),
     ({"model": "story", "prompt": "word " * 600}, 400, None, "longer than the context length"),
-    ({"model": "story", "prompt": "x", "logprobs": 2}, 400, "logprobs", "not supported"),
+    ({"model": "story", "prompt": "x", "logprobs": 9}, 400, "logprobs", "integer from 0 to 5"),
+    ({"model": "story", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
+     "needs logprobs: true"),
     ({"model": "story", "messages": "hi"}, 400, "messages", "non-empty list"),
 ])
 def test_bad_requests_get_openai_errors(story_server, body, status, param, words):
@@ -258,3 +260,24 @@ def test_load_with_disconnects_and_malformed_requests_leaves_nothing_behind(stor
     while kv_blocks_used(url) > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert kv_blocks_used(url) == 0
+
+
+def test_logprobs_are_the_engines_whole_and_streamed(story_server, client):
+    model, _ = story_server
+    alone = model.generate("Once upon a time", max_new_tokens=6, greedy=True, logprobs=3)
+    whole = client.completions.create(model="story", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                      logprobs=3).choices[0].logprobs
+    assert whole.token_logprobs == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-5)
+    assert [list(top.values()) for top in whole.top_logprobs] == \
+        [pytest.approx([lp for _, lp in e.top], abs=1e-5) for e in alone.logprobs]
+    assert "".join(whole.tokens) == alone.text and whole.text_offset[0] == 0
+    streamed = client.completions.create(model="story", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                         logprobs=3, stream=True)
+    assert [lp for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+            for lp in chunk.choices[0].logprobs.token_logprobs] == pytest.approx(whole.token_logprobs, abs=1e-6)
+    chat = client.chat.completions.create(model="story", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    expected = model.chat().send("Hi", greedy=True, max_new_tokens=4, logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)

@@ -125,7 +125,7 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
                ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error",
-               **sampling) -> RequestHandle:
+               logprobs: int | None = None, **sampling) -> RequestHandle:
         """Queue a request; settings as Model.generate's. Everything is checked here, before any work."""
         params = sampling_params(greedy=greedy, **sampling)
         check_max_new_tokens(max_new_tokens)
@@ -137,7 +137,7 @@ class Engine:
             raise KVCacheFullError(f"the prompt is {len(prompt_ids)} tokens, more than the whole KV pool holds "
                                    f"({cache.capacity_tokens} positions); raise the KV memory "
                                    "(--kv-memory, kv_memory=)")
-        decoder = Decoder(self.model, prompt_ids, max_new_tokens, stop, ignore_eos, params)
+        decoder = Decoder(self.model, prompt_ids, max_new_tokens, stop, ignore_eos, params, logprobs)
         with self._lock:
             request = Request(next(self._numbers), prompt_ids, decoder, pending=list(prompt_ids))
             handle = RequestHandle(self, request)
@@ -215,7 +215,8 @@ class Engine:
         handle = self._handles.pop(request)
         if tail:
             handle._emit(tail)
-        result = GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, _stats(request))
+        result = GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, _stats(request),
+                                  decoder.logprobs)
         for observe in self.finish_observers:
             observe(request, result)
         handle._finish(result)

@@ -65,7 +65,7 @@ class Session:
         return self.stream(text, **settings).finish()
 
     def stream(self, text: str, max_new_tokens: int = 256, stop: str | Sequence[str] = (), ignore_eos: bool = False,
-               greedy: bool = False, **sampling) -> TextStream:
+               greedy: bool = False, logprobs: int | None = None, **sampling) -> TextStream:
         """Add a user turn and yield the reply as it is produced; the turn is recorded when the stream ends."""
         self._end_unfinished_turn()
         params = sampling_params(greedy=greedy, **sampling)
@@ -90,7 +90,7 @@ class Session:
             self._unfinished = None
 
         self._unfinished = TextStream(self.model, self.sequence, prompt_ids[:cached], prompt_ids[cached:],
-                                      max_new_tokens, stop, ignore_eos, params, on_finish=record)
+                                      max_new_tokens, stop, ignore_eos, params, on_finish=record, logprobs=logprobs)
         return self._unfinished
 
     def _end_unfinished_turn(self) -> None:

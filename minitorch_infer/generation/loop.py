@@ -47,6 +47,7 @@ SAMPLING_FIELDS = {f for f in SamplingParams.__dataclass_fields__}
 # the others (top_k, penalty_last_n, seed) integers.
 _REAL_SETTINGS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 
+MAX_TOP_LOGPROBS = 20
 # What to do with a prompt longer than the context: refuse it, or drop tokens from its start.
 TRUNCATION_POLICIES = ("error", "left")
 
@@ -85,6 +86,28 @@ class GenerationResult:
                                      # full), "interrupted" (Ctrl-C or close())
     prompt_ids: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None   # per new token, when asked for (logprobs=k)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before sampling's
+    temperature and filters), with the `top` most likely tokens at that step as (token id, log-probability)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """Log-softmax of `logits` at `token`, and the `top` most likely tokens, most likely first (in float64)."""
+    values = logits.astype(np.float64)
+    peak = values.max()
+    log_total = peak + np.log(np.exp(values - peak).sum())
+    best = np.argpartition(-values, top - 1)[:top] if 0 < top < len(values) else np.arange(len(values))[:top]
+    best = best[np.argsort(-values[best], kind="stable")]
+    return TokenLogprob(int(token), float(values[token] - log_total),
+                        [(int(i), float(values[i] - log_total)) for i in best])
 
 
 class _NoText:
@@ -165,8 +188,15 @@ class Decoder:
     below and the batched engine both drive it, so a request gives the same text either way."""
 
     def __init__(self, model: Model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
-                 stop: str | Sequence[str] = (), ignore_eos: bool = False, sampling: SamplingParams | None = None):
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False, sampling: SamplingParams | None = None,
+                 logprobs: int | None = None):
         check_max_new_tokens(max_new_tokens)
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise SamplingError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (how many of the most "
+                                f"likely tokens to list beside each one), got {shown(logprobs)}")
+        self.logprobs_top = logprobs
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs is not None else None
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, Sequence) or not all(isinstance(text, str) for text in stop):
             raise SamplingError(f"stop must be a string or a list of strings, got {shown(stop)}")
@@ -189,6 +219,8 @@ class Decoder:
     def accept(self, logits: np.ndarray) -> tuple[str, str | None]:
         """Sample the next token from `logits`; returns (its text, if any, and the finish reason once done)."""
         token = self.sampler.sample(logits, self.history[:self.known])
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.logprobs_top))
         self.new_ids.append(token)
         self.history[self.known] = token
         self.known += 1
@@ -229,12 +261,13 @@ class TextStream:
 
     def __init__(self, model: Model, sequence: KVSequence, history: Sequence[int], new_ids: Sequence[int],
                  max_new_tokens: int = 128, stop: str | Sequence[str] = (), ignore_eos: bool = False,
-                 sampling: SamplingParams | None = None, on_finish=None, dropped_prompt_tokens: int = 0):
+                 sampling: SamplingParams | None = None, on_finish=None, dropped_prompt_tokens: int = 0,
+                 logprobs: int | None = None):
         self.model = model
         self.sequence = sequence
         self.prompt_ids = list(history) + list(new_ids)
         self.new_ids = list(new_ids)          # tokens the cache has not seen yet
-        self.decoder = Decoder(model, self.prompt_ids, max_new_tokens, stop, ignore_eos, sampling)
+        self.decoder = Decoder(model, self.prompt_ids, max_new_tokens, stop, ignore_eos, sampling, logprobs)
         self.on_finish = on_finish
         self.dropped_prompt_tokens = dropped_prompt_tokens
         self.result: GenerationResult | None = None
@@ -301,17 +334,20 @@ class TextStream:
         stats.new_tokens = len(self.decoder.new_ids)
         stats.dropped_prompt_tokens = self.dropped_prompt_tokens
         stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.result = GenerationResult(self.decoder.text, self.decoder.new_ids, finish, self.prompt_ids, stats)
+        self.result = GenerationResult(self.decoder.text, self.decoder.new_ids, finish, self.prompt_ids, stats,
+                                       self.decoder.logprobs)
         if self.on_finish is not None:
             self.on_finish(self)
 
 
 def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
-          ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error", **sampling) -> TextStream:
+          ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error", logprobs: int | None = None,
+          **sampling) -> TextStream:
     """A TextStream over a fresh KV-cache sequence, released when the stream finishes.
 
     Every setting and the prompt are checked before any work; truncate_prompt ("error" or "left") says what
-    to do with a prompt longer than the context (see fit_to_context).
+    to do with a prompt longer than the context (see fit_to_context). logprobs=k records each new token's
+    log-probability and the k most likely alternatives (result.logprobs).
     """
     params = sampling_params(greedy=greedy, **sampling)
     check_max_new_tokens(max_new_tokens)
@@ -323,8 +359,8 @@ def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, 
         cached = sequence.share_prefix(prompt_ids)        # full blocks of a prompt seen before are reused
         sequence.reserve(len(prompt_ids) - cached)
         return TextStream(model, sequence, prompt_ids[:cached], prompt_ids[cached:], max_new_tokens, stop,
-                          ignore_eos, params,
-                          on_finish=lambda s: s.sequence.close(), dropped_prompt_tokens=len(encoded) - len(prompt_ids))
+                          ignore_eos, params, on_finish=lambda s: s.sequence.close(),
+                          dropped_prompt_tokens=len(encoded) - len(prompt_ids), logprobs=logprobs)
     except BaseException:
         sequence.close()   # the stream that would have released it was never made
         raise

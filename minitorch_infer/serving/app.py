@@ -77,7 +77,7 @@ def build_app(model, engine, model_name: str, api_key: str | None = None, max_qu
             raise APIError(429, f"the server's queue is full ({max_queue} requests wait); try again shortly",
                            kind="server_busy", code="queue_full", headers={"Retry-After": "1"})
         handles = _submit(parsed, chat)
-        reply = _Reply(model_name, chat, handles, parsed)
+        reply = _Reply(model, model_name, chat, handles, parsed)
         if parsed.stream:
             return StreamingResponse(reply.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -114,8 +114,9 @@ async def _json(request: Request):
 class _Reply:
     """One response: the choices' handles, answered whole or as a stream of OpenAI chunks."""
 
-    def __init__(self, model_name: str, chat: bool, handles: list, parsed: CompletionRequest):
-        self.model_name, self.chat, self.handles, self.parsed = model_name, chat, handles, parsed
+    def __init__(self, model, model_name: str, chat: bool, handles: list, parsed: CompletionRequest):
+        self.model, self.model_name, self.chat, self.handles, self.parsed = model, model_name, chat, handles, parsed
+        self.with_logprobs = "logprobs" in parsed.settings
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -124,7 +125,8 @@ class _Reply:
         results = [await run_in_threadpool(handle.result) for handle in self.handles]
         choices = []
         for index, result in enumerate(results):
-            choice = {"index": index, "finish_reason": FINISH_REASONS[result.finish_reason], "logprobs": None}
+            choice = {"index": index, "finish_reason": FINISH_REASONS[result.finish_reason],
+                      "logprobs": self._logprobs(result.logprobs)}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
             else:
@@ -139,11 +141,18 @@ class _Reply:
             for index, handle in enumerate(self.handles):
                 if self.chat:
                     yield self._chunk(index, {"role": "assistant", "content": ""})
+                # A chunk carries the logprobs of the tokens made since the one before; text is held back at
+                # times (a partial character, a possible stop string), so the two may not line up exactly.
+                recorded = handle._request.decoder.logprobs
+                sent = emitted = 0
                 async for piece in iterate_in_threadpool(handle.stream()):
-                    yield self._chunk(index, {"content": piece} if self.chat else piece)
+                    fresh, sent = self._since(recorded, sent, emitted)
+                    emitted += len(piece)
+                    yield self._chunk(index, {"content": piece} if self.chat else piece, logprobs=fresh)
                 result = await run_in_threadpool(handle.result)
                 results.append(result)
-                yield self._chunk(index, {} if self.chat else "", FINISH_REASONS[result.finish_reason])
+                fresh, sent = self._since(recorded, sent, emitted)
+                yield self._chunk(index, {} if self.chat else "", FINISH_REASONS[result.finish_reason], fresh)
             if self.parsed.include_usage:
                 yield _event({"id": self.id, "object": self._chunk_object, "created": self.created,
                               "model": self.model_name, "choices": [], "usage": self._usage(results)})
@@ -157,8 +166,34 @@ class _Reply:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _chunk(self, index: int, content, finish_reason: str | None = None) -> str:
-        choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+    def _since(self, recorded: list | None, sent: int, offset: int) -> tuple[dict | None, int]:
+        """The logprobs entries recorded after the first `sent`, formatted (their text offsets from `offset`),
+        and how many are sent then."""
+        if recorded is None:
+            return None, sent
+        fresh = recorded[sent:]
+        return (self._logprobs(fresh, offset) if fresh else None), sent + len(fresh)
+
+    def _logprobs(self, entries: list | None, offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object: chat's `content` list, or the completions' parallel lists."""
+        if entries is None:
+            return None
+        text = self._token_text
+        if self.chat:
+            return {"content": [{"token": text(e.token_id), "logprob": e.logprob,
+                                 "bytes": list(text(e.token_id).encode("utf-8")),
+                                 "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
+                                                  for t, lp in e.top]} for e in entries]}
+        tokens = [text(e.token_id) for e in entries]
+        offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.model.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chunk(self, index: int, content, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
         choice["delta" if self.chat else "text"] = content
         return _event({"id": self.id, "object": self._chunk_object, "created": self.created,
                        "model": self.model_name, "choices": [choice]})

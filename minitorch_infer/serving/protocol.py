@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_CHOICES = 16
+MAX_CHAT_LOGPROBS = 20         # top_logprobs, as OpenAI bounds it
+MAX_COMPLETION_LOGPROBS = 5    # the legacy completions' logprobs
 # OpenAI field -> the engine's setting, for the numbers both endpoints take.
 NUMBER_FIELDS = {"temperature": "temperature", "top_p": "top_p", "presence_penalty": "presence_penalty",
                  "frequency_penalty": "frequency_penalty", "top_k": "top_k", "min_p": "min_p",
@@ -59,6 +61,13 @@ def read_chat(body: Any, model_name: str) -> CompletionRequest:
                            f"messages[{i}]")
     request = _common(body, ("max_completion_tokens", "max_tokens"))
     request.prompts = [[{"role": m["role"], "content": m["content"]} for m in messages]]
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise APIError(400, f"logprobs must be true or false, got {wanted!r}", "logprobs")
+    if top is not None and not wanted:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if wanted:
+        request.settings["logprobs"] = _count(top, "top_logprobs", MAX_CHAT_LOGPROBS)
     return request
 
 
@@ -76,12 +85,12 @@ def read_completion(body: Any, model_name: str) -> CompletionRequest:
         raise APIError(400, "echo, suffix and best_of are not supported", "echo")
     request = _common(body, ("max_tokens",))
     request.prompts = prompts
+    if body.get("logprobs") is not None:
+        request.settings["logprobs"] = _count(body["logprobs"], "logprobs", MAX_COMPLETION_LOGPROBS)
     return request
 
 
 def _common(body: dict, length_fields: tuple[str, ...]) -> CompletionRequest:
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise APIError(400, "logprobs are not supported by this server yet", "logprobs")
     settings = dict(OPENAI_DEFAULTS)
     for name, setting in NUMBER_FIELDS.items():
         value = body.get(name)
@@ -123,6 +132,14 @@ def _max_tokens(body: dict, length_fields: tuple[str, ...]) -> int:
             raise APIError(400, f"{name} must be a positive integer, got {value!r}", name)
         return value
     return 16 if length_fields == ("max_tokens",) else 512   # OpenAI's completions default; a chat reply's cap
+
+
+def _count(value: Any, name: str, most: int) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most:
+        raise APIError(400, f"{name} must be an integer from 0 to {most}, got {value!r}", name)
+    return value
 
 
 def _object(body: Any) -> dict:
