@@ -246,32 +246,17 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     return lambda: (product(), np.add(c, scratch[:y.size].reshape(y.shape), out=y))
 
 
-@kernel("add")
-def _add(node: Node, ins, outs, scratch, step) -> Kernel:
-    a, b = ins
-    (y,) = outs
-    return lambda: np.add(a, b, out=y)
+def _elementwise(ufunc) -> KernelBuilder:
+    """The kernel of an op that is one NumPy ufunc over its inputs, written into its output."""
+    def build(node: Node, ins, outs, scratch, step) -> Kernel:
+        (y,) = outs
+        return lambda: ufunc(*ins, out=y)
+    return build
 
 
-@kernel("mul")
-def _mul(node: Node, ins, outs, scratch, step) -> Kernel:
-    a, b = ins
-    (y,) = outs
-    return lambda: np.multiply(a, b, out=y)
-
-
-@kernel("sub")
-def _sub(node: Node, ins, outs, scratch, step) -> Kernel:
-    a, b = ins
-    (y,) = outs
-    return lambda: np.subtract(a, b, out=y)
-
-
-@kernel("div")
-def _div(node: Node, ins, outs, scratch, step) -> Kernel:
-    a, b = ins
-    (y,) = outs
-    return lambda: np.divide(a, b, out=y)
+for _op, _ufunc in {"add": np.add, "mul": np.multiply, "sub": np.subtract, "div": np.divide, "exp": np.exp,
+                    "tanh": np.tanh}.items():
+    kernel(_op)(_elementwise(_ufunc))
 
 
 @kernel("constant")
@@ -279,18 +264,6 @@ def _constant(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     value = np.float32(node.attrs["value"])
     return lambda: y.fill(value)          # every step: the planner may reuse the buffer between steps
-
-
-@kernel("exp")
-def _exp(node: Node, ins, outs, scratch, step) -> Kernel:
-    (x,), (y,) = ins, outs
-    return lambda: np.exp(x, out=y)
-
-
-@kernel("tanh")
-def _tanh(node: Node, ins, outs, scratch, step) -> Kernel:
-    (x,), (y,) = ins, outs
-    return lambda: np.tanh(x, out=y)
 
 
 @kernel("softmax")
