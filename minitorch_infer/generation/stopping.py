@@ -17,6 +17,14 @@ class FinishReason(str, Enum):
     INTERRUPTED = "interrupted"  # stopped from outside (Ctrl-C, or the stream closed) before it ended
 
 
+def first_stop(text: str, stop_strings: Sequence[str]) -> int:
+    """Where text is cut by the stop string that ends first in it, as generation token by token would meet
+    them (on a tie, the longer one, which starts earlier); -1 if none occurs. Which pieces the text arrived in
+    never changes the answer."""
+    found = [(i + len(stop), i) for stop in stop_strings if (i := text.find(stop)) >= 0]
+    return min(found)[1] if found else -1
+
+
 class StopStringMatcher:
     """Filters streamed text so that no stop string is ever emitted, even one split over several pieces.
 
@@ -39,7 +47,7 @@ class StopStringMatcher:
             return "", True
         pending = self._held + text
         # Only `pending` can contain a stop: emitted text never ends with the start of one.
-        stop_at = min((i for i in (pending.find(stop) for stop in self.stop_strings) if i >= 0), default=-1)
+        stop_at = first_stop(pending, self.stop_strings)
         if stop_at >= 0:
             self.stopped = True
             self._held = ""
