@@ -490,9 +490,10 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     scratch = scratch[:-2 * gather_size]
     window, last_queries = node.attrs["window"], node.attrs["queries"] == "last"
     attend = _one_query_attention(node, heads, head_dim, kv_heads, context, scratch)
-    # Every row's query and output regrouped [kv_heads, group, head_dim], as views made once.
-    q_rows = [q[r].reshape(kv_heads, group, head_dim) for r in range(rows)]
-    out_rows = [out[r].reshape(kv_heads, group, head_dim) for r in range(rows)]
+
+    def grouped(x: np.ndarray, row: int) -> np.ndarray:
+        """Row `row` of q or out as [kv_heads, group, head_dim]."""
+        return x[row].reshape(kv_heads, group, head_dim)
 
     def keys_and_values(layout: StepLayout, i: int, first: int, total: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions first..total-1 of sequence i, as [kv_heads, total - first, head_dim] arrays."""
@@ -506,14 +507,15 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         np.take(v_pool, slots, axis=1, out=v)
         return k, v
 
-    def one_query(layout: StepLayout, i: int, row: int) -> None:
+    def one_query(layout: StepLayout, i: int, q_row: np.ndarray, out_row: np.ndarray) -> None:
         total = layout.totals[i]
         first = max(0, total - window) if window > 0 else 0      # with one query, a window is a range of keys
         k, v = keys_and_values(layout, i, first, total)
-        attend(q_rows[row], k, v, out_rows[row])
+        attend(q_row, k, v, out_row)
 
     if rows == 1:                                                # one sequence, one query: the lean decode path
-        return lambda: one_query(step.layout, 0, 0)
+        q_row, out_row = grouped(q, 0), grouped(out, 0)          # views made once
+        return lambda: one_query(step.layout, 0, q_row, out_row)
 
     batched = _batched_one_query_attention(node, q, out, k_pool, v_pool, gathered_k, gathered_v, scratch)
 
@@ -525,11 +527,12 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
                 batched(layout)
                 return
             for i in range(sequences):
-                one_query(layout, i, i if last_queries else layout.row_starts[i])
+                row = i if last_queries else layout.row_starts[i]
+                one_query(layout, i, grouped(q, row), grouped(out, row))
             return
         for i, (first_row, stop_row, total) in enumerate(zip(layout.row_starts, layout.row_stops, layout.totals)):
             if stop_row - first_row == 1:
-                one_query(layout, i, first_row)
+                one_query(layout, i, grouped(q, first_row), grouped(out, first_row))
             else:
                 k, v = keys_and_values(layout, i, 0, total)
                 _many_queries_attention(node, q[first_row:stop_row], k, v, out[first_row:stop_row], scratch)

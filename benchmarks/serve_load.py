@@ -15,11 +15,7 @@ import time
 
 import minitorch_infer
 from minitorch_infer.serving.app import serving_in_thread
-from minitorch_infer.serving.load import run_round
-
-PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a cat",
-           "Lily had a red ball", "The sun", "A big bear", "Mom said", "The boy ran", "It was a cold day",
-           "The bird sang", "Max the cat", "In the garden", "Ben found a box", "The girl smiled", "Sam and Mia"]
+from minitorch_infer.serving.load import PROMPTS, run_round
 
 
 def resident_mib() -> float:

@@ -230,7 +230,7 @@ class Model:
         sampled request too). Returns the results in the prompts' order."""
         if isinstance(prompts, str):
             raise PromptError("generate_batch takes a list of prompts; for one prompt use generate")
-        engine = Engine(self, max_batch_tokens)
+        engine = self.engine(max_batch_tokens)
         handles = [engine.submit(prompt, **settings) for prompt in prompts]
         engine.run()
         return [handle.result() for handle in handles]

@@ -15,10 +15,8 @@ import pytest
 import minitorch_infer
 from conftest import require_model
 from minitorch_infer.serving.app import serving_in_thread as serving
+from minitorch_infer.serving.load import PROMPTS
 
-PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a cat",
-           "Lily had a red ball", "The sun", "A big bear", "Mom said", "The boy ran", "It was a cold day",
-           "The bird sang", "Max the cat", "In the garden", "Ben found a box", "The girl smiled", "Sam and Mia"]
 
 
 @pytest.fixture(scope="module")

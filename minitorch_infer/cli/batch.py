@@ -53,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     done = _finished_ids(target)
     model = load_model(args)
     engine = model.engine(max_batch_tokens=args.max_batch_tokens)
+    # The engine says which requests finished, so a step never scans every request of a long file.
+    finished: list = []
+    engine.finish_observers.append(lambda request, result: finished.append((request, result)))
     defaults = sampling_settings(args)
-    handles, keys, bad, skipped = {}, set(), 0, 0
+    ids, keys, bad, skipped = {}, set(), 0, 0
     for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -65,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
                 continue
             if key in keys:
                 raise BadLine(f"id {request_id!r} appears twice")
-            handles[engine.submit(prompt, **settings)] = (key, request_id)
+            ids[engine.submit(prompt, **settings)._request] = request_id
             keys.add(key)
         except MinitorchError as error:
             bad += 1
             print(f"minitorch-infer: {source} line {number}: {error}", file=sys.stderr)
-    _run_writing(engine, handles, target, args)
-    note(args, f"wrote {len(handles)} results to {target}" + (f"; {skipped} already there" if skipped else "")
+    _run_writing(engine, ids, finished, target, args)
+    note(args, f"wrote {len(ids)} results to {target}" + (f"; {skipped} already there" if skipped else "")
          + (f"; {bad} bad line(s) skipped" if bad else ""))
     return 2 if bad else 0
 
@@ -125,23 +128,21 @@ def _finished_ids(target: Path) -> set[str]:
     return done
 
 
-def _run_writing(engine, handles: dict, target: Path, args: argparse.Namespace) -> None:
-    """Step the engine, appending each result when its request finishes."""
-    waiting = dict(handles)
-    total, written, tokens, began = len(handles), 0, 0, time.perf_counter()
+def _run_writing(engine, ids: dict, finished: list, target: Path, args: argparse.Namespace) -> None:
+    """Step the engine, appending each result as its request finishes (`finished` collects them)."""
+    total, written, tokens, began = len(ids), 0, 0, time.perf_counter()
     show = not args.quiet and sys.stderr.isatty()
     with open(target, "a", encoding="utf-8") as out:
-        while waiting:
-            engine.step()
-            for handle in [h for h in waiting if h.done]:
-                _, request_id = waiting.pop(handle)
-                result = handle.result()
-                out.write(json.dumps({"id": request_id, "text": result.text, "token_ids": result.token_ids,
+        while engine.step() or finished:
+            for request, result in finished:
+                out.write(json.dumps({"id": ids[request], "text": result.text, "token_ids": result.token_ids,
                                       "finish_reason": result.finish_reason,
                                       "prompt_tokens": len(result.prompt_ids)}, ensure_ascii=False) + "\n")
-                out.flush()
                 written += 1
                 tokens += len(result.token_ids)
+            if finished:
+                out.flush()
+                finished.clear()
                 if show:
                     rate = tokens / (time.perf_counter() - began)
                     print(f"\r{written}/{total} done, {rate:,.0f} tok/s", end="", file=sys.stderr, flush=True)

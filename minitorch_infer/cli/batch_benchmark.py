@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .benchmark import products_bound
+
 PROMPT_TOKENS = 64
 NEW_TOKENS = 128
 
@@ -92,26 +94,6 @@ def _run_level(model, level: int, rng: np.random.Generator, into: LevelMeasureme
     into.products_bound_tok_s.append(products_bound(model, level))
     cache = model.kv_cache
     into.kv_in_use_mib = max(into.kv_in_use_mib, kv_peak * cache.block_size * cache.bytes_per_token / 2**20)
-
-
-def products_bound(model, rows: int, steps: int = 4) -> float:
-    """Tokens per second of a bare chain of one step's matrix products with `rows` rows (the same weights
-    and layouts): one row is the decode bound (memory bandwidth for SmolLM2); with more rows, what BLAS's
-    small-matrix products allow a batch."""
-    weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
-               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
-    products = [(np.ones((rows, w.shape[1]), np.float32), w.T, np.empty((rows, w.shape[0]), np.float32))
-                for w in weights]
-    times = []
-    for _ in range(steps):
-        began = time.perf_counter()
-        for x, w_t, y in products:
-            if rows == 1:
-                np.dot(w_t.T, x[0], out=y[0])
-            else:
-                np.matmul(x, w_t, out=y)
-        times.append(time.perf_counter() - began)
-    return rows / statistics.median(times)
 
 
 def measure_in_subprocess(name: str, levels: list[int], repeats: int, threads: int) -> list[LevelMeasurement]:

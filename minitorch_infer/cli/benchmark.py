@@ -82,17 +82,27 @@ def matvec_bound(model, steps: int = 8) -> float:
     """Tokens per second of a bare chain of the decode step's matrix-vector products (the same weights,
     layouts and BLAS calls, nothing else): the most a decode step could reach while it reads every weight
     once per token. For SmolLM2 this is memory bandwidth; for a model that fits in cache, BLAS's own speed."""
+    return products_bound(model, 1, steps)
+
+
+def products_bound(model, rows: int, steps: int = 8) -> float:
+    """Tokens per second of a bare chain of one step's matrix products with `rows` rows (the step's weights in
+    their layouts, nothing else). One row is the decode bound above; with more, what BLAS's small-matrix
+    products allow a batch of that many sequences."""
     weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
-    vectors = {n: np.ones(n, np.float32) for n in {w.shape[1] for w in weights}}
-    products = [(w, vectors[w.shape[1]], np.empty(w.shape[0], np.float32)) for w in weights]
+    products = [(np.ones((rows, w.shape[1]), np.float32), w, np.empty((rows, w.shape[0]), np.float32))
+                for w in weights]
     times = []
     for _ in range(steps):
         began = time.perf_counter()
-        for w, x, y in products:
-            np.dot(w, x, out=y)
+        for x, w, y in products:
+            if rows == 1:
+                np.dot(w, x[0], out=y[0])          # the decode step's matrix-vector product
+            else:
+                np.matmul(x, w.T, out=y)
         times.append(time.perf_counter() - began)
-    return 1 / statistics.median(times)
+    return rows / statistics.median(times)
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:

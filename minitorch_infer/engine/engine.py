@@ -201,8 +201,7 @@ class Engine:
         if cache.used_blocks == 0:
             self._finish(request, FinishReason.CONTEXT.value)
         else:
-            scheduler.retire(request)
-            self._handles.pop(request)._finish(None, KVCacheFullError(
+            self._fail(request, KVCacheFullError(
                 f"the KV cache is full: {cache.used_blocks} of its {cache.num_blocks} blocks are held outside "
                 f"this engine (sessions, streams, another engine), and request {request.number} needs more; close "
                 "them, or raise the KV memory (--kv-memory, kv_memory=)"))
@@ -262,8 +261,12 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             for request in list(self._handles):
-                self.scheduler.retire(request)
-                self._handles.pop(request)._finish(None, error)
+                self._fail(request, error)
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        """End a request with an error, which its handle raises; its blocks go back to the pool."""
+        self.scheduler.retire(request)
+        self._handles.pop(request)._finish(None, error)
 
     def __enter__(self) -> Engine:
         return self

@@ -17,6 +17,12 @@ from urllib.parse import urlparse
 import numpy as np
 
 
+# Story openings for the story model: sixteen different prompts, so sixteen clients differ.
+PROMPTS = ["Once upon a time", "The little dog", "Tom and Sue went to the park. They", "One day, a cat",
+           "Lily had a red ball", "The sun", "A big bear", "Mom said", "The boy ran", "It was a cold day",
+           "The bird sang", "Max the cat", "In the garden", "Ben found a box", "The girl smiled", "Sam and Mia"]
+
+
 @dataclass
 class RoundReport:
     completed: int = 0
