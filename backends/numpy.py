@@ -20,6 +20,8 @@ from ..errors import GraphError
 from ..ir import Graph, Node, op_def
 from ..ir.ops import BATCHED_ATTENTION_KEYS
 from ..passes.memory_plan import MemoryPlan, workspace_key
+from ..quantized import QuantizedTensor
+from . import quantized
 from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
 
@@ -161,7 +163,7 @@ class Program:
                                                  value.type.np_dtype))
                 arrays[id(value)] = outs[-1]
             scratch = None
-            if spec.workspace is not None:
+            if workspace_key(node) in self.plan.offsets:
                 elements = spec.workspace([v.type for v in node.inputs], node.attrs)
                 scratch = self._arena_view(self.plan.offsets[workspace_key(node)], (elements,), np.dtype(np.float32))
             calls.append(KERNELS[node.op](node, ins, outs, scratch, self.step))
@@ -198,6 +200,8 @@ def _slice_cols(x, attrs, bindings):
 def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
     ids, table = ins
     (y,) = outs
+    if isinstance(table, QuantizedTensor):
+        return quantized.embedding(ids, table, y)
     if ids.shape[0] == 1:
         # One row (decode, and the rope table's lookup): plain indexing is a third of np.take's cost.
         return lambda: y.__setitem__(0, table[ids[0]])
@@ -208,6 +212,8 @@ def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
 def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w = ins
     (y,) = outs
+    if isinstance(w, QuantizedTensor):
+        return quantized.matmul(x, w, y, scratch)
     if x.shape[0] == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
@@ -228,6 +234,11 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w, c = ins
     (y,) = outs
     rows, k = x.shape
+    if isinstance(w, QuantizedTensor):
+        product = quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True)
+        if y is c or np.shares_memory(y, c):
+            return product
+        return lambda: (np.copyto(y, c), product())
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:
         x_t = scratch[:k * rows].reshape(k, rows)
         product_t = scratch[k * rows:(k + y.shape[1]) * rows].reshape(y.shape[1], rows)

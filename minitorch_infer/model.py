@@ -18,7 +18,7 @@ from .errors import ContextOverflowError, MinitorchError, PromptError
 from .ir import Graph
 from .backends.layout import StepLayout
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVSequence, parse_kv_memory
-from .passes import DEFAULT_PASSES, PassManager, PassReport
+from .passes import DEFAULT_PASSES, PassManager, PassReport, quantize_weights
 from .passes.memory_plan import MemoryPlan, plan_memory
 from .tokenizer import Tokenizer
 from .formats.weights import WeightStore
@@ -49,13 +49,20 @@ class Model:
     The KV cache is one paged pool (`kv_memory`: bytes, or a string such as "512MiB" or "8192tokens";
     default four full contexts' worth, committed only as it is written), shared by every generate call, chat
     session and batched request; `max_batch` bounds the sequences one step carries.
+
+    `weight_type` is what the weights are computed from: "f32", "q8_0", "q4_0", "q4_1", or "native" (as the
+    file stores them: a GGUF's Q8_0/Q4_x matrices stay quantised). The conversion is the `quantize_weights`
+    pass, which every compile runs first.
     """
 
     def __init__(self, config: ModelConfig, weights: WeightStore, tokenizer: Tokenizer | None, source: str,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  passes: Sequence[str] | None = None, memory_plan: bool = True, kv_memory: int | str | None = None,
-                 kv_block_size: int = DEFAULT_BLOCK_SIZE, max_batch: int = DEFAULT_MAX_BATCH):
+                 kv_block_size: int = DEFAULT_BLOCK_SIZE, max_batch: int = DEFAULT_MAX_BATCH,
+                 weight_type: str = "native"):
         self.config = config
+        self.weight_pass = quantize_weights(weight_type)          # checks the name before any work
+        self.weight_type = weight_type
         self.weights = weights
         self.tokenizer = tokenizer
         self.source = source
@@ -110,7 +117,7 @@ class Model:
 
     def _compile_graph(self, all_logits: bool) -> CompiledGraph:
         graph = self.trace(all_logits)
-        graph, report = PassManager(self.passes).run(graph, self.weights)
+        graph, report = PassManager([self.weight_pass, *self.passes]).run(graph, self.weights)
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
         return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, self.weights), report)
 

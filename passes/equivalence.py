@@ -21,6 +21,7 @@ from ..backends.reference import run
 from ..errors import GraphError
 from ..ir import Graph, Sym, Value
 from ..formats.weights import WeightStore
+from ..quantized import QuantizedTensor
 from .manager import PassFunction, PassManager, PassReport
 
 MAX_TRIAL_TOKENS = 16      # enough rows to catch row mix-ups, few enough to keep the oracle fast
@@ -160,7 +161,8 @@ def _params_of(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore) ->
     for name, value in graph.params.items():
         if name not in weights:
             raise GraphError(f"{graph.name} reads param @{name}, which the weights given do not hold")
-        array = np.asarray(weights[name])
+        array = weights[name]
+        array = array if isinstance(array, QuantizedTensor) else np.asarray(array)
         if array.shape != value.type.concrete_shape():
             raise GraphError(f"weight {name!r} has shape {list(array.shape)}; {graph.name} declares {value.type}")
         params[name] = array

@@ -25,9 +25,10 @@ def packed_name(names: list[str]) -> str:
 def pack_params(graph: Graph, weights: Any, params: list[Value]) -> Value:
     """The param stacking `params` along axis 0 (declared in `graph`, and built in `weights` unless None)."""
     shapes = [p.type.shape for p in params]
-    if any(p.kind != "param" for p in params) or len({shape[1:] for shape in shapes}) != 1:
+    if (any(p.kind != "param" for p in params) or len({shape[1:] for shape in shapes}) != 1
+            or len({p.type.dtype for p in params}) != 1):
         shown = ", ".join(f"{p.ref} : {p.type}" for p in params)
-        raise GraphError(f"cannot pack {shown}: all must be params that differ only in their first axis")
+        raise GraphError(f"cannot pack {shown}: all must be params of one type that differ only in their first axis")
     names = [p.name for p in params]
     name = packed_name(names)
     rows = sum(shape[0] for shape in shapes)

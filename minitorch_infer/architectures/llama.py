@@ -15,6 +15,7 @@ from ..ir import functional as F
 from ..ir.tracer import Tensor
 from ..ir.types import Sym
 from ..config import ModelConfig
+from ..quantized import QuantizedTensor
 
 
 def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym, sequences: Sym, cache_slots: int,
@@ -76,4 +77,8 @@ def rope_pair_order(config: ModelConfig, weights) -> None:
             order = (np.arange(heads)[:, None] * config.head_dim + within_head[None, :]).reshape(-1)
             for name in (f"layers.{i}.attn.{part}", f"layers.{i}.attn.{part}_bias"):
                 if name in weights:
-                    weights.replace(name, np.ascontiguousarray(weights[name][order]))
+                    weight = weights[name]
+                    if isinstance(weight, QuantizedTensor):
+                        weights.replace(name, weight.take_rows(order))
+                    else:
+                        weights.replace(name, np.ascontiguousarray(weight[order]))
