@@ -7,6 +7,7 @@ Text goes to stdout; progress, stats and errors to stderr. Every error the engin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from threadpoolctl import threadpool_limits
@@ -42,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")        # `minitorch-infer --prompt ...` means generate
     args = build_parser().parse_args(argv)
     try:
-        # --threads: how many threads BLAS may use; the rest of the engine runs on the calling thread.
-        with threadpool_limits(limits=getattr(args, "threads", 0) or None):
+        # --threads: how many threads BLAS and the quantised kernels may use; the rest of the engine runs on
+        # the calling thread.
+        threads = getattr(args, "threads", 0)
+        if threads:
+            os.environ["NUMBA_NUM_THREADS"] = str(threads)    # read when Numba is first imported
+        with threadpool_limits(limits=threads or None):
             return args.run(args) or 0
     except MinitorchError as error:
         print(f"minitorch-infer: error: {error}", file=sys.stderr)
