@@ -36,7 +36,7 @@ def quantize_weights(target: str) -> PassFunction:
         raise MinitorchError(f"unknown weight type {target!r}; known: {', '.join(TARGETS)}")
 
     def run(graph: Graph, ctx: PassContext) -> PassResult:
-        converted, left_alone = Counter(), Counter()
+        converted, typed, left_alone = Counter(), Counter(), Counter()
         for name, param in graph.params.items():
             stored = ctx.weights[name] if ctx.weights is not None and name in ctx.weights else None
             uses = {(user.op, i) for user in param.users for i, v in enumerate(user.inputs) if v is param}
@@ -48,9 +48,9 @@ def quantize_weights(target: str) -> PassFunction:
                 converted[f"{weight_type(stored)} -> {wanted}"] += 1
             if param.type.dtype != wanted:
                 param.type = TensorType(param.type.shape, wanted)
-                if stored is None:
-                    converted[f"declared {wanted}"] += 1
-        return PassResult(graph, sum(converted.values()), {"converted": dict(converted), "left alone": dict(left_alone)})
+                typed[wanted] += 1
+        notes = {"converted": dict(converted), "typed": dict(typed), "left alone": dict(left_alone)}
+        return PassResult(graph, sum(typed.values()), notes)
 
     run.pass_name = "quantize_weights" if target == "native" else f"quantize_weights({target})"
     return run

@@ -1,4 +1,4 @@
-"""The `minitorch-infer` command: generate, batch, serve, graph, chat, bench, fetch, convert.
+"""The `minitorch-infer` command: generate, batch, serve, graph, chat, bench, eval, fetch, convert.
 
 Text goes to stdout; progress, stats and errors to stderr. Every error the engine raises on purpose
 (MinitorchError) and every bad flag ends as one line on stderr and exit status 2.
@@ -13,10 +13,10 @@ import sys
 from threadpoolctl import threadpool_limits
 
 from ..errors import MinitorchError
-from . import batch, bench, chat, generate, graph, models, serve
+from . import batch, bench, chat, evaluate, generate, graph, models, serve
 
 SUBCOMMANDS = {"generate": generate, "batch": batch, "serve": serve, "graph": graph, "chat": chat, "bench": bench,
-               "fetch": models.fetch, "convert": models.convert}
+               "eval": evaluate, "fetch": models.fetch, "convert": models.convert}
 EXIT_USAGE = 2
 
 
