@@ -31,6 +31,8 @@ class Window:
 class EvalReport:
     model: str
     weights: str
+    weights_mib: float
+    weight_types: str                # what the weights are held as, e.g. "210 q4_1, 61 f32, 1 q8_0 tensors"
     tokens: int
     context: int
     stride: int
@@ -48,7 +50,7 @@ class EvalReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"{self.model} ({self.weights}): {self.tokens} tokens, {self.windows} windows of up to "
+        lines = [f"{self.model} ({self.weights}: {self.weights_mib:.1f} MiB, {self.weight_types}): {self.tokens} tokens, {self.windows} windows of up to "
                  f"{self.context} (stride {self.stride}), {self.scored} scored, {self.seconds:.1f} s",
                  f"perplexity {self.perplexity:.4f}"]
         if self.reference_weights is not None:
@@ -95,7 +97,9 @@ def evaluate(model, token_ids: Sequence[int], context: int, stride: int, referen
         if progress is not None:
             progress(done, len(windows))
     nll_all = np.concatenate(nll)
-    report = EvalReport(model=model.source, weights=model.weight_type, tokens=len(ids), context=context,
+    size, _, types = model.weight_summary().partition(" (")
+    report = EvalReport(model=model.source, weights=model.weight_type, weights_mib=float(size.split()[0]),
+                        weight_types=types.rstrip(")"), tokens=len(ids), context=context,
                         stride=stride, windows=len(windows), scored=len(nll_all),
                         perplexity=math.exp(nll_all.mean()), seconds=0.0)
     if reference is not None:

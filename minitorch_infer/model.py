@@ -6,6 +6,7 @@ memory, and bind the NumPy program. The KV cache is planned once per compile fro
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -20,6 +21,7 @@ from .backends.layout import StepLayout
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVSequence, parse_kv_memory
 from .passes import DEFAULT_PASSES, PassManager, PassReport, quantize_weights
 from .passes.memory_plan import MemoryPlan, plan_memory
+from .quantized import weight_type
 from .tokenizer import Tokenizer
 from .formats.weights import WeightStore
 from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
@@ -250,6 +252,12 @@ class Model:
     def chat(self, system: str | None = None) -> Session:
         """A chat Session: keeps its KV cache across turns (see minitorch_infer.generation.chat.Session)."""
         return Session(self, system=system)
+
+    def weight_summary(self) -> str:
+        """The weights' size and types as computed from: "107.4 MiB (210 q4_1, 61 f32, 1 q8_0 tensors)"."""
+        types = Counter(weight_type(self.weights[name]) for name in self.trace().params)
+        listed = ", ".join(f"{count} {kind}" for kind, count in types.most_common())
+        return f"{self.weights.nbytes / 2**20:.1f} MiB ({listed} tensors)"
 
     def __repr__(self) -> str:
         c = self.config
