@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         for ours in measured:
             print(_bound(ours))
             if ours.profile:
-                print(f"decode step time by op ({ours.weights}): "
+                which = f" ({ours.weights})" if len(measured) > 1 else ""
+                print(f"decode step time by op{which}: "
                       + ", ".join(f"{op} {share:.0%}" for op, share in ours.profile.items()))
     return 0
 
