@@ -20,7 +20,7 @@ from ..errors import GraphError
 from ..ir import Graph, Node, op_def
 from ..ir.ops import BATCHED_ATTENTION_KEYS
 from ..passes.memory_plan import MemoryPlan, workspace_key
-from ..quantized import QuantizedTensor
+from ..quantized import QuantizedTensor, weight_type
 from . import quantized
 from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
@@ -76,6 +76,11 @@ class Program:
         self.graph = graph
         self.plan = plan
         self.params = {name: params[name] for name in graph.params}
+        for name, value in graph.params.items():
+            if weight_type(self.params[name]) != value.type.dtype:
+                raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
+                                 f"{weight_type(self.params[name])}: compile with the quantize_weights pass first")
+        quantized.warm_up({v.type.dtype for v in graph.params.values() if v.type.is_quantized})
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}

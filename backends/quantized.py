@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..quantized import QuantizedTensor
+from ..quantized import QuantizedTensor, quantize
 
 # Up to this many rows of x, the direct kernel; above, dequantised tiles and BLAS. Chosen on SmolLM2's shapes
 # (benchmarks/quantized_kernels.py): the direct Q8_0 kernel is 3x faster than float32 BLAS at 4 rows and
@@ -25,6 +25,17 @@ def _kernels():
     from . import quantized_kernels
 
     return quantized_kernels
+
+
+def warm_up(kinds: set[str]) -> None:
+    """Compile (or load from Numba's cache) the kernels these block types use, on tiny arrays of the types and
+    layouts a program passes, so that the first step does not pay for it and load-and-compile times count it."""
+    x, y = np.zeros((1, 32), np.float32), np.zeros((1, 1), np.float32)
+    for kind in kinds:
+        w = quantize(np.zeros((1, 32), np.float32), kind)
+        matmul(x, w, y, None)()
+        rows_dequantizer(w)(np.zeros(1, np.int64), np.zeros((1, 32), np.float32))
+        rows_dequantizer(w)(np.zeros(1, np.int32), np.zeros((1, 32), np.float32))   # an embedding's token ids
 
 
 def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray | None,
