@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .architectures import build_graph, rope_pair_order
+from .architectures import architecture, build_graph
 from .backends import numpy as numpy_backend
 from .config import ModelConfig
 from .errors import ContextOverflowError, MinitorchError, PromptError
@@ -71,9 +71,12 @@ class Model:
         self._step_token = np.zeros(1, np.int64)
         self._step_position = np.zeros(1, np.int64)
         self._step_inputs = {"tokens": self._step_token, "positions": self._step_position}
-        # Once, before any pass adds packed weights: the file's tensors are exactly what the config implies.
+        # Once, before any pass adds packed weights: the architecture puts the file's tensors in the layout its
+        # graph reads, and then they must be exactly the params the config implies.
+        prepare_weights = architecture(config.architecture).prepare_weights
+        if prepare_weights is not None:
+            prepare_weights(config, weights)
         weights.check_params(self.trace().params, config.source)
-        rope_pair_order(config, weights)
         self.compile(passes, memory_plan)
 
     def _kv_slots(self, kv_memory: int | str | None, block_size: int) -> int:

@@ -12,6 +12,7 @@ import sys
 from threadpoolctl import threadpool_limits
 
 from ..errors import MinitorchError
+from ..plugins import load_plugins
 from . import batch, bench, chat, generate, graph, models, serve
 
 SUBCOMMANDS = {"generate": generate, "batch": batch, "serve": serve, "graph": graph, "chat": chat, "bench": bench,
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")        # `minitorch-infer --prompt ...` means generate
     args = build_parser().parse_args(argv)
     try:
+        # --plugin: modules that register passes, ops, kernels or architectures, before anything is looked up
+        load_plugins(getattr(args, "plugin", None) or [])
         # --threads: how many threads BLAS may use; the rest of the engine runs on the calling thread.
         with threadpool_limits(limits=getattr(args, "threads", 0) or None):
             return args.run(args) or 0
