@@ -23,8 +23,14 @@ def scope(name: str, layer: int | None = None):
     return active_tracer().scope(name, layer)
 
 
-def _record(op: str, *inputs: Tensor, **attrs):
+def node(op: str, *inputs: Tensor, **attrs):
+    """Record one node of any registered op (your own included, see ir.ops.register_op): its output Tensor,
+    or a tuple of them for an op with several outputs. `F.node("gelu", x, approximate="tanh")` is `F.gelu(x,
+    "tanh")`."""
     return active_tracer().record(op, list(inputs), attrs)
+
+
+_record = node
 
 
 def embedding(ids: Tensor, table: Tensor) -> Tensor:
@@ -74,6 +80,11 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
 def transpose(x: Tensor, perm: tuple) -> Tensor:
     """x with its axes permuted, as numpy.transpose(x, perm); a copy, not a view."""
     return _record("transpose", x, perm=tuple(int(axis) for axis in perm))
+
+
+def slice_cols(x: Tensor, start: int, stop: int) -> Tensor:
+    """Columns start:stop of x [S, N], a view (no copy): splits a fused q|k|v product, as GPT-2's c_attn."""
+    return _record("slice_cols", x, start=int(start), stop=int(stop))
 
 
 def last_row(x: Tensor, rows: Sym) -> Tensor:

@@ -96,11 +96,14 @@ class Model:
 
     # --- compiling -------------------------------------------------------------------------------
     def compile(self, passes: Sequence[str] | None = None, memory_plan: bool = True) -> None:
-        """(Re)build the program with the named passes (None: the defaults; []: none), or pass functions.
+        """(Re)build the program with the named passes (None: the architecture's defaults, normally
+        passes.DEFAULT_PASSES; []: none), or pass functions.
 
         The KV cache is planned anew, so sessions and engines made before a recompile must be made again.
         """
-        self.passes = list(DEFAULT_PASSES if passes is None else passes)
+        if passes is None:
+            passes = architecture(self.config.architecture).passes or DEFAULT_PASSES
+        self.passes = list(passes)
         self.memory_plan_enabled = memory_plan
         self._last = self._compile_graph(all_logits=False)
         self._all: CompiledGraph | None = None       # the every-position-logits program, built when first asked
@@ -115,7 +118,7 @@ class Model:
         graph = self.trace(all_logits)
         graph, report = PassManager(self.passes).run(graph, self.weights)
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
-        return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, self.weights), report)
+        return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, report.weights(self.weights)), report)
 
     @property
     def graph(self) -> Graph:

@@ -8,6 +8,7 @@ after every pass (naming the pass that broke it), times each pass and keeps per-
 from __future__ import annotations
 
 import time
+from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,9 +19,17 @@ from ..ir import Graph, verify
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the graph: the weights, to build packed params once at compile time."""
+    """What a pass may use besides the graph: the weights (a WeightStore, a plain dict, or None for a graph
+    without weights), to build packed params once at compile time, and `derived`, the params passes of this
+    run computed (see passes.packing.derive_param): kept here, not written into `weights`."""
 
     weights: Any
+    derived: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_weights(self):
+        """The weights with this run's derived params in front (read-only use)."""
+        return ChainMap(self.derived, self.weights)
 
 
 @dataclass
@@ -60,6 +69,12 @@ class PassStats:
 @dataclass
 class PassReport:
     stats: list[PassStats] = field(default_factory=list)
+    derived: dict[str, Any] = field(default_factory=dict)     # params the passes computed (derive_param)
+
+    def weights(self, base: Any):
+        """What to compile the optimised graph with: `base` (the weights the passes ran with) and the params
+        they derived, which only the compiled program holds."""
+        return ChainMap(self.derived, base) if self.derived else base
 
     def __str__(self) -> str:
         if not self.stats:
@@ -86,8 +101,8 @@ class PassManager:
         self.dump_dot_dir = Path(dump_dot_dir) if dump_dot_dir else None
 
     def run(self, graph: Graph, weights: Any) -> tuple[Graph, PassReport]:
-        report = PassReport()
         context = PassContext(weights)
+        report = PassReport(derived=context.derived)
         self._dump(graph, 0, "traced")
         for index, (name, fn) in enumerate(self.passes, start=1):
             nodes_before = len(graph.nodes)

@@ -16,7 +16,7 @@ docs/extending.md walks through a whole one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..config import ModelConfig
 from ..errors import GraphError, ModelFormatError, UnsupportedModelError, shown
@@ -44,6 +44,8 @@ class Architecture:
       against the traced graph: change a tensor's layout (`weights.convert`), stack per-expert tensors, reorder
       rows. Model.weights then holds exactly the graph's params.
     - `family`: a short name for the graph's name ("llama", "gpt2").
+    - `passes`: the pipeline Model.compile runs when none is named (None: passes.DEFAULT_PASSES), e.g. the
+      defaults plus a pass of the plugin's own.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Architecture:
     tensor_name: TensorNamer = canonical_name
     prepare_weights: WeightPreparer | None = None
     family: str = ""
+    passes: tuple[str, ...] | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -59,7 +62,7 @@ ARCHITECTURES: dict[str, Architecture] = {}
 
 def register_architecture(name: str, *, config: ConfigReader = ModelConfig.from_dict,
                           tensor_name: TensorNamer = canonical_name, prepare_weights: WeightPreparer | None = None,
-                          family: str | None = None, replace: bool = False):
+                          family: str | None = None, passes: Sequence[str] | None = None, replace: bool = False):
     """Decorator: make the graph function serve config.json's `architectures = [name]` (see Architecture for
     what each argument is). Registering a name twice is an error unless `replace=True`."""
 
@@ -68,7 +71,8 @@ def register_architecture(name: str, *, config: ConfigReader = ModelConfig.from_
             raise GraphError(f"architecture {name!r} is already registered (by {ARCHITECTURES[name].build.__module__}); "
                              "pass replace=True to override it")
         ARCHITECTURES[name] = Architecture(name, build, config, tensor_name, prepare_weights,
-                                           family or name.removesuffix("ForCausalLM").lower())
+                                           family or name.removesuffix("ForCausalLM").lower(),
+                                           None if passes is None else tuple(passes))
         return build
 
     return register
