@@ -77,12 +77,31 @@ class PassReport:
         return ChainMap(self.derived, base) if self.derived else base
 
     def __str__(self) -> str:
+        """One row per pass, columns aligned however long the names: what it changed, the node count before ->
+        after, its time, and its notes (what dce erased and forgot; the matches a rewrite left alone, and why)."""
         if not self.stats:
             return "no passes run"
-        lines = [f"{'pass':<16} {'changed':>7} {'nodes':>13} {'ms':>8}"]
+        width = max(len("pass"), *(len(s.name) for s in self.stats))
+        lines = [f"{'pass':<{width}} {'changed':>7} {'nodes':>13} {'ms':>8}  notes"]
         for s in self.stats:
-            lines.append(f"{s.name:<16} {s.changed:>7} {s.nodes_before:>5} -> {s.nodes_after:<5} {s.seconds * 1e3:>8.2f}")
+            row = f"{s.name:<{width}} {s.changed:>7} {s.nodes_before:>5} -> {s.nodes_after:<5} {s.seconds * 1e3:>8.2f}"
+            lines.append(f"{row}  {format_notes(s.notes)}".rstrip())
         return "\n".join(lines)
+
+
+def format_notes(notes: dict[str, Any]) -> str:
+    """A pass's notes on one line: `left alone` (reason -> count) as `left alone: 2 x reason`; "rewritten"
+    is the changed column already."""
+    parts = []
+    for key, value in notes.items():
+        if key == "rewritten":
+            continue
+        if isinstance(value, dict):
+            if value:
+                parts.append(f"{key}: " + "; ".join(f"{count} x {reason}" for reason, count in value.items()))
+        else:
+            parts.append(f"{key}: {value}")
+    return ", ".join(parts)
 
 
 def resolve_pass(item: str | PassFunction) -> tuple[str, PassFunction]:
