@@ -210,19 +210,33 @@ class Model:
         finally:
             sequence.close()
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a prompt: text is encoded with the model's tokenizer (adding BOS where the tokenizer
-        does); ids are taken as they are."""
+    def encode(self, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]:
+        """Token ids of a prompt: text is encoded with the model's tokenizer; a list of ids is taken as it is.
+
+        BOS: with add_bos=None (the default) text gets a BOS first exactly when the model's tokenizer adds one
+        (the story model's does; SmolLM2's does not: its tokenizer_config has no add_bos_token, and its chat
+        template starts each turn with <|im_start|> instead); ids are left alone. add_bos=True puts the
+        model's BOS first (once) on text and ids alike; add_bos=False encodes text without any special tokens.
+        """
         if not isinstance(prompt, str) and any(isinstance(t, str) for t in prompt):
             raise PromptError("a prompt is a string or a list of token ids; for several prompts use generate_batch")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise PromptError(f"{self.source} has no tokenizer.json: pass token ids, not text")
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_bos is not False)
+        else:
+            ids = [int(t) for t in prompt]
+        if add_bos and (not ids or ids[0] != self.config.bos_token_id):
+            if self.config.bos_token_id is None:
+                raise PromptError(f"add_bos=True, but {self.config.source} names no bos_token_id")
+            ids = [self.config.bos_token_id] + ids
+        return ids
 
     def generate(self, prompt: str | Sequence[int], **settings):
-        """Generate a continuation; returns a GenerationResult (new tokens only). See generation.loop.start."""
+        """Generate a continuation of a prompt (text, or a list of token ids; BOS as `encode` says, add_bos=
+        to choose); returns a GenerationResult (new tokens only, and the prompt's ids). Settings (see
+        generation.loop.start): max_new_tokens, stop, ignore_eos, greedy, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, seed, truncate_prompt, logprobs, add_bos."""
         return loop.generate(self, prompt, **settings)
 
     def stream(self, prompt: str | Sequence[int], **settings) -> Iterator[str]:

@@ -190,3 +190,16 @@ def test_derive_param_works_on_real_and_plain_weights_and_never_leaks():
     assert set(model.weights) == names
     assert model.generate("Once upon a time", max_new_tokens=8, greedy=True).text == \
         minitorch_infer.load("story").generate("Once upon a time", max_new_tokens=8, greedy=True).text
+
+
+def test_bos_is_the_tokenizers_by_default_and_add_bos_chooses():
+    story = minitorch_infer.load("story")
+    bos = story.config.bos_token_id
+    assert story.encode("Hi")[0] == bos and story.encode("Hi", add_bos=False)[0] != bos   # the story tokenizer adds BOS
+    assert story.encode([5, 6]) == [5, 6] and story.encode([5, 6], add_bos=True) == [bos, 5, 6]
+    assert story.encode([bos, 5], add_bos=True) == [bos, 5]
+    assert story.generate("Hi", add_bos=False, max_new_tokens=2, greedy=True).prompt_ids == story.encode("Hi")[1:]
+    mixtral, _, _ = load_fixture("mixtral_tiny")                 # its tokenizer_config says add_bos_token: true
+    gpt2, _, _ = load_fixture("gpt2_tiny")                       # and GPT-2's does not
+    assert mixtral.encode("Hi")[0] == 256 and gpt2.encode("Hi") == list(b"Hi")
+    assert gpt2.encode("Hi", add_bos=True) == [gpt2.config.bos_token_id, *b"Hi"]

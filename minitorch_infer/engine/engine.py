@@ -125,11 +125,11 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
                ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error",
-               logprobs: int | None = None, **sampling) -> RequestHandle:
+               logprobs: int | None = None, add_bos: bool | None = None, **sampling) -> RequestHandle:
         """Queue a request; settings as Model.generate's. Everything is checked here, before any work."""
         params = sampling_params(greedy=greedy, **sampling)
         check_max_new_tokens(max_new_tokens)
-        encoded = self.model.encode(prompt)
+        encoded = self.model.encode(prompt, add_bos=add_bos)
         check_prompt(self.model, encoded)
         prompt_ids = fit_to_context(self.model, encoded, max_new_tokens, truncate_prompt)
         cache = self.model.kv_cache
