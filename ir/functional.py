@@ -20,6 +20,8 @@ def state(name: str, shape: tuple) -> Tensor:
 
 
 def scope(name: str, layer: int | None = None):
+    """`with F.scope("layers.3", layer=3):` labels the nodes recorded inside (their meta, the dot drawing's
+    clusters, --fold-layers)."""
     return active_tracer().scope(name, layer)
 
 
@@ -34,10 +36,12 @@ _record = node
 
 
 def embedding(ids: Tensor, table: Tensor) -> Tensor:
+    """Rows of table [V, D] picked by ids i32[S] -> [S, D] (token embeddings; GPT-2's learned positions too)."""
     return _record("embedding", ids, table)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x², last axis) + eps) * weight; x [..., D], weight [D]."""
     return _record("rms_norm", x, weight, eps=float(eps))
 
 
@@ -47,6 +51,7 @@ def matmul(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x), elementwise."""
     return _record("silu", x)
 
 
@@ -56,10 +61,12 @@ def constant(value: float) -> Tensor:
 
 
 def exp(x: Tensor) -> Tensor:
+    """e to the power x, elementwise."""
     return _record("exp", x)
 
 
 def tanh(x: Tensor) -> Tensor:
+    """tanh(x), elementwise."""
     return _record("tanh", x)
 
 
@@ -74,6 +81,7 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis; x [..., D], weight and bias [D]."""
     return _record("layer_norm", x, weight, bias, eps=float(eps))
 
 
@@ -93,16 +101,24 @@ def last_row(x: Tensor, rows: Sym) -> Tensor:
 
 
 def rope_table(positions: Tensor, head_dim: int, theta: float, scaling: tuple = ()) -> Tensor:
+    """Each position's rotary (cos, sin) pairs [S, head_dim], shared by every layer's `rope`; `scaling` is
+    ModelConfig.rope_scaling."""
     return _record("rope_table", positions, head_dim=head_dim, theta=float(theta), scaling=scaling)
 
 
 def rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate each adjacent pair of x [S, H, head_dim] by its position's angle from `rope_table` (weights'
+    rows in pair order: architectures.llama.rope_pair_order)."""
     return _record("rope", x, table)
 
 
 def kv_write(x: Tensor, cache: Tensor, total: Sym) -> Tensor:
+    """Store the step's keys or values x [S, Hkv, hd] into the KV pool `cache` (an F.state [Hkv, slots, hd]);
+    the result stands for each sequence's keys or values [Hkv, T, hd], what `attention` reads. total = T."""
     return _record("kv_write", x, cache, total=total)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int = 0) -> Tensor:
+    """Causal softmax(q·kᵀ·scale)·v: q [S, Hq, hd] over each sequence's k, v [Hkv, T, hd] from kv_write
+    (grouped-query when Hq > Hkv) -> [S, Hq, hd]; window > 0 sees only the last `window` positions."""
     return _record("attention", q, k, v, scale=float(scale), window=int(window), queries="all")

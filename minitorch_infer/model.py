@@ -132,10 +132,12 @@ class Model:
 
     @property
     def memory_plan(self) -> MemoryPlan:
+        """Where each activation lives in the program's one arena (print it for the arena against the naive sum)."""
         return self._last.plan
 
     @property
     def pass_report(self) -> PassReport:
+        """What each pass of the last compile did (print it: one aligned row per pass, with its notes)."""
         return self._last.report
 
     # --- running ---------------------------------------------------------------------------------

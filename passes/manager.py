@@ -113,6 +113,9 @@ def resolve_pass(item: str | PassFunction) -> tuple[str, PassFunction]:
 
 
 class PassManager:
+    """Runs a pipeline of passes (names or functions) over a graph: verifies after each (naming the pass that
+    broke the graph), times each, and can write the graph as dot after each (`dump_dot_dir`)."""
+
     def __init__(self, passes: Sequence[str | PassFunction], verify_each: bool = True,
                  dump_dot_dir: str | Path | None = None):
         self.passes = [resolve_pass(p) for p in passes]
@@ -120,6 +123,9 @@ class PassManager:
         self.dump_dot_dir = Path(dump_dot_dir) if dump_dot_dir else None
 
     def run(self, graph: Graph, weights: Any) -> tuple[Graph, PassReport]:
+        """Run the pipeline on `graph` (edited in place; pass a copy to keep it) with `weights` (a WeightStore,
+        a plain dict, or None); returns the optimised graph and the report, whose `weights(base)` adds the
+        params the passes derived, for compiling."""
         context = PassContext(weights)
         report = PassReport(derived=context.derived)
         self._dump(graph, 0, "traced")

@@ -46,9 +46,11 @@ class RequestHandle:
 
     @property
     def done(self) -> bool:
+        """Whether the request has finished (by a stop, its length, the context, cancel or a failure)."""
         return self._done.is_set()
 
     def stream(self) -> Iterator[str]:
+        """Yield the continuation's text as the engine produces it; the pieces join to result().text."""
         while True:
             piece = self._next_piece()
             if piece is _DONE:
@@ -57,6 +59,7 @@ class RequestHandle:
             yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait (at most `timeout` seconds, if given) for the request to finish; its GenerationResult."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.is_set():
             if deadline is not None and time.monotonic() >= deadline:
@@ -69,6 +72,7 @@ class RequestHandle:
         return self._result
 
     def cancel(self) -> None:
+        """End the request now, keeping what it produced so far (see Engine.cancel)."""
         self._engine.cancel(self)
 
     def _next_piece(self):
