@@ -203,3 +203,32 @@ def test_bos_is_the_tokenizers_by_default_and_add_bos_chooses():
     gpt2, _, _ = load_fixture("gpt2_tiny")                       # and GPT-2's does not
     assert mixtral.encode("Hi")[0] == 256 and gpt2.encode("Hi") == list(b"Hi")
     assert gpt2.encode("Hi", add_bos=True) == [gpt2.config.bos_token_id, *b"Hi"]
+
+
+def test_an_installed_package_s_plugin_is_found_by_its_entry_point(tmp_path):
+    """A package that lists a module in the minitorch_infer.plugins group: its pass works from --passes."""
+    (tmp_path / "my_installed_passes.py").write_text(
+        "from minitorch_infer.passes import PassResult, register_pass\n"
+        "@register_pass('installed_noop')\n"
+        "def installed_noop(graph, ctx):\n"
+        "    return PassResult(graph)\n")
+    dist = tmp_path / "my_installed_passes-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-installed-passes\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[minitorch_infer.plugins]\nnoop = my_installed_passes\n")
+    done = subprocess.run([sys.executable, "-m", "minitorch_infer", "graph", "--passes", "installed_noop,dce",
+                           "--text"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "installed_noop" in done.stderr
+
+
+def test_batch_with_a_plugin_architecture(tmp_path):
+    model, expected, _ = load_fixture("gpt2_tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": 1, "prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+                       + "\n")
+    assert main(["batch", str(prompts), "-o", str(tmp_path / "out.jsonl"), "--plugin", str(PLUGINS["gpt2_tiny"]),
+                 "-m", str(FIXTURES / "gpt2_tiny"), "-q"]) == 0
+    (line,) = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert json.loads(line)["text"] == model.generate("Hello", max_new_tokens=5, greedy=True, ignore_eos=True).text
