@@ -14,6 +14,7 @@ which `load()` and the CLI import once:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -50,8 +51,9 @@ def load_plugin(name: str) -> ModuleType:
 def _import_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise MinitorchError(f"plugin {str(path)!r}: no such file")
-    module_name = f"minitorch_plugin_{path.stem}"
     resolved = str(path.resolve())
+    # the path's own name, so that two plugin files called gpt2.py do not replace each other
+    module_name = f"minitorch_plugin_{path.stem}_{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
     for module in list(sys.modules.values()):
         if getattr(module, "__file__", None) == resolved:
             return module

@@ -108,7 +108,8 @@ def resolve_pass(item: str | PassFunction) -> tuple[str, PassFunction]:
     if callable(item):
         return getattr(item, "pass_name", getattr(item, "__name__", "pass")), item
     if item not in PASSES:
-        raise MinitorchError(f"unknown pass {item!r}; available: {', '.join(sorted(PASSES))}")
+        raise MinitorchError(f"unknown pass {item!r}; available: {', '.join(sorted(PASSES))} (a pass registered "
+                             "in a module of your own: import it first, or --plugin MODULE on the command line)")
     return item, PASSES[item]
 
 

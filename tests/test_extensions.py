@@ -28,6 +28,12 @@ PLUGINS = {"gpt2_tiny": ROOT / "examples" / "architectures" / "gpt2.py",
            "mixtral_tiny": ROOT / "examples" / "architectures" / "mixtral.py"}
 
 
+@pytest.fixture(autouse=True)
+def no_plugins_leak_into_other_tests(monkeypatch):
+    """--plugin sets MINITORCH_PLUGINS for the processes the CLI starts; it ends with the test."""
+    monkeypatch.setenv("MINITORCH_PLUGINS", "")
+
+
 def load_fixture(name, **options):
     load_plugin(str(PLUGINS[name]))
     expected = json.loads((FIXTURES / name / "expected.json").read_text())
