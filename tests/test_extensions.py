@@ -238,3 +238,9 @@ def test_batch_with_a_plugin_architecture(tmp_path):
                  "-m", str(FIXTURES / "gpt2_tiny"), "-q"]) == 0
     (line,) = (tmp_path / "out.jsonl").read_text().splitlines()
     assert json.loads(line)["text"] == model.generate("Hello", max_new_tokens=5, greedy=True, ignore_eos=True).text
+
+
+def test_gpt2_refuses_a_context_past_its_learned_positions(capsys):
+    load_plugin(str(PLUGINS["gpt2_tiny"]))
+    assert main(["generate", "-m", str(FIXTURES / "gpt2_tiny"), "--context", "65", "-p", "Hi"]) == 2
+    assert "a context of 65 positions, but GPT-2 learned n_positions = 64" in capsys.readouterr().err

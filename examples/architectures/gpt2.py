@@ -77,6 +77,9 @@ def conv1d_to_linear(config: ModelConfig, weights) -> None:
                        prepare_weights=conv1d_to_linear, family="gpt2")
 def gpt2(tokens, positions, *, config, total, sequences, cache_slots, all_logits):
     c = config
+    if total.max > c.max_position_embeddings:     # learned positions end there; RoPE models can go on
+        raise UnsupportedModelError(f"{c.source}: a context of {total.max} positions, but GPT-2 learned "
+                                    f"n_positions = {c.max_position_embeddings}")
     x = F.embedding(tokens, F.param("embed", (c.vocab_size, c.hidden_size)))                        # [S, D]
     x = x + F.embedding(positions, F.param("wpe", (c.max_position_embeddings, c.hidden_size)))    # learned positions
     for i in range(c.num_layers):
