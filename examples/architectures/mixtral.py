@@ -108,17 +108,28 @@ def _moe_combine_reference(args, attrs, step):
 def _moe_route_numpy(node, ins, outs, scratch, step):
     (logits,), (weights, experts) = ins, outs
     k = node.attrs["k"]
+    rows = np.arange(logits.shape[0])[:, None]
 
+    # softmax is monotonic: the top-k of the logits are the top-k of the probabilities, and the renormalised
+    # weights are a softmax over the chosen logits alone
     def call():
-        # softmax is monotonic: the top-k of the logits are the top-k of the probabilities, and the renormalised
-        # weights are a softmax over the chosen logits alone
         order = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
         experts[...] = order
-        chosen = np.take_along_axis(logits, order, axis=-1)
-        np.subtract(chosen, chosen[:, :1], out=weights)
+        np.subtract(logits[rows, order], logits[rows, order[:, :1]], out=weights)
         np.exp(weights, out=weights)
         np.divide(weights, weights.sum(axis=-1, keepdims=True), out=weights)
-    return call
+
+    if logits.shape[0] > 1:
+        return call
+    row, weight_row, expert_row = logits[0], weights[0], experts[0]
+
+    def one_token():                    # decode: the same on one row, with half the NumPy calls' overhead
+        order = (-row).argsort(kind="stable")[:k]
+        expert_row[:] = order
+        np.subtract(row[order], row[order[0]], out=weight_row)
+        np.exp(weight_row, out=weight_row)
+        np.divide(weight_row, weight_row.sum(), out=weight_row)
+    return one_token
 
 
 @numpy_backend.kernel("matmul_id")
