@@ -110,9 +110,11 @@ def check_kernels(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore 
     NumPy kernel got: the first node whose outputs differ raises AssertionError naming it (its text form, op
     and the source line that traced it) and the step. Returns the largest absolute difference seen.
 
-    Two steps of one sequence over a KV pool of random values: a prefill of up to 16 new tokens after a random
-    past, then one decode token (so both the many-row and the one-row kernels run). Weights are random unless
-    given (with a pass's derived params: `report.weights(base)`).
+    The steps, over one KV pool of random values: a prefill of one sequence (up to 16 new tokens after a
+    random past), then a decode token of it (so both the many-row and the one-row kernels run), then, when
+    the graph takes several sequences a step, two more rows of it with one decode row of a second sequence
+    whose positions are scattered over the pool (the batched kernels' layout). Weights are random unless given
+    (with a pass's derived params: `report.weights(base)`).
     """
     from ..backends import numpy as numpy_backend      # the backend under test; the reference is the oracle
     from .memory_plan import plan_memory
@@ -122,14 +124,11 @@ def check_kernels(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore 
     # every value its own buffer, so a kernel's output can be read after it ran and before the next overwrites it
     program = numpy_backend.compile(graph, plan_memory(graph, reuse=False), _params_of(graph, weights))
     state = {name: rng.standard_normal(v.type.concrete_shape()).astype(np.float32) for name, v in graph.states.items()}
-    symbols = _symbols(graph)
-    new = min(symbols["S"].max, MAX_TRIAL_TOKENS) if "S" in symbols else 1
-    past = int(rng.integers(0, max(min(symbols["T"].max - new - 1, MAX_TRIAL_PAST), 0) + 1)) if "T" in symbols else 0
     largest = 0.0
-    for label, seq, total in (("prefill", new, past + new), ("decode", 1, past + new + 1)):
-        bindings = {"S": seq, "T": total, "R": 1}
-        layout = StepLayout.single(seq, total)
-        inputs = {v.name: _random_input(v, bindings, rng) for v in graph.inputs}
+    for label, layout in _kernel_check_steps(graph, rng):
+        bindings = {"S": layout.rows, "T": max(layout.totals), "R": layout.sequences}
+        inputs = {v.name: _layout_positions(layout) if v.name == "positions" else _random_input(v, bindings, rng)
+                  for v in graph.inputs}
         step = reference.Step(bindings, layout)
         for node, ins, outs, call in program.bound_nodes(inputs, state, layout):
             expected = reference.KERNELS[node.op]([np.array(a) for a in ins], node.attrs, step)
@@ -137,10 +136,31 @@ def check_kernels(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore 
             if call is not None:
                 call()
             where = (f"node {format_node(node)} (op {node.op!r}, traced at {node.meta.get('source', '?')}) on the "
-                     f"{label} step (S={seq}, T={total}): NumPy kernel vs reference kernel, same inputs")
+                     f"{label} step (S={layout.rows}, T={list(layout.totals)}): NumPy kernel vs reference kernel, "
+                     "same inputs")
             for index, (want, got) in enumerate(zip(expected, outs)):
                 largest = max(largest, _compare(f"{where}, output {index}", np.asarray(want), got, rtol, atol))
     return largest
+
+
+def _kernel_check_steps(graph: Graph, rng: np.random.Generator) -> list[tuple[str, StepLayout]]:
+    symbols = _symbols(graph)
+    new = min(symbols["S"].max, MAX_TRIAL_TOKENS) if "S" in symbols else 1
+    past = int(rng.integers(0, max(min(symbols["T"].max - new - 3, MAX_TRIAL_PAST), 0) + 1)) if "T" in symbols else 0
+    steps = [("prefill", StepLayout.single(new, past + new)), ("decode", StepLayout.single(1, past + new + 1))]
+    slots = min((v.type.concrete_shape()[1] for v in graph.states.values() if v.type.rank == 3), default=0)
+    first_total, second_total = past + new + 3, 5
+    if symbols.get("R") is not None and symbols["R"].max >= 2 and symbols["S"].max >= 3 \
+            and first_total + 2 * second_total <= slots and first_total <= symbols["T"].max:
+        scattered = np.arange(first_total, first_total + 2 * second_total, 2)
+        steps.append(("two-sequence", StepLayout.of([2, 1], [np.arange(first_total), scattered])))
+    return steps
+
+
+def _layout_positions(layout: StepLayout) -> np.ndarray:
+    """Each row's position in its sequence: a sequence with n new rows and T positions has T-n..T-1."""
+    return np.concatenate([np.arange(total - (stop - start), total) for start, stop, total in
+                           zip(layout.row_starts, layout.row_stops, layout.totals)]).astype(np.int32)
 
 
 def _check_signatures(before: Graph, after: Graph) -> None:

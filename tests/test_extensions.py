@@ -164,6 +164,19 @@ def test_check_kernels_names_the_op_whose_numpy_kernel_is_wrong(monkeypatch):
         check_pass(graph, ["dce"], kernels=True)
 
 
+def test_check_kernels_runs_a_step_of_two_sequences(monkeypatch):
+    """A last_row kernel that is right for one sequence only (every sequence gets the step's last row)."""
+    graph = minitorch_infer.load("story", passes=[]).trace()
+
+    def step_s_last_row_for_all(node, ins, outs, scratch, step):
+        (x,), (y,) = ins, outs
+        return lambda: y.__setitem__(slice(None), x[-1])
+
+    monkeypatch.setitem(numpy_backend.KERNELS, "last_row", step_s_last_row_for_all)
+    with pytest.raises(AssertionError, match=r"op 'last_row'.* on the two-sequence step \(S=3, T=\[\d+, 5\]\)"):
+        check_kernels(graph)
+
+
 def test_derive_param_works_on_real_and_plain_weights_and_never_leaks():
     """Fold each RMSNorm gain into the matmul that reads the norm's output, as a derived weight."""
     from minitorch_infer.passes import P, rewrite
