@@ -87,7 +87,8 @@ def load_configured_plugins() -> None:
                 entry.load()
             except Exception as error:
                 raise MinitorchError(f"installed plugin {entry.name!r} ({entry.value}, entry-point group "
-                                     f"{ENTRY_POINT_GROUP}) failed to import: {type(error).__name__}: {error}") from error
+                                     f"{ENTRY_POINT_GROUP}) failed to import: {type(error).__name__}: "
+                                     f"{error}") from error
     for name in os.environ.get(ENVIRONMENT_VARIABLE, "").split(os.pathsep):
         if name:
             load_plugin(name)

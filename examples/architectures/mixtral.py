@@ -1,6 +1,7 @@
 """Mixtral (a sparse mixture of experts) as a plugin, written only with minitorch-infer's public API.
 
-    minitorch-infer generate --plugin examples/architectures/mixtral.py -m tests/fixtures/extensions/mixtral_tiny -p "Hi"
+    minitorch-infer generate --plugin examples/architectures/mixtral.py \
+        -m tests/fixtures/extensions/mixtral_tiny -p "Hi"
 
 Attention is Mistral's (the llama module's attention_block, reused). The MLP is replaced by N SwiGLU
 experts and a router: each token goes to its top-k experts (Mixtral: k = 2), and their outputs are summed,
@@ -245,7 +246,8 @@ def mixtral(tokens, positions, *, config, total, sequences, cache_slots, all_log
 
 
 def moe_block(x, c: ModelConfig, i: int):
-    count, k, width, hidden = c.raw["num_local_experts"], c.raw["num_experts_per_tok"], c.intermediate_size, c.hidden_size
+    count, k = c.raw["num_local_experts"], c.raw["num_experts_per_tok"]
+    width, hidden = c.intermediate_size, c.hidden_size
     with F.scope("moe"):
         h = F.rms_norm(x, F.param(f"layers.{i}.mlp_norm", (hidden,)), c.rms_norm_eps)
         router = F.matmul(h, F.param(f"layers.{i}.moe.router", (count, hidden)))                     # [S, E]

@@ -68,8 +68,8 @@ def register_architecture(name: str, *, config: ConfigReader = ModelConfig.from_
 
     def register(build: Callable[..., Any]) -> Callable[..., Any]:
         if name in ARCHITECTURES and not replace and ARCHITECTURES[name].build is not build:
-            raise GraphError(f"architecture {name!r} is already registered (by {ARCHITECTURES[name].build.__module__}); "
-                             "pass replace=True to override it")
+            raise GraphError(f"architecture {name!r} is already registered (by "
+                             f"{ARCHITECTURES[name].build.__module__}); pass replace=True to override it")
         ARCHITECTURES[name] = Architecture(name, build, config, tensor_name, prepare_weights,
                                            family or name.removesuffix("ForCausalLM").lower(),
                                            None if passes is None else tuple(passes))

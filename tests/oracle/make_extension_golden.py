@@ -43,7 +43,8 @@ FIXTURES = {
         dict(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=EOS,
              eos_token_id=EOS, activation_function="gelu_new", layer_norm_epsilon=1e-5),
         False,
-        "GPT-2: LayerNorm, tanh GELU, learned positions (64), biases, fused c_attn, Conv1D [in, out] weights, tied head",
+        "GPT-2: LayerNorm, tanh GELU, learned positions (64), biases, fused c_attn, Conv1D [in, out] weights, "
+        "tied head",
     ),
     "mixtral_tiny": (
         "MixtralForCausalLM",
