@@ -126,6 +126,18 @@ class Program:
             seconds[op] += time.perf_counter() - began
         return seconds
 
+    def bound_nodes(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], layout: StepLayout
+                    ) -> list[tuple[Node, list[np.ndarray], list[np.ndarray], Kernel | None]]:
+        """For checking kernels one at a time (passes.check_kernels): every node with its bound input and output
+        arrays and its kernel call (None for a view), with `inputs` and the layout in place as run() puts them.
+        Calling the kernels in order is one run() (compile with an unshared plan to read every value after)."""
+        for name, array in inputs.items():
+            self.input_buffers[name][:len(array)] = array
+        self.step.layout = layout
+        entries: list = []
+        self._bind(layout.row_stops[-1], len(layout.totals), state, entries)
+        return entries
+
     def _bound_for(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
                    ) -> tuple[list[Kernel], list[np.ndarray]]:
         """The kernel calls bound for S = seq, R = sequences and this KV pool, binding them when first asked for."""
@@ -138,7 +150,7 @@ class Program:
             self._bound.popitem(last=False)
         return bound
 
-    def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
+    def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray], entries: list | None = None
               ) -> tuple[list[Kernel], list[np.ndarray]]:
         bindings = {"S": seq, "R": sequences, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
         arrays: dict[int, np.ndarray] = {}
@@ -155,6 +167,8 @@ class Program:
             ins = [arrays[id(v)] for v in node.inputs]
             if node.op in VIEWS:
                 arrays[id(node.output)] = VIEWS[node.op](ins[0], node.attrs, bindings)
+                if entries is not None:
+                    entries.append((node, ins, [arrays[id(node.output)]], None))
                 continue
             outs = []
             for value in node.outputs:
@@ -172,6 +186,8 @@ class Program:
                 elements = spec.workspace([v.type for v in node.inputs], node.attrs)
                 scratch = self._arena_view(self.plan.offsets[workspace_key(node)], (elements,), np.dtype(np.float32))
             calls.append(KERNELS[node.op](node, ins, outs, scratch, self.step))
+            if entries is not None:
+                entries.append((node, ins, outs, calls[-1]))
         return calls, [arrays[id(v)] for v in self.graph.outputs]
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -394,8 +410,8 @@ def _silu(node: Node, ins, outs, scratch, step) -> Kernel:
 @kernel("swiglu")
 def _swiglu(node: Node, ins, outs, scratch, step) -> Kernel:
     (gate_up,), (y,) = ins, outs
-    width = y.shape[1]
-    gate, up = gate_up[:, :width], gate_up[:, width:]
+    width = y.shape[-1]
+    gate, up = gate_up[..., :width], gate_up[..., width:]
 
     def call():
         _silu_into(gate, y)

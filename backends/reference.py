@@ -168,7 +168,7 @@ def _silu(args, attrs, step):
 
 @kernel("swiglu")
 def _swiglu(args, attrs, step):
-    gate, up = np.split(args[0], 2, axis=1)
+    gate, up = np.split(args[0], 2, axis=-1)
     return _silu_values(gate) * up
 
 

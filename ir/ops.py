@@ -229,13 +229,15 @@ def _silu(ts, attrs):
 
 @register_op("swiglu", n_inputs=1)
 def _swiglu(ts, attrs):
-    """silu(gate) * up, from one [S, 2F] tensor holding [gate | up] -> [S, F]."""
+    """silu(gate) * up, from one [..., 2F] tensor holding [gate | up] on its last axis -> [..., F] (rows [S, 2F],
+    or a mixture of experts' [S, k, 2F])."""
     (gate_up,) = ts
-    _expect_rank("swiglu", gate_up, 2, "gate_up")
-    width = gate_up.shape[1]
+    if gate_up.rank < 2:
+        _fail("swiglu", "gate_up must have rank 2 or more", gate_up)
+    width = gate_up.shape[-1]
     if not isinstance(width, int) or width % 2:
         _fail("swiglu", "the last axis must be an even number", gate_up)
-    return [TensorType((gate_up.shape[0], width // 2), gate_up.dtype)]
+    return [TensorType((*gate_up.shape[:-1], width // 2), gate_up.dtype)]
 
 
 @register_op("reshape", attrs={"shape": tuple}, n_inputs=1, view_of=0)

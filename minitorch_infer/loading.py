@@ -6,10 +6,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ModelConfig, token_ids
+from .architectures import architecture, read_config
+from .config import ModelConfig, read_json_object, token_ids
 from .errors import ModelFormatError
 from .model import Model
 from .passes import quantize_weights
+from .plugins import load_configured_plugins
 from .formats.model_files import find_model
 from .tokenizer import Tokenizer, read_generation_eos
 from .formats.weights import WeightStore, load_safetensors_dir
@@ -29,6 +31,7 @@ def load(name_or_path: str | os.PathLike, weights: str | None = None, **options)
     Other options go to Model: context, prefill_chunk, passes, memory_plan, kv_memory (the paged KV pool's
     size: bytes, or "512MiB", "8192tokens"), kv_block_size, max_batch (sequences per step).
     """
+    load_configured_plugins()
     path = find_model(name_or_path)
     kind = "gguf" if path.suffix == ".gguf" else "safetensors"
     weights = DEFAULT_WEIGHTS[kind] if weights is None else weights
@@ -61,7 +64,7 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
     config_path = path / "config.json"
     if not config_path.exists():
         raise ModelFormatError(f"{path}: no config.json")
-    config = ModelConfig.from_file(config_path)
+    config = read_config(read_json_object(config_path, "config"), str(config_path))
     generation_eos = token_ids(read_generation_eos(path), config.vocab_size,
                                f"{path / 'generation_config.json'}: eos_token_id")
     config = replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + generation_eos)))
@@ -69,7 +72,7 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, WeightStore, Tokenizer]:
     if tokenizer is not None and tokenizer.largest_id() >= config.vocab_size:
         raise ModelFormatError(f"{tokenizer.source}: the tokenizer has token ids up to {tokenizer.largest_id()}, but "
                                f"the model's vocabulary ({config_path} vocab_size) ends at {config.vocab_size - 1}")
-    return config, load_safetensors_dir(path), tokenizer
+    return config, load_safetensors_dir(path, architecture(config.architecture).tensor_name), tokenizer
 
 
 def _read_gguf(path: Path, keep_blocks: bool) -> tuple[ModelConfig, WeightStore, Tokenizer]:

@@ -13,6 +13,7 @@ import sys
 from threadpoolctl import threadpool_limits
 
 from ..errors import MinitorchError
+from ..plugins import load_plugins
 from . import batch, bench, chat, evaluate, generate, graph, models, serve
 
 SUBCOMMANDS = {"generate": generate, "batch": batch, "serve": serve, "graph": graph, "chat": chat, "bench": bench,
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")        # `minitorch-infer --prompt ...` means generate
     args = build_parser().parse_args(argv)
     try:
+        # --plugin: modules that register passes, ops, kernels or architectures, before anything is looked up
+        load_plugins(getattr(args, "plugin", None) or [])
         # --threads: how many threads BLAS and the quantised kernels may use; the rest of the engine runs on
         # the calling thread.
         threads = getattr(args, "threads", 0)

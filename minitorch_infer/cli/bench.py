@@ -9,7 +9,7 @@ from . import batch_benchmark
 from .benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_alternating, median_and_spread
 from ..errors import ModelNotFoundError
 from ..formats.model_files import find_model
-from .options import WEIGHT_CHOICES, non_negative_int, positive_int
+from .options import WEIGHT_CHOICES, add_plugin_argument, non_negative_int, positive_int
 
 HELP = "measure speed and memory against the naive path (medians of several runs)"
 DEFAULT_MODELS = ("story", "smollm2-135m-instruct")
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=_levels, default=None, metavar="LIST",
                         help="instead, measure the batched engine at these numbers of concurrent requests, "
                              "e.g. 1,4,16, against the single-stream engine in the same run")
+    add_plugin_argument(parser)
 
 
 def _weight_list(text: str) -> list[str]:

@@ -56,6 +56,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=non_negative_int, default=0,
                        help="threads for matrix products (BLAS and the quantised kernels; default: all cores)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
+    add_plugin_argument(group)
+
+
+def add_plugin_argument(parser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (a module name, or a .py path) first, for the passes, ops and "
+                             "architectures it registers; repeatable")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

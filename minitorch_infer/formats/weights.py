@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -102,9 +102,12 @@ class WeightStore:
         if file is not None:
             self._file[name] = file
 
-    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], file: str | None = None) -> None:
+    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], file: str | None = None,
+                       rename: Callable[[str], str | None] = canonical_name) -> None:
+        """Add a file's tensors under the names `rename` gives them (default: the Llama family's canonical
+        names); tensors it maps to None are skipped."""
         for name, array in tensors:
-            canonical = canonical_name(name)
+            canonical = rename(name)
             if canonical is not None:
                 self.add(canonical, array, origin=name, file=file)
 
@@ -116,6 +119,19 @@ class WeightStore:
             raise ModelFormatError(f"{self.source}: replacement for {name!r} must be {list(old.shape)}, float32 "
                                    f"or quantised, not {weight_type(array)}{list(array.shape)}")
         self._arrays[name] = array
+
+    def convert(self, name: str, array: np.ndarray) -> None:
+        """Swap in the weight in another layout or shape (an architecture's prepare_weights: GPT-2's Conv1D
+        [in, out] as [out, in], say); the shape check against the graph comes after."""
+        if array.dtype != np.float32:
+            raise ModelFormatError(f"{self.source}: converted {name!r} must be float32, got {array.dtype}")
+        self._arrays[name] = array
+
+    def remove(self, name: str) -> np.ndarray:
+        """Take a weight out (an architecture's prepare_weights, after stacking it into another)."""
+        self._origin.pop(name, None)
+        self._file.pop(name, None)
+        return self._arrays.pop(name)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
@@ -247,8 +263,9 @@ def _shard_names(index: Path) -> list[str]:
     return sorted(names)
 
 
-def load_safetensors_dir(model_dir: Path) -> WeightStore:
+def load_safetensors_dir(model_dir: Path, rename: Callable[[str], str | None] = canonical_name) -> WeightStore:
+    """Every tensor of the folder's safetensors files, named by `rename` (see WeightStore.add_hf_tensors)."""
     store = WeightStore(source=str(model_dir))
     for path in safetensors_files(model_dir):
-        store.add_hf_tensors(read_safetensors(path), file=str(path))
+        store.add_hf_tensors(read_safetensors(path), file=str(path), rename=rename)
     return store
