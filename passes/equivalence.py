@@ -132,7 +132,9 @@ def check_kernels(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore 
                   for v in graph.inputs}
         step = reference.Step(bindings, layout)
         for node, ins, outs, call in program.bound_nodes(inputs, state, layout):
-            expected = reference.KERNELS[node.op]([np.array(a) for a in ins], node.attrs, step)
+            # a quantised weight reaches the reference kernel as its dequantised values, as in reference.run
+            expected = reference.KERNELS[node.op]([a.dequantize() if isinstance(a, QuantizedTensor) else np.array(a)
+                                                   for a in ins], node.attrs, step)
             expected = expected if isinstance(expected, tuple) else (expected,)
             if call is not None:
                 call()

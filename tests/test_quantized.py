@@ -111,7 +111,9 @@ def test_kernels_are_compiled_for_the_cache():
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantize_weights_then_the_fusions_compute_the_dequantised_model(kind):
     graph = story_graph(prefill_chunk=8, context=32)
-    optimised, report = check_pass(graph, [quantize_weights(kind), *DEFAULT_PASSES], random_weights(graph))
+    # kernels=True: also the NumPy program's quantised kernels, node by node, against the reference's
+    optimised, report = check_pass(graph, [quantize_weights(kind), *DEFAULT_PASSES], random_weights(graph),
+                                   kernels=True)
     multiplied = {node.inputs[1].name: node.inputs[1].type.dtype for node in optimised.nodes
                   if node.op in ("matmul", "matmul_add")}
     assert len(multiplied) == 2 * 4 + 1 and set(multiplied.values()) == {kind}, multiplied  # packed, tied head
