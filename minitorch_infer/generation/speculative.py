@@ -38,7 +38,7 @@ MAX_DRAFT = 15                  # a verify step carries draft + 1 rows, within t
 # happens (and with it a seeded run's random draws) never depends on how busy the machine is.
 ROW_COST = 0.25
 _PRIOR_ACCEPTED, _PRIOR_REJECTED = 4.0, 1.0   # start as if 4 of 5 guesses held: draft a few, then learn
-_MEMORY = 0.9                                  # each verify weighs the past by this: a recent run counts most
+_MEMORY = 0.6                                  # each verify weighs the past by this: the last few count most
 _FORGET = 0.9                                  # a step without drafting forgets this much of the rejections
 
 
@@ -240,8 +240,8 @@ class Speculator:
         if is_position_dependent(model.config.rope_scaling):
             # Its rotations follow the step's last position, so a row verified beside later ones would not be
             # computed as plain decoding computes it.
-            raise SamplingError(f"speculative decoding cannot run {model.source}: its rope scaling "
-                                f"({model.config.rope_scaling[0]}) depends on the step's positions")
+            raise SamplingError(f"speculative decoding cannot run {model.source}: its rope scaling (dynamic NTK) "
+                                "depends on the step's positions")
         if settings.mode == "ngram":
             self.drafter = NgramDrafter(settings.ngram)
         else:
