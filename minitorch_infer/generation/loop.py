@@ -22,7 +22,7 @@ from ..config import ModelConfig
 from ..kv_cache import KVCache, KVSequence
 from ..tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
-from .speculative import SpeculationSettings, Speculator, accept_or_resample, speculation_settings
+from .speculative import SpeculationSettings, Speculator, accept_prefix, speculation_settings
 from .stopping import FinishReason, StopStringMatcher
 
 
@@ -251,25 +251,15 @@ class Decoder:
 
     def verify(self, rows: np.ndarray, draft: Sequence[int]) -> list[int]:
         """The tokens that follow the text so far, given the logits `rows` [len(draft) + 1, vocab] of a step that
-        ran the last token and the draft: the guesses that hold, then one token of the model's own (the
-        correction of the first guess that failed, or the token after the last guess). Each guess is decided
-        as plain decoding would decide it at that position: greedy takes the argmax of the processed logits
-        (so the tokens are exactly plain decoding's); sampling keeps or replaces it by the speculative-sampling
-        rule against the distribution plain sampling draws from. Emit the tokens with emit()."""
-        sampler, tokens = self.sampler, []
-        for row, guess in zip(rows, draft):
-            history = self.history[:self.known + len(tokens)]
-            if sampler.params.is_greedy:
-                token = sampler.sample(row, history)
-                held = token == guess
-            else:
-                token, held = accept_or_resample(sampler.probabilities(row, history), None, guess, sampler.rng)
-            self.history[self.known + len(tokens)] = token    # where emit() puts it too; the next guess's history
-            tokens.append(token)
-            if not held:
-                break
-        else:
-            tokens.append(sampler.sample(rows[len(draft)], self.history[:self.known + len(draft)]))
+        ran the last token and the draft: the guesses that hold, then one token of the model's own (see
+        speculative.accept_prefix). Each is chosen exactly as plain decoding chooses it, with the same sampler,
+        so greedy and seeded runs give plain decoding's tokens. Emit them with emit()."""
+        def choose(i: int) -> int:
+            token = self.sampler.sample(rows[i], self.history[:self.known + i])
+            self.history[self.known + i] = token      # where emit() puts it too; the next position's history
+            return token
+
+        tokens = accept_prefix(draft, choose)
         self.speculator.record(len(draft), len(tokens) - 1)
         return tokens
 
@@ -420,10 +410,14 @@ class TextStream:
                 sequence.reserve(len(draft) + 1)
             except KVCacheFullError:       # the pool has room for one more token, not for the guesses
                 draft = []
+        began = time.perf_counter()
         if not draft:
             logits = self.model.decode_step(sequence, last)
+            if decoder.speculator is not None:
+                decoder.speculator.costs.record_plain(time.perf_counter() - began)
             return [decoder.sampler.sample(logits, decoder.history[:decoder.known])], logits[None]
         rows = self.model.step([sequence], [[last, *draft]], [len(draft) + 1])
+        decoder.speculator.costs.record_verify(len(draft), time.perf_counter() - began)
         tokens = decoder.verify(rows, draft)
         sequence.truncate(sequence.length - len(draft) + len(tokens) - 1)   # the last token + the guesses that held
         return tokens, rows

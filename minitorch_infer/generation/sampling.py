@@ -328,39 +328,17 @@ class Sampler:
         self._all_ids.flags.writeable = False  # shared by every step's initial Candidates
         self._rng = np.random.default_rng(params.seed)
 
-    @property
-    def rng(self) -> np.random.Generator:
-        """The seeded generator every random choice of this generation draws from (speculative acceptance too)."""
-        return self._rng
-
     def sample(self, logits: np.ndarray, history: np.ndarray) -> int:
         """The next token, given this step's logits [vocab] and every token id so far (prompt + output)."""
+        if logits.shape != (self.vocab_size,):
+            raise SamplingError(f"logits must have shape ({self.vocab_size},), got {logits.shape}")
         if self.params.is_greedy and not self.processors:
-            self._check_shape(logits)
             return int(np.argmax(logits))          # nothing to edit: no copy (a greedy decode step's common case)
-        candidates = self._processed(logits, history)
-        if self.params.is_greedy:
-            return int(candidates.ids[np.argmax(candidates.logits)])
-        return draw(candidates, self._rng)
-
-    def probabilities(self, logits: np.ndarray, history: np.ndarray) -> np.ndarray:
-        """The distribution `sample` draws from, as a probability [vocab] for every token (float64): the softmax
-        of the processed candidates, 0 for the tokens the pipeline dropped. For a sampled generation only."""
-        candidates = self._processed(logits, history)
-        weights = np.exp((candidates.logits - candidates.logits.max()).astype(np.float64))
-        probabilities = np.zeros(self.vocab_size)
-        probabilities[candidates.ids] = weights / weights.sum()
-        return probabilities
-
-    def _processed(self, logits: np.ndarray, history: np.ndarray) -> Candidates:
-        """The candidates after every processor, on a private float32 copy (the caller's buffer stays intact)."""
-        self._check_shape(logits)
+        # One private float32 copy: processors edit it in place and the caller's buffer stays intact.
         candidates = Candidates(self._all_ids, np.array(logits, dtype=np.float32))
         history = np.asarray(history, dtype=np.int64)
         for processor in self.processors:
             candidates = processor(candidates, history)
-        return candidates
-
-    def _check_shape(self, logits: np.ndarray) -> None:
-        if logits.shape != (self.vocab_size,):
-            raise SamplingError(f"logits must have shape ({self.vocab_size},), got {logits.shape}")
+        if self.params.is_greedy:
+            return int(candidates.ids[np.argmax(candidates.logits)])
+        return draw(candidates, self._rng)

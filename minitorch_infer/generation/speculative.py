@@ -7,9 +7,10 @@ accepted guess into a token that cost almost nothing. The pieces here:
 - drafters, which guess: `NgramDrafter` (prompt lookup: the tokens that followed the last n tokens where
   they occurred before, in the prompt or the text so far) and `DraftModelDrafter` (a smaller model sharing
   the tokenizer, decoding greedily);
-- `accept_or_resample`, the speculative-sampling rule that decides each guess against the model's own
-  distribution, so the output is distributed exactly as plain sampling's (greedy: exactly the same tokens);
-- `DraftBudget`, which sizes each guess from the acceptance seen so far and drafts only when it pays;
+- `accept_prefix`, the speculative-sampling rule for a deterministic drafter: each guess is checked against
+  plain decoding's own choice at its position, so greedy and seeded sampled runs give plain decoding's tokens;
+- `DraftBudget`, which sizes each guess from the acceptance seen so far and what verify steps cost on this
+  machine (`StepCosts`), and drafts only when it pays;
 - `Speculator`, one request's drafter and budget, which the per-request Decoder drives.
 
 Verifying and rolling back the KV cache past rejected guesses is the caller's (the generation loop's and
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,13 +36,16 @@ DEFAULT_DRAFT_MAX = 8
 DEFAULT_NGRAM = 3
 MAX_DRAFT = 15                  # a verify step carries draft + 1 rows, within the model's sequences per step
 
-# What one extra row costs a step, as a fraction of a one-row decode step. Measured on the story model and
-# SmolLM2 (2 cores, OpenBLAS): 8 rows cost 2-3.5x one row. A constant, not a timing, so that where drafting
-# happens (and with it a seeded run's random draws) never depends on how busy the machine is.
-ROW_COST = 0.25
+# What a verify step costs until it has been measured, in one-row decode steps: 1 + FIXED_COST + ROW_COST * k
+# for k guesses. On the story model and SmolLM2 (2 cores, OpenBLAS) a step of 2 rows cost 1.8-2.2 one-row
+# steps and one of 9 rows 2.5-3.5 (one row has the lean matrix-vector path, several rows the general one).
+FIXED_COST = 0.8
+ROW_COST = 0.15
 _PRIOR_ACCEPTED, _PRIOR_REJECTED = 4.0, 1.0   # start as if 4 of 5 guesses held: draft a few, then learn
 _MEMORY = 0.6                                  # each verify weighs the past by this: the last few count most
-_FORGET = 0.9                                  # a step without drafting forgets this much of the rejections
+_FORGET = 0.95                                 # each step without drafting forgets this much of the rejections
+_IDLE_STRIDE = 8                               # steps between checks while drafting does not pay
+_TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
 
 
 @dataclass(frozen=True)
@@ -82,60 +88,63 @@ def _check_count(name: str, value: object, low: int, high: int) -> None:
         raise SamplingError(f"{name} must be an integer from {low} to {high}, got {shown(value)}")
 
 
-# --- the acceptance rule --------------------------------------------------------------------------------
+# --- the acceptance rule -----------------------------------------------------------------------------------
 
-def accept_or_resample(p: np.ndarray, q: np.ndarray | None, draft: int, rng: np.random.Generator
-                       ) -> tuple[int, bool]:
-    """Decide one drafted token by the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023).
+def accept_prefix(draft: Sequence[int], choose: Callable[[int], int]) -> list[int]:
+    """The tokens a verify step yields: the guesses that hold, then one token of the model's own.
 
-    p is the model's probability of every token at this position (the distribution plain sampling would draw
-    from), q the drafter's (None for a deterministic drafter: all of q's mass on `draft`). The draft is kept
-    with probability min(1, p[draft] / q[draft]); otherwise a token is drawn from the residual
-    max(0, p - q), normalised. Either way the token returned is distributed exactly as p. Returns (token,
-    whether the draft was kept); uses one uniform from `rng` to decide and one more to resample.
+    `choose(i)` is plain decoding's choice of the token at draft position i (row i of the verify step's logits),
+    made with the guesses before i taken as the text so far: the argmax when greedy, a draw from the
+    processed distribution p when sampling. A guess holds when that choice equals it; the first choice that
+    differs replaces it, and when every guess holds, choose(len(draft)) adds the token after them.
+
+    For sampling this is the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) for a
+    deterministic drafter, whose q puts all its mass on the guess d: keep d with probability min(1, p(d)/q(d))
+    = p(d), else draw from the residual max(0, p - q), normalised, which is p without d. Drawing x from p and
+    keeping d exactly when x = d does both with one draw: P(x = d) = p(d), and x given x != d is distributed as
+    that residual. So each token is distributed as plain sampling's, and with the same random generator it is
+    the very token plain sampling would draw: a seeded run gives plain decoding's tokens, however much it
+    guessed.
     """
-    q_draft = 1.0 if q is None else float(q[draft])
-    if rng.random() * q_draft < p[draft]:                   # u < p/q, without dividing by a zero q
-        return draft, True
-    if q is None:
-        residual = p.copy()
-        residual[draft] = 0.0
-    else:
-        residual = np.maximum(p - q, 0.0)
-    total = residual.sum()
-    if not total > 0:           # p == q up to rounding: acceptance was certain in exact arithmetic
-        residual, total = p, p.sum()
-    running = np.cumsum(residual)
-    token = int(np.searchsorted(running, rng.random() * total, side="right"))
-    return min(token, int(np.flatnonzero(residual)[-1])), False   # rounding never picks a token of weight 0
+    tokens = []
+    for i, guess in enumerate(draft):
+        tokens.append(choose(i))
+        if tokens[-1] != guess:
+            return tokens
+    tokens.append(choose(len(draft)))
+    return tokens
 
 
 # --- drafters ----------------------------------------------------------------------------------------------
 
 class NgramDrafter:
     """Prompt lookup: find the most recent earlier occurrence of the last `ngram` tokens and propose the
-    tokens that followed it. Costs a scan of the history and no model: it pays when the output repeats its
-    input (quoting, rewriting, summarising a given text, code edits) and proposes nothing otherwise."""
+    tokens that followed it. No model, and a dictionary lookup a step: it pays when the output repeats its
+    input (quoting, rewriting, summarising a given text, code edits) and proposes nothing otherwise.
+
+    The index maps every n-gram that has a token after it to where its most recent such occurrence ends; it
+    grows with the history, which within one request only ever grows."""
 
     def __init__(self, ngram: int):
         self.ngram = ngram
+        self._tokens: list[int] = []
+        self._follows: dict[tuple[int, ...], int] = {}
 
     def propose(self, history: np.ndarray, count: int) -> list[int]:
-        n, length = self.ngram, len(history)
-        if length <= n or count < 1:
-            return []
-        tail = history[length - n:]
-        # Every window that ends before the last token, so a match has at least one token after it.
-        windows = np.lib.stride_tricks.sliding_window_view(history[:length - 1], n)
-        matches = np.flatnonzero((windows == tail).all(axis=1))
-        if not len(matches):
-            return []
-        follow = int(matches[-1]) + n
-        return [int(t) for t in history[follow:follow + count]]
+        n, tokens = self.ngram, self._tokens
+        if len(history) < len(tokens):                     # not the history it has seen: start over
+            tokens.clear()
+            self._follows.clear()
+        indexed = len(tokens)
+        tokens += history[indexed:].tolist()
+        # The n-grams that now have a token after them: those ending before the last token.
+        for end in range(max(indexed, n), len(tokens)):
+            self._follows[tuple(tokens[end - n:end])] = end
+        follow = self._follows.get(tuple(tokens[-n:])) if len(tokens) > n else None
+        return tokens[follow:follow + count] if follow is not None else []
 
     def close(self) -> None:
         pass
-
 
 class DraftModelDrafter:
     """A smaller model with the same vocabulary guesses greedily. It keeps its own KV-cache sequence in step
@@ -196,41 +205,99 @@ def resolve_draft_model(draft_model, target_model):
 
 # --- how much to draft -------------------------------------------------------------------------------------
 
+class StepCosts:
+    """What a verify step of k guesses costs, in plain decode steps, as measured for one model on this machine.
+
+    Until a size has been measured, a size measured nearby is scaled by the default model, or the default
+    model answers alone: 1 + FIXED_COST + ROW_COST * k. Timings move averages slowly and one outlier (a
+    machine busy for a moment) moves them little. Where drafting happens never changes the tokens (see
+    accept_prefix), so adapting to the machine's speed is safe."""
+
+    def __init__(self):
+        self.plain: float | None = None
+        self.verify: list[float | None] = [None] * (MAX_DRAFT + 1)
+
+    @staticmethod
+    def default(k: int) -> float:
+        return 1 + FIXED_COST + ROW_COST * k
+
+    def record_plain(self, seconds: float) -> None:
+        self.plain = _moving_average(self.plain, seconds)
+
+    def record_verify(self, k: int, seconds: float) -> None:
+        self.verify[k] = _moving_average(self.verify[k], seconds)
+
+    def relative(self, k: int) -> float:
+        if self.plain is None:
+            return self.default(k)
+        if self.verify[k] is not None:
+            return self.verify[k] / self.plain
+        measured = [size for size in range(1, MAX_DRAFT + 1) if self.verify[size] is not None]
+        if not measured:
+            return self.default(k)
+        near = min(measured, key=lambda size: abs(size - k))
+        return self.verify[near] / self.plain * self.default(k) / self.default(near)
+
+
+def _moving_average(average: float | None, sample: float) -> float:
+    if average is None:
+        return sample
+    return average + _TIMING_WEIGHT * (min(sample, 3 * average) - average)
+
+
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_costs(model) -> StepCosts:
+    """The model's StepCosts, shared by every request it runs."""
+    if model not in _COSTS:
+        _COSTS[model] = StepCosts()
+    return _COSTS[model]
+
+
 class DraftBudget:
-    """How many tokens to draft next, from the acceptance seen so far.
+    """How many tokens to draft next, from the acceptance seen so far and what verify steps cost.
 
     With a chance a that each guess holds (given the ones before it held), a verify of k guesses yields
-    1 + a + ... + a^k tokens for the cost of a step with k more rows (1 + ROW_COST * k steps). The budget
-    picks the k that yields most per cost, and 0 (plain decoding) when no k beats one token per step. A step
-    without drafting forgets a little of the rejections, so drafting is tried again later. Everything here
-    counts tokens, never time: the same run drafts the same way on any machine.
+    1 + a + ... + a^k tokens for the cost of costs.relative(k) plain steps. The budget picks the k that yields
+    most per cost, and 0 (plain decoding) when no k beats one token per step. While it does not draft it
+    forgets a little of the rejections, so that drafting is tried again later; it rechecks only every
+    _IDLE_STRIDE steps, so a request that does not draft pays almost nothing for being able to.
     """
 
-    def __init__(self, draft_max: int, row_cost: float = ROW_COST):
+    def __init__(self, draft_max: int, costs: StepCosts):
         self.draft_max = draft_max
-        self.row_cost = row_cost
+        self.costs = costs
         self.accepted, self.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED
+        self._idle = 0               # steps left before checking again whether drafting pays
 
     @property
     def acceptance(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
     def size(self) -> int:
+        """Guesses to draft now (0: decode plainly this step)."""
+        if self._idle:
+            self._idle -= 1
+            return 0
         a = self.acceptance
-        best_size, best_yield = 0, 1.0
+        best_size, best_yield, tokens, power = 0, 1.0, 1.0, 1.0
         for k in range(1, self.draft_max + 1):
-            tokens = k + 1.0 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-            value = tokens / (1 + self.row_cost * k)
+            power *= a
+            tokens += power
+            value = tokens / self.costs.relative(k)
             if value > best_yield:
                 best_size, best_yield = k, value
+            elif best_size:
+                break                # the yield per cost rises to one peak, then falls
+        if not best_size:
+            self.rejected *= _FORGET ** _IDLE_STRIDE
+            self._idle = _IDLE_STRIDE - 1
         return best_size
 
     def record(self, drafted: int, accepted: int) -> None:
         self.accepted = self.accepted * _MEMORY + accepted
         self.rejected = self.rejected * _MEMORY + (accepted < drafted)
-
-    def idle(self) -> None:
-        self.rejected *= _FORGET
 
 
 class Speculator:
@@ -246,16 +313,14 @@ class Speculator:
             self.drafter = NgramDrafter(settings.ngram)
         else:
             self.drafter = DraftModelDrafter(resolve_draft_model(settings.draft_model, model), model)
-        self.budget = DraftBudget(settings.draft_max)
+        self.costs = step_costs(model)
+        self.budget = DraftBudget(settings.draft_max, self.costs)
         self.drafted = self.accepted = self.verify_steps = 0
 
     def propose(self, history: np.ndarray, room: int) -> list[int]:
         """Up to `room` guessed tokens to follow `history` (none when drafting does not pay or finds nothing)."""
         size = self.budget.size()
-        if size < 1:
-            self.budget.idle()
-            return []
-        return self.drafter.propose(history, min(size, room)) if room > 0 else []
+        return self.drafter.propose(history, min(size, room)) if size and room > 0 else []
 
     def record(self, drafted: int, accepted: int) -> None:
         self.budget.record(drafted, accepted)
