@@ -168,10 +168,12 @@ class Engine:
             batch = self.scheduler.schedule()
             if not batch:
                 return self._unblock()
+            began = time.perf_counter()
             logits = self.model.step([r.sequence for r, _ in batch], [r.pending[:n] for r, n in batch],
                                      [r.logit_rows for r, _ in batch])
             now = time.perf_counter()
             self.steps += 1
+            self._record_step_cost(batch, now - began)
             row = 0
             for request, count in batch:
                 rows = logits[row:row + request.logit_rows]
@@ -195,6 +197,19 @@ class Engine:
             request.draft = request.decoder.draft(min(request.sequence.free - 1, spare_rows))
             request.pending += request.draft
             spare_rows -= len(request.draft)
+
+    @staticmethod
+    def _record_step_cost(batch, seconds: float) -> None:
+        """A step of one decoding request alone tells what its kind of step costs (speculation decides by it)."""
+        if len(batch) != 1:
+            return
+        request, count = batch[0]
+        speculator = request.decoder.speculator
+        if speculator is not None and count == len(request.pending) == request.logit_rows:
+            if request.draft:
+                speculator.costs.record_verify(len(request.draft), seconds)
+            else:
+                speculator.costs.record_plain(seconds)
 
     def _advance(self, request: Request, rows, now: float) -> None:
         """Take the request's next tokens from its logits rows (a verified draft gives several), emit them one

@@ -32,7 +32,7 @@ from ..backends.rope import is_position_dependent
 from ..errors import SamplingError, shown
 
 SPECULATION_MODES = ("ngram", "draft")
-DEFAULT_DRAFT_MAX = 8
+DEFAULT_DRAFT_MAX = 15          # the budget drafts fewer whenever fewer pay more
 DEFAULT_NGRAM = 3
 MAX_DRAFT = 15                  # a verify step carries draft + 1 rows, within the model's sequences per step
 
@@ -45,6 +45,7 @@ _PRIOR_ACCEPTED, _PRIOR_REJECTED = 4.0, 1.0   # start as if 4 of 5 guesses held:
 _MEMORY = 0.6                                  # each verify weighs the past by this: the last few count most
 _FORGET = 0.95                                 # each step without drafting forgets this much of the rejections
 _IDLE_STRIDE = 8                               # steps between checks while drafting does not pay
+_HOPELESS_STRIDE = 256                         # ... and while it could not pay even if every guess held
 _TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
 
 
@@ -210,12 +211,14 @@ class StepCosts:
 
     Until a size has been measured, a size measured nearby is scaled by the default model, or the default
     model answers alone: 1 + FIXED_COST + ROW_COST * k. Timings move averages slowly and one outlier (a
-    machine busy for a moment) moves them little. Where drafting happens never changes the tokens (see
+    machine busy for a moment) moves them little; the first step of each size is not counted, since it also
+    binds the program for that many rows. Where drafting happens never changes the tokens (see
     accept_prefix), so adapting to the machine's speed is safe."""
 
     def __init__(self):
         self.plain: float | None = None
         self.verify: list[float | None] = [None] * (MAX_DRAFT + 1)
+        self._bound = [False] * (MAX_DRAFT + 1)
 
     @staticmethod
     def default(k: int) -> float:
@@ -225,6 +228,9 @@ class StepCosts:
         self.plain = _moving_average(self.plain, seconds)
 
     def record_verify(self, k: int, seconds: float) -> None:
+        if not self._bound[k]:         # the first step of a size also binds the program's kernels for it
+            self._bound[k] = True
+            return
         self.verify[k] = _moving_average(self.verify[k], seconds)
 
     def relative(self, k: int) -> float:
@@ -291,8 +297,11 @@ class DraftBudget:
             elif best_size:
                 break                # the yield per cost rises to one peak, then falls
         if not best_size:
-            self.rejected *= _FORGET ** _IDLE_STRIDE
-            self._idle = _IDLE_STRIDE - 1
+            # Not even guesses that always hold would pay (verify steps are that dear here): check rarely.
+            hopeless = self.draft_max + 1 <= self.costs.relative(self.draft_max)
+            stride = _HOPELESS_STRIDE if hopeless else _IDLE_STRIDE
+            self.rejected *= _FORGET ** stride
+            self._idle = stride - 1
         return best_size
 
     def record(self, drafted: int, accepted: int) -> None:
