@@ -37,12 +37,9 @@ class Model(Protocol):
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
 
-    def forward(self, sequence: KVSequence, token_ids: Sequence[int]) -> np.ndarray: ...
+    def forward(self, sequence: KVSequence, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
 
     def decode_step(self, sequence: KVSequence, token: int) -> np.ndarray: ...
-
-    def step(self, sequences: Sequence[KVSequence], token_ids: Sequence[Sequence[int]],
-             logit_rows: Sequence[int] | None = None) -> np.ndarray: ...
 
 # Sampled generation defaults, as llama.cpp's CLI sets them; greedy=True (or temperature=0) overrides.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
@@ -416,7 +413,8 @@ class TextStream:
             if decoder.speculator is not None:
                 decoder.speculator.costs.record_plain(time.perf_counter() - began)
             return [decoder.sampler.sample(logits, decoder.history[:decoder.known])], logits[None]
-        rows = self.model.step([sequence], [[last, *draft]], [len(draft) + 1])
+        # One sequence alone: the every-position program, whose attention takes the rows as one causal block.
+        rows = self.model.forward(sequence, [last, *draft], all_logits=True)
         decoder.speculator.costs.record_verify(len(draft), time.perf_counter() - began)
         tokens = decoder.verify(rows, draft)
         sequence.truncate(sequence.length - len(draft) + len(tokens) - 1)   # the last token + the guesses that held
