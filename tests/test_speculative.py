@@ -29,9 +29,11 @@ REPETITIVE = "Tom had a red ball. He liked the red ball. Tom had a red ball. One
 @pytest.fixture(autouse=True)
 def costs_that_do_not_depend_on_the_machine(monkeypatch):
     """Where drafting happens depends on measured step times; here it must not (tests never depend on the
-    machine's speed), so verify steps cost what StepCosts' default model says."""
+    machine's speed), so verify steps cost what StepCosts' default model says, and every request starts from
+    the same acceptance, whatever ran before it."""
     monkeypatch.setattr(StepCosts, "record_plain", lambda self, seconds: None)
     monkeypatch.setattr(StepCosts, "record_verify", lambda self, k, seconds: None)
+    monkeypatch.setattr(StepCosts, "record_guesses", lambda self, accepted, rejected: None)
 
 
 def chi_squared(counts: np.ndarray, probabilities: np.ndarray) -> float:

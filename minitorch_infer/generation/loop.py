@@ -401,23 +401,24 @@ class TextStream:
         one; speculative decoding runs the last token with a draft in one step, keeps the tokens verify()
         returns and rolls the cache back past the guesses that failed."""
         decoder, sequence = self.decoder, self.sequence
+        began = time.perf_counter()        # drafting, the step and verifying: all of it is what a step costs
         draft = decoder.draft(sequence.free - 1)
         if draft:
             try:
                 sequence.reserve(len(draft) + 1)
             except KVCacheFullError:       # the pool has room for one more token, not for the guesses
                 draft = []
-        began = time.perf_counter()
         if not draft:
             logits = self.model.decode_step(sequence, last)
+            token = decoder.sampler.sample(logits, decoder.history[:decoder.known])
             if decoder.speculator is not None:
                 decoder.speculator.costs.record_plain(time.perf_counter() - began)
-            return [decoder.sampler.sample(logits, decoder.history[:decoder.known])], logits[None]
+            return [token], logits[None]
         # One sequence alone: the every-position program, whose attention takes the rows as one causal block.
         rows = self.model.forward(sequence, [last, *draft], all_logits=True)
-        decoder.speculator.costs.record_verify(len(draft), time.perf_counter() - began)
         tokens = decoder.verify(rows, draft)
         sequence.truncate(sequence.length - len(draft) + len(tokens) - 1)   # the last token + the guesses that held
+        decoder.speculator.costs.record_verify(len(draft), time.perf_counter() - began)
         return tokens, rows
 
     def _finish(self, finish: str, stats: GenerationStats) -> None:

@@ -41,11 +41,14 @@ MAX_DRAFT = 15                  # a verify step carries draft + 1 rows, within t
 # steps and one of 9 rows 2.5-3.5 (one row has the lean matrix-vector path, several rows the general one).
 FIXED_COST = 0.8
 ROW_COST = 0.15
-_PRIOR_ACCEPTED, _PRIOR_REJECTED = 4.0, 1.0   # start as if 4 of 5 guesses held: draft a few, then learn
+_PRIOR_ACCEPTED, _PRIOR_REJECTED = 4.0, 1.0   # a model's first request: as if 4 of 5 guesses held
+_START_WEIGHT = 5.0                            # a request starts from the model's acceptance, as this many guesses
+_MODEL_MEMORY = 0.95                           # the model's acceptance weighs past verifies by this
 _MEMORY = 0.6                                  # each verify weighs the past by this: the last few count most
 _FORGET = 0.95                                 # each step without drafting forgets this much of the rejections
 _IDLE_STRIDE = 8                               # steps between checks while drafting does not pay
 _HOPELESS_STRIDE = 256                         # ... and while it could not pay even if every guess held
+_REALIZED_START = 1.5                          # a request starts as if its verifies paid half a step more
 _TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
 
 
@@ -207,7 +210,9 @@ def resolve_draft_model(draft_model, target_model):
 # --- how much to draft -------------------------------------------------------------------------------------
 
 class StepCosts:
-    """What a verify step of k guesses costs, in plain decode steps, as measured for one model on this machine.
+    """What a verify step of k guesses costs, in plain decode steps, as measured for one model on this machine
+    (drafting, the step and verifying, against a plain step with its sampling), and how often guesses held
+    in the model's recent requests, which is where a new request's budget starts.
 
     Until a size has been measured, a size measured nearby is scaled by the default model, or the default
     model answers alone: 1 + FIXED_COST + ROW_COST * k. Timings move averages slowly and one outlier (a
@@ -219,6 +224,7 @@ class StepCosts:
         self.plain: float | None = None
         self.verify: list[float | None] = [None] * (MAX_DRAFT + 1)
         self._bound = [False] * (MAX_DRAFT + 1)
+        self.accepted, self.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED
 
     @staticmethod
     def default(k: int) -> float:
@@ -232,6 +238,10 @@ class StepCosts:
             self._bound[k] = True
             return
         self.verify[k] = _moving_average(self.verify[k], seconds)
+
+    def record_guesses(self, accepted: float, rejected: float) -> None:
+        self.accepted = self.accepted * _MODEL_MEMORY + accepted
+        self.rejected = self.rejected * _MODEL_MEMORY + rejected
 
     def relative(self, k: int) -> float:
         if self.plain is None:
@@ -269,13 +279,22 @@ class DraftBudget:
     most per cost, and 0 (plain decoding) when no k beats one token per step. While it does not draft it
     forgets a little of the rejections, so that drafting is tried again later; it rechecks only every
     _IDLE_STRIDE steps, so a request that does not draft pays almost nothing for being able to.
+
+    Guesses come in runs (a quoted passage holds for many tokens, then nothing does), which the estimate of a
+    follows only after the fact. So the budget also keeps what its verifies really yielded per cost: while
+    that falls short of a plain step, it pauses drafting, twice as long after each verify that still falls
+    short, and goes back to pausing briefly once one pays.
     """
 
     def __init__(self, draft_max: int, costs: StepCosts):
         self.draft_max = draft_max
         self.costs = costs
-        self.accepted, self.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED
+        # Start from the model's recent acceptance, weighted as a few guesses, so the request's own soon count.
+        share = costs.accepted / (costs.accepted + costs.rejected)
+        self.accepted, self.rejected = _START_WEIGHT * share, _START_WEIGHT * (1 - share)
         self._idle = 0               # steps left before checking again whether drafting pays
+        self._realized = _REALIZED_START   # tokens per cost that recent verifies yielded (1: a plain step's)
+        self._pause = _IDLE_STRIDE         # how long the next pause after a verify that did not pay lasts
 
     @property
     def acceptance(self) -> float:
@@ -305,8 +324,17 @@ class DraftBudget:
         return best_size
 
     def record(self, drafted: int, accepted: int) -> None:
+        rejected = int(accepted < drafted)
         self.accepted = self.accepted * _MEMORY + accepted
-        self.rejected = self.rejected * _MEMORY + (accepted < drafted)
+        self.rejected = self.rejected * _MEMORY + rejected
+        self.costs.record_guesses(accepted, rejected)
+        value = (accepted + 1) / self.costs.relative(drafted)
+        self._realized = (self._realized + value) / 2
+        if self._realized < 1:
+            self._idle = self._pause
+            self._pause = min(2 * self._pause, _HOPELESS_STRIDE)
+        else:
+            self._pause = _IDLE_STRIDE
 
 
 class Speculator:
