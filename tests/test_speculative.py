@@ -16,6 +16,7 @@ from oracle.tiny_models import random_configs, write_tiny_model
 from minitorch_infer.errors import SamplingError
 from minitorch_infer.generation.loop import Decoder
 from minitorch_infer.generation.sampling import Candidates, SamplingParams, Sampler
+from minitorch_infer.generation import speculative
 from minitorch_infer.generation.speculative import (DraftBudget, NgramDrafter, StepCosts, accept_prefix,
                                                     speculation_settings)
 
@@ -34,6 +35,7 @@ def costs_that_do_not_depend_on_the_machine(monkeypatch):
     monkeypatch.setattr(StepCosts, "record_plain", lambda self, seconds: None)
     monkeypatch.setattr(StepCosts, "record_verify", lambda self, k, seconds: None)
     monkeypatch.setattr(StepCosts, "record_guesses", lambda self, accepted, rejected: None)
+    monkeypatch.setattr(speculative, "step_costs", lambda model: StepCosts())   # nothing carried between requests
 
 
 def chi_squared(counts: np.ndarray, probabilities: np.ndarray) -> float:

@@ -48,7 +48,10 @@ _MEMORY = 0.6                                  # each verify weighs the past by 
 _FORGET = 0.95                                 # each step without drafting forgets this much of the rejections
 _IDLE_STRIDE = 8                               # steps between checks while drafting does not pay
 _HOPELESS_STRIDE = 256                         # ... and while it could not pay even if every guess held
-_REALIZED_START = 1.5                          # a request starts as if its verifies paid half a step more
+_REALIZED_START = 1.5                          # a model starts as if its verifies paid half a step more
+_START_PAUSE = 32                              # a new request waits at most this long before trying
+_REALIZED_WEIGHT = 0.25                        # a verify's weight in the model's yield per cost: one run
+                                               # of luck on free text must not look like a text that repeats
 _TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
 
 
@@ -211,8 +214,9 @@ def resolve_draft_model(draft_model, target_model):
 
 class StepCosts:
     """What a verify step of k guesses costs, in plain decode steps, as measured for one model on this machine
-    (drafting, the step and verifying, against a plain step with its sampling), and how often guesses held
-    in the model's recent requests, which is where a new request's budget starts.
+    (drafting, the step and verifying, against a plain step with its sampling), and what the model's recent
+    requests saw, which is where a new request's budget starts: how often guesses held, what verifies
+    yielded per cost, and how long drafting pauses after a verify that did not pay.
 
     Until a size has been measured, a size measured nearby is scaled by the default model, or the default
     model answers alone: 1 + FIXED_COST + ROW_COST * k. Timings move averages slowly and one outlier (a
@@ -225,6 +229,8 @@ class StepCosts:
         self.verify: list[float | None] = [None] * (MAX_DRAFT + 1)
         self._bound = [False] * (MAX_DRAFT + 1)
         self.accepted, self.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED
+        self.realized = _REALIZED_START
+        self.pause = _IDLE_STRIDE
 
     @staticmethod
     def default(k: int) -> float:
@@ -281,8 +287,8 @@ class DraftBudget:
     _IDLE_STRIDE steps, so a request that does not draft pays almost nothing for being able to.
 
     Guesses come in runs (a quoted passage holds for many tokens, then nothing does), which the estimate of a
-    follows only after the fact. So the budget also keeps what its verifies really yielded per cost: while
-    that falls short of a plain step, it pauses drafting, twice as long after each verify that still falls
+    follows only after the fact. So the model's StepCosts also keep what verifies really yielded per cost:
+    while that falls short of a plain step, drafting pauses, twice as long after each verify that still falls
     short, and goes back to pausing briefly once one pays.
     """
 
@@ -292,9 +298,8 @@ class DraftBudget:
         # Start from the model's recent acceptance, weighted as a few guesses, so the request's own soon count.
         share = costs.accepted / (costs.accepted + costs.rejected)
         self.accepted, self.rejected = _START_WEIGHT * share, _START_WEIGHT * (1 - share)
-        self._idle = 0               # steps left before checking again whether drafting pays
-        self._realized = _REALIZED_START   # tokens per cost that recent verifies yielded (1: a plain step's)
-        self._pause = _IDLE_STRIDE         # how long the next pause after a verify that did not pay lasts
+        # ... and paused a while if the model's recent verifies did not pay.
+        self._idle = min(costs.pause, _START_PAUSE) if costs.realized < 1 else 0
 
     @property
     def acceptance(self) -> float:
@@ -328,13 +333,13 @@ class DraftBudget:
         self.accepted = self.accepted * _MEMORY + accepted
         self.rejected = self.rejected * _MEMORY + rejected
         self.costs.record_guesses(accepted, rejected)
-        value = (accepted + 1) / self.costs.relative(drafted)
-        self._realized = (self._realized + value) / 2
-        if self._realized < 1:
-            self._idle = self._pause
-            self._pause = min(2 * self._pause, _HOPELESS_STRIDE)
+        costs = self.costs
+        costs.realized += _REALIZED_WEIGHT * ((accepted + 1) / costs.relative(drafted) - costs.realized)
+        if costs.realized < 1:
+            self._idle = costs.pause
+            costs.pause = min(2 * costs.pause, _HOPELESS_STRIDE)
         else:
-            self._pause = _IDLE_STRIDE
+            costs.pause = _IDLE_STRIDE
 
 
 class Speculator:
