@@ -53,6 +53,8 @@ _START_PAUSE = 32                              # a new request waits at most thi
 _REALIZED_WEIGHT = 0.25                        # a verify's weight in the model's yield per cost: one run
                                                # of luck on free text must not look like a text that repeats
 _TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
+_TIMING_CLIP = 10.0                            # a timing counts as at most this many times the average: a
+                                               # machine's hiccup is cut short, a verify's recurring stalls are not
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class StepCosts:
 
     Until a size has been measured, a size measured nearby is scaled by the default model, or the default
     model answers alone: 1 + FIXED_COST + ROW_COST * k. Timings move averages slowly and one outlier (a
-    machine busy for a moment) moves them little; the first step of each size is not counted, since it also
+    machine busy for a moment) moves them only so far; the first step of each size is not counted, since it also
     binds the program for that many rows. Where drafting happens never changes the tokens (see
     accept_prefix), so adapting to the machine's speed is safe."""
 
@@ -264,7 +266,7 @@ class StepCosts:
 def _moving_average(average: float | None, sample: float) -> float:
     if average is None:
         return sample
-    return average + _TIMING_WEIGHT * (min(sample, 3 * average) - average)
+    return average + _TIMING_WEIGHT * (min(sample, _TIMING_CLIP * average) - average)
 
 
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
