@@ -1,8 +1,9 @@
 """Speculative decoding: guess the next few tokens cheaply, check them all in one model step, keep what holds.
 
 A decode step of one sequence reads every weight to produce one token; a step over k+1 rows of the same
-sequence costs little more (the weights are read once), so checking k guessed tokens at once turns every
-accepted guess into a token that cost almost nothing. The pieces here:
+sequence reads them once too, so checking k guessed tokens in one step can turn every accepted guess into a
+token that cost little. How little depends on the machine (BLAS's products with a few rows are much slower
+than the matrix-vector product's memory speed on some), so the budget measures it. The pieces here:
 
 - drafters, which guess: `NgramDrafter` (prompt lookup: the tokens that followed the last n tokens where
   they occurred before, in the prompt or the text so far) and `DraftModelDrafter` (a smaller model sharing
@@ -21,9 +22,9 @@ sequence to what was accepted.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,9 @@ DEFAULT_NGRAM = 3
 MAX_DRAFT = 15                  # a verify step carries draft + 1 rows, within the model's sequences per step
 
 # What a verify step costs until it has been measured, in one-row decode steps: 1 + FIXED_COST + ROW_COST * k
-# for k guesses. On the story model and SmolLM2 (2 cores, OpenBLAS) a step of 2 rows cost 1.8-2.2 one-row
-# steps and one of 9 rows 2.5-3.5 (one row has the lean matrix-vector path, several rows the general one).
+# for k guesses. On the story model and SmolLM2 (2 cores, OpenBLAS, a loaded machine) a step of 2 rows cost
+# 1.8-2.2 one-row steps and one of 9 rows 2.5-4.5 (one row has the lean matrix-vector path, several rows the
+# general one).
 FIXED_COST = 0.8
 ROW_COST = 0.15
 _PRIOR_ACCEPTED, _PRIOR_REJECTED = 4.0, 1.0   # a model's first request: as if 4 of 5 guesses held
@@ -154,6 +156,7 @@ class NgramDrafter:
 
     def close(self) -> None:
         pass
+
 
 class DraftModelDrafter:
     """A smaller model with the same vocabulary guesses greedily. It keeps its own KV-cache sequence in step
