@@ -54,6 +54,7 @@ _REALIZED_START = 1.5                          # a model starts as if its verifi
 _START_PAUSE = 32                              # a new request waits at most this long before trying
 _REALIZED_WEIGHT = 0.25                        # a verify's weight in the model's yield per cost: one run
                                                # of luck on free text must not look like a text that repeats
+_MARGIN = 1.3                                  # draft only for an expected yield this much above a plain step's
 _TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
 _TIMING_CLIP = 10.0                            # a timing counts as at most this many times the average: a
                                                # machine's hiccup is cut short, a verify's recurring stalls are not
@@ -287,7 +288,8 @@ class DraftBudget:
 
     With a chance a that each guess holds (given the ones before it held), a verify of k guesses yields
     1 + a + ... + a^k tokens for the cost of costs.relative(k) plain steps. The budget picks the k that yields
-    most per cost, and 0 (plain decoding) when no k beats one token per step. While it does not draft it
+    most per cost, and 0 (plain decoding) when no k beats one token per step by _MARGIN (an estimate that
+    promises little is as likely to lose as to win). While it does not draft it
     forgets a little of the rejections, so that drafting is tried again later; it rechecks only every
     _IDLE_STRIDE steps, so a request that does not draft pays almost nothing for being able to.
 
@@ -316,7 +318,7 @@ class DraftBudget:
             self._idle -= 1
             return 0
         a = self.acceptance
-        best_size, best_yield, tokens, power = 0, 1.0, 1.0, 1.0
+        best_size, best_yield, tokens, power = 0, _MARGIN, 1.0, 1.0
         for k in range(1, self.draft_max + 1):
             power *= a
             tokens += power
