@@ -180,18 +180,21 @@ class Model:
         sequence.advance((token,))
         return logits[-1]
 
-    def step(self, sequences: Sequence[KVSequence], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """One step over several sequences: token_ids[i] are sequence i's next tokens (a prefill chunk or one
-        decode token), all run as the S rows of one graph. Returns each sequence's newest logits [R, vocab],
-        a view the next step overwrites. Each sequence must have room reserved for its tokens."""
+    def step(self, sequences: Sequence[KVSequence], token_ids: Sequence[Sequence[int]],
+             logit_rows: Sequence[int] | None = None) -> np.ndarray:
+        """One step over several sequences: token_ids[i] are sequence i's next tokens (a prefill chunk, one
+        decode token, or a token and the guesses to verify), all run as the S rows of one graph. Returns logits
+        [rows, vocab], a view the next step overwrites: for each sequence in order, its newest logit_rows[i]
+        rows (default one; speculative decoding asks for every row it verifies). The rows wanted count
+        against the model's max_batch. Each sequence must have room reserved for its tokens."""
         counts = [len(t) for t in token_ids]
         tokens = self._checked_ids([t for chunk in token_ids for t in chunk])
         positions = np.concatenate([np.arange(s.length, s.length + n) for s, n in zip(sequences, counts)])
         if any(s.cache is not self.kv_cache for s in sequences):
             raise MinitorchError("a sequence from another KV cache: the model was recompiled since it was opened "
                                  "(open sequences, sessions and engines anew after compile())")
-        (logits,) = self._last.program.run({"tokens": tokens, "positions": positions}, self.kv_cache.arrays,
-                                           _layout(sequences, counts))
+        layout = _layout(sequences, counts) if logit_rows is None else _layout_with_rows(sequences, counts, logit_rows)
+        (logits,) = self._last.program.run({"tokens": tokens, "positions": positions}, self.kv_cache.arrays, layout)
         for sequence, chunk in zip(sequences, token_ids):
             sequence.advance(chunk)
         return logits
@@ -294,3 +297,22 @@ def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepL
     totals = [s.length + n for s, n in zip(sequences, new_tokens)]
     return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)],
                          [s.run_start for s in sequences])
+
+
+def _layout_with_rows(sequences: Sequence[KVSequence], new_tokens: Sequence[int], logit_rows: Sequence[int]
+                      ) -> StepLayout:
+    """A step's layout in which sequence i's newest logit_rows[i] rows each get their logits.
+
+    The graph gives one logits row per sequence of the layout (its newest), so a sequence that wants m rows
+    enters the layout as m parts over the same slots: its first n - m + 1 new rows, then each later row
+    alone, every part seeing the positions up to its own. Each row thus attends exactly as it would have in
+    a step of its own, and kv_write stores the rows where the sequence's next positions live."""
+    parts, slots, starts = [], [], []
+    for sequence, n, m in zip(sequences, new_tokens, logit_rows):
+        if not 1 <= m <= n:
+            raise ValueError(f"a sequence with {n} new rows can give logits for 1..{n} of them, not {m}")
+        first_total = sequence.length + n - m + 1
+        parts += [n - m + 1] + [1] * (m - 1)
+        slots += [sequence.slots(total) for total in range(first_total, sequence.length + n + 1)]
+        starts += [sequence.run_start] * m
+    return StepLayout.of(parts, slots, starts)

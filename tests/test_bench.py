@@ -55,3 +55,16 @@ def test_alternating_runs_merge_into_one_measurement():
     assert both.prefill_tok_s == [1.0, 5.0] and both.decode_tok_s == [2.0, 6.0] and both.load_seconds == [0.5, 0.7]
     assert both.matvec_bound_tok_s == [4.0, 8.0] and both.first_token_ms == [3.0, 7.0]
     assert both.peak_rss_mb == 52 and both.profile == {"matmul": 1.0} and both.blas == "openblas"
+
+
+def test_bench_speculate_measures_plain_and_speculative_decoding_of_one_prompt_set():
+    require_model("story")
+    from minitorch_infer.cli.speculative_benchmark import measure_set, table
+
+    measured = measure_set("free story", repeats=1)
+    assert measured.identical and measured.prompts == 8
+    assert len(measured.plain_tok_s) == len(measured.speculative_tok_s) == 1 and measured.speculative_tok_s[0] > 0
+    assert measured.decode_steps > 0 and measured.tokens_per_step >= 1
+    header, rule, row = table([measured])
+    assert "x plain" in header and "accepted" in header and "tokens/step" in header
+    assert row.startswith("| free story (8) | story |") and row.endswith("| yes |")

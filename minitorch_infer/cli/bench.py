@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import batch_benchmark
+from . import batch_benchmark, speculative_benchmark
 from .benchmark import DECODE_TOKENS, PROMPT_TOKENS, Measurement, measure_alternating, median_and_spread
 from ..errors import ModelNotFoundError
 from ..formats.model_files import find_model
@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=_levels, default=None, metavar="LIST",
                         help="instead, measure the batched engine at these numbers of concurrent requests, "
                              "e.g. 1,4,16, against the single-stream engine in the same run")
+    parser.add_argument("--speculate", action="store_true",
+                        help="instead, measure prompt-lookup speculative decoding against plain decoding on "
+                             "input-grounded prompts (SmolLM2 chat) and free story generation (story model)")
     add_plugin_argument(parser)
 
 
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     names = args.model or [n for n in DEFAULT_MODELS if _exists(n)]
     if args.concurrency:
         return _run_concurrency(names, args)
+    if args.speculate:
+        return _run_speculative(args)
     print(f"prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} greedy decode steps, {args.repeat} runs each; "
           "median [min-max]")
     for name in names:
@@ -87,6 +92,18 @@ def _run_concurrency(names: list[str], args: argparse.Namespace) -> int:
             print(f"\n{name}" + (f" ({weights} weights)" if weights else ""))
             measured = batch_benchmark.measure_in_subprocess(name, args.concurrency, args.repeat, args.threads, weights)
             print("\n".join(batch_benchmark.table(measured)))
+    return 0
+
+
+def _run_speculative(args: argparse.Namespace) -> int:
+    from threadpoolctl import threadpool_limits
+
+    print(f"greedy, {speculative_benchmark.NEW_TOKENS} new tokens per prompt, plain and speculative runs taking "
+          f"turns, {args.repeat} runs; decode tok/s medians, x plain: median [min-max] of the runs' ratios")
+    with threadpool_limits(limits=args.threads or None):
+        measured = [speculative_benchmark.measure_set(name, args.repeat)
+                    for name in speculative_benchmark.available_sets()]
+    print("\n".join(speculative_benchmark.table(measured)))
     return 0
 
 

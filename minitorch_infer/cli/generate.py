@@ -83,4 +83,7 @@ def print_stats(model, result) -> None:
         f"({positions * cache.bytes_per_token / mib:.2f} MiB, {cache.bytes_per_token / 1024:.1f} KiB each) in a pool of "
         f"{cache.capacity_tokens} ({cache.planned_bytes / mib:.1f} MiB reserved, committed as written)",
     ]
+    if s.drafted_tokens:
+        lines.append(f"speculation: {s.accepted_tokens} of {s.drafted_tokens} drafted tokens accepted "
+                     f"({s.acceptance_rate:.0%}); {s.tokens_per_step:.2f} new tokens per decode step")
     print("\n".join(lines), file=sys.stderr)

@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 
 from ..formats.model_files import KNOWN_MODELS
+from ..generation.speculative import DEFAULT_DRAFT_MAX, DEFAULT_NGRAM, SPECULATION_MODES
 from ..quantized import WEIGHT_TYPES
 
 WEIGHT_CHOICES = (*WEIGHT_TYPES, "native")
@@ -80,6 +81,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop", action="append", default=[], metavar="TEXT",
                        help="stop when this text appears (not printed); repeatable")
     group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    group.add_argument("--speculate", choices=SPECULATION_MODES, default=None,
+                       help="speculative decoding: 'ngram' drafts from the prompt and the text so far; 'draft' "
+                            "from --draft-model (same tokens under --greedy, same distribution when sampling)")
+    group.add_argument("--draft-max", type=positive_int, default=None, metavar="K",
+                       help=f"guess at most K tokens a step (default {DEFAULT_DRAFT_MAX}; fewer while guesses fail)")
+    group.add_argument("--ngram", type=positive_int, default=None, metavar="N",
+                       help=f"with --speculate ngram: match the last N tokens (default {DEFAULT_NGRAM})")
+    group.add_argument("--draft-model", default=None, metavar="PATH",
+                       help="speculate with this smaller model (folder, .gguf or name), which must share the "
+                            "model's vocabulary")
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
@@ -87,7 +98,8 @@ def sampling_settings(args: argparse.Namespace) -> dict:
             "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
             "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
             "frequency_penalty": args.frequency_penalty, "seed": args.seed, "stop": args.stop,
-            "ignore_eos": args.ignore_eos}
+            "ignore_eos": args.ignore_eos, "speculate": args.speculate, "draft_max": args.draft_max,
+            "ngram": args.ngram, "draft_model": args.draft_model}
 
 
 def pass_list(args: argparse.Namespace) -> list[str] | None:

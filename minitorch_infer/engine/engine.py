@@ -20,6 +20,7 @@ from ..backends.rope import is_position_dependent
 from ..errors import KVCacheFullError, MinitorchError, SamplingError
 from ..generation.loop import (Decoder, GenerationResult, GenerationStats, check_max_new_tokens, check_prompt,
                                fit_to_context, sampling_params)
+from ..generation.speculative import speculation_settings
 from ..generation.stopping import FinishReason
 from .scheduler import Request, Scheduler
 
@@ -129,9 +130,11 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
                ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error",
-               logprobs: int | None = None, add_bos: bool | None = None, **sampling) -> RequestHandle:
+               logprobs: int | None = None, add_bos: bool | None = None, speculate: str | None = None,
+               draft_max: int | None = None, ngram: int | None = None, draft_model=None, **sampling) -> RequestHandle:
         """Queue a request; settings as Model.generate's. Everything is checked here, before any work."""
         params = sampling_params(greedy=greedy, **sampling)
+        speculation = speculation_settings(speculate, draft_max, ngram, draft_model)
         check_max_new_tokens(max_new_tokens)
         encoded = self.model.encode(prompt, add_bos=add_bos)
         check_prompt(self.model, encoded)
@@ -141,7 +144,7 @@ class Engine:
             raise KVCacheFullError(f"the prompt is {len(prompt_ids)} tokens, more than the whole KV pool holds "
                                    f"({cache.capacity_tokens} positions); raise the KV memory "
                                    "(--kv-memory, kv_memory=)")
-        decoder = Decoder(self.model, prompt_ids, max_new_tokens, stop, ignore_eos, params, logprobs)
+        decoder = Decoder(self.model, prompt_ids, max_new_tokens, stop, ignore_eos, params, logprobs, speculation)
         with self._lock:
             request = Request(next(self._numbers), prompt_ids, decoder, pending=list(prompt_ids))
             handle = RequestHandle(self, request)
@@ -165,27 +168,77 @@ class Engine:
         with self._lock:
             if self.model.kv_cache is not self.scheduler.kv_cache:
                 raise MinitorchError("the model was recompiled after this engine was made: make a new engine")
+            self._draft()
             batch = self.scheduler.schedule()
             if not batch:
                 return self._unblock()
-            logits = self.model.step([r.sequence for r, _ in batch], [r.pending[:n] for r, n in batch])
+            began = time.perf_counter()
+            logits = self.model.step([r.sequence for r, _ in batch], [r.pending[:n] for r, n in batch],
+                                     [r.logit_rows for r, _ in batch])
             now = time.perf_counter()
             self.steps += 1
-            for row, (request, count) in enumerate(batch):
+            self._record_step_cost(batch, now - began)
+            row = 0
+            for request, count in batch:
+                rows = logits[row:row + request.logit_rows]
+                row += request.logit_rows
                 del request.pending[:count]
                 if request.pending:
                     continue                     # still prefilling: its next chunk comes in a later step
-                piece, finished = request.decoder.accept(logits[row])
-                request.token_times.append(now)
-                if piece:
-                    self._handles[request]._emit(piece)
-                if finished is None and request.sequence.free == 0:
-                    finished = FinishReason.CONTEXT.value
-                if finished is None:
-                    request.pending = [request.decoder.new_ids[-1]]
-                else:
-                    self._finish(request, finished)
+                self._advance(request, rows, now)
             return True
+
+    def _draft(self) -> None:
+        """Give each decoding request that speculates its guesses for this step, as many as the step's
+        sequences leave room for (each guess is a row of logits, and a step has max_sequences of those)."""
+        scheduler = self.scheduler
+        spare_rows = scheduler.max_sequences - sum(r.logit_rows for r in scheduler.running)
+        for request in sorted(scheduler.running, key=lambda r: r.number):
+            if spare_rows <= 0:
+                return
+            if request.decoder.speculator is None or len(request.pending) != 1 or request.draft:
+                continue
+            request.draft = request.decoder.draft(min(request.sequence.free - 1, spare_rows))
+            request.pending += request.draft
+            spare_rows -= len(request.draft)
+
+    @staticmethod
+    def _record_step_cost(batch, seconds: float) -> None:
+        """A step of one decoding request alone tells what its kind of step costs (speculation decides by it)."""
+        if len(batch) != 1:
+            return
+        request, count = batch[0]
+        speculator = request.decoder.speculator
+        if speculator is not None and count == len(request.pending) == request.logit_rows:
+            if request.draft:
+                speculator.costs.record_verify(len(request.draft), seconds)
+            else:
+                speculator.costs.record_plain(seconds)
+
+    def _advance(self, request: Request, rows, now: float) -> None:
+        """Take the request's next tokens from its logits rows (a verified draft gives several), emit them one
+        at a time (so stop strings and max_new_tokens cut where plain decoding would), and queue the next."""
+        decoder, draft = request.decoder, request.draft
+        if draft:
+            tokens = decoder.verify(rows, draft)
+            request.sequence.truncate(request.sequence.length - len(draft) + len(tokens) - 1)
+            request.draft = []
+        else:
+            tokens = [decoder.sampler.sample(rows[0], decoder.history[:decoder.known])]
+        finished = None
+        for token, row in zip(tokens, rows):
+            piece, finished = decoder.emit(token, row)
+            request.token_times.append(now)
+            if piece:
+                self._handles[request]._emit(piece)
+            if finished is not None:
+                break
+        if finished is None and request.sequence.free == 0:
+            finished = FinishReason.CONTEXT.value
+        if finished is None:
+            request.pending = [decoder.new_ids[-1]]
+        else:
+            self._finish(request, finished)
 
     def run(self) -> None:
         """Step until there is no work left, on the calling thread."""
@@ -214,12 +267,14 @@ class Engine:
     def _finish(self, request: Request, reason: str) -> None:
         self.scheduler.retire(request)
         decoder = request.decoder
+        decoder.close()
         tail = decoder.tail(reason) if reason != FinishReason.INTERRUPTED.value else ""
         handle = self._handles.pop(request)
         if tail:
             handle._emit(tail)
-        result = GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, _stats(request),
-                                  decoder.logprobs)
+        stats = _stats(request)
+        decoder.record_speculation(stats)
+        result = GenerationResult(decoder.text, decoder.new_ids, reason, request.prompt_ids, stats, decoder.logprobs)
         for observe in self.finish_observers:
             observe(request, result)
         handle._finish(result)
@@ -270,6 +325,7 @@ class Engine:
     def _fail(self, request: Request, error: BaseException) -> None:
         """End a request with an error, which its handle raises; its blocks go back to the pool."""
         self.scheduler.retire(request)
+        request.decoder.close()
         self._handles.pop(request)._finish(None, error)
 
     def __enter__(self) -> Engine:
@@ -287,4 +343,5 @@ def _stats(request: Request) -> GenerationStats:
         stats.time_to_first_token = times[0] - request.submitted_at
         stats.prefill_seconds = stats.time_to_first_token
         stats.decode_seconds = times[-1] - times[0]
+        stats.decode_steps = len(dict.fromkeys(times)) - 1    # a verified draft's tokens share their step's time
     return stats

@@ -32,6 +32,7 @@ class Request:
     decoder: Decoder
     sequence: KVSequence | None = None
     pending: list[int] = field(default_factory=list)   # tokens to feed before the next sample
+    draft: list[int] = field(default_factory=list)     # speculative guesses, the end of pending, to verify
     finish_reason: str | None = None
     cached_tokens: int = 0                 # prompt positions served from shared prefix blocks
     preemptions: int = 0
@@ -40,6 +41,11 @@ class Request:
 
     def all_tokens(self) -> list[int]:
         return self.prompt_ids + self.decoder.new_ids
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits the next step gives this request (one per sequence of the step's layout)."""
+        return 1 + len(self.draft)
 
 
 class Scheduler:
@@ -59,7 +65,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[tuple[Request, int]]:
-        """The next step: (request, how many of its pending tokens) in row order; KV room is reserved."""
+        """The next step: (request, how many of its pending tokens) in row order; KV room is reserved.
+
+        A request verifying a draft needs all of it in the step: if the budget cuts it, the draft is cut."""
         batch: list[tuple[Request, int]] = []
         budget = self.max_batch_tokens
         for request in sorted(self.running, key=lambda r: r.number):
@@ -68,10 +76,14 @@ class Scheduler:
             if request not in self.running:           # preempted while making room for an older one
                 continue
             count = min(len(request.pending), budget)
+            if request.draft and count < len(request.pending):
+                del request.draft[max(count - 1, 0):]
+                del request.pending[count:]
             if self._reserve(request, count, batch):
                 batch.append((request, count))
                 budget -= count
-        while self.waiting and budget and len(batch) < self.max_sequences:
+        rows = sum(request.logit_rows for request, _ in batch)
+        while self.waiting and budget and rows < self.max_sequences:
             request = self.waiting[0]
             sequence = self.kv_cache.open()
             cached = sequence.share_prefix(request.pending)
@@ -89,6 +101,7 @@ class Scheduler:
             self.running.append(request)
             batch.append((request, count))
             budget -= count
+            rows += 1
         return batch
 
     def _reserve(self, request: Request, count: int, batch: list[tuple[Request, int]]) -> bool:
@@ -111,6 +124,7 @@ class Scheduler:
         request.sequence.close()
         request.sequence = None
         request.pending = request.all_tokens()
+        request.draft = []
         request.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(request)

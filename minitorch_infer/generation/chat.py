@@ -17,6 +17,7 @@ from typing import Sequence
 from ..errors import ContextOverflowError
 from .chat_template import ChatTemplate
 from .loop import GenerationResult, TextStream, check_prompt, sampling_params
+from .speculative import speculation_settings
 
 
 def chat_template_for(model) -> ChatTemplate:
@@ -65,10 +66,13 @@ class Session:
         return self.stream(text, **settings).finish()
 
     def stream(self, text: str, max_new_tokens: int = 256, stop: str | Sequence[str] = (), ignore_eos: bool = False,
-               greedy: bool = False, logprobs: int | None = None, **sampling) -> TextStream:
-        """Add a user turn and yield the reply as it is produced; the turn is recorded when the stream ends."""
+               greedy: bool = False, logprobs: int | None = None, speculate: str | None = None,
+               draft_max: int | None = None, ngram: int | None = None, draft_model=None, **sampling) -> TextStream:
+        """Add a user turn and yield the reply as it is produced; the turn is recorded when the stream ends.
+        Settings as generate's (speculative decoding included)."""
         self._end_unfinished_turn()
         params = sampling_params(greedy=greedy, **sampling)
+        speculation = speculation_settings(speculate, draft_max, ngram, draft_model)
         messages = self.messages + [{"role": "user", "content": text}]
         prompt_ids = self._conversation_ids(messages)
         check_prompt(self.model, prompt_ids)
@@ -90,7 +94,8 @@ class Session:
             self._unfinished = None
 
         self._unfinished = TextStream(self.model, self.sequence, prompt_ids[:cached], prompt_ids[cached:],
-                                      max_new_tokens, stop, ignore_eos, params, on_finish=record, logprobs=logprobs)
+                                      max_new_tokens, stop, ignore_eos, params, on_finish=record, logprobs=logprobs,
+                                      speculation=speculation)
         return self._unfinished
 
     def _end_unfinished_turn(self) -> None:

@@ -17,11 +17,12 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .detokenizer import IncrementalDetokenizer
-from ..errors import ContextOverflowError, PromptError, SamplingError, shown
+from ..errors import ContextOverflowError, KVCacheFullError, PromptError, SamplingError, shown
 from ..config import ModelConfig
 from ..kv_cache import KVCache, KVSequence
 from ..tokenizer import Tokenizer
 from .sampling import Sampler, SamplingParams
+from .speculative import SpeculationSettings, Speculator, accept_prefix, speculation_settings
 from .stopping import FinishReason, StopStringMatcher
 
 
@@ -36,7 +37,7 @@ class Model(Protocol):
 
     def encode(self, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]: ...
 
-    def forward(self, sequence: KVSequence, token_ids: Sequence[int]) -> np.ndarray: ...
+    def forward(self, sequence: KVSequence, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray: ...
 
     def decode_step(self, sequence: KVSequence, token: int) -> np.ndarray: ...
 
@@ -61,6 +62,18 @@ class GenerationStats:
     time_to_first_token: float = 0.0
     peak_rss_bytes: int = 0
     dropped_prompt_tokens: int = 0     # cut from the prompt's start to fit the context (truncate_prompt="left")
+    decode_steps: int = 0              # model steps after the prefill (each verify of guesses is one)
+    drafted_tokens: int = 0            # speculative decoding: tokens guessed, and how many of them held
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """New tokens per decode step: 1 for plain decoding, more when guesses hold."""
+        return max(self.new_tokens - 1, 0) / self.decode_steps if self.decode_steps else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -189,7 +202,7 @@ class Decoder:
 
     def __init__(self, model: Model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
                  stop: str | Sequence[str] = (), ignore_eos: bool = False, sampling: SamplingParams | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, speculation: SpeculationSettings | None = None):
         check_max_new_tokens(max_new_tokens)
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                      or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
@@ -215,10 +228,41 @@ class Decoder:
         self.known = len(prompt_ids)
         self.new_ids: list[int] = []
         self.pieces: list[str] = []
+        # Made last: a draft model's sequence is opened only once every setting has passed its checks.
+        self.speculator = Speculator(speculation, model) if speculation is not None else None
 
     def accept(self, logits: np.ndarray) -> tuple[str, str | None]:
         """Sample the next token from `logits`; returns (its text, if any, and the finish reason once done)."""
-        token = self.sampler.sample(logits, self.history[:self.known])
+        return self.emit(self.sampler.sample(logits, self.history[:self.known]), logits)
+
+    # --- speculative decoding: draft(), a step over [last token, *draft] with every row's logits, verify(),
+    # then emit() each token verify() returned.
+    def draft(self, room: int) -> list[int]:
+        """Guessed tokens to follow the text so far (none without speculation, or when guessing does not pay):
+        at most `room` (what the sequence can still hold past the last token) and never more than could be
+        emitted before max_new_tokens."""
+        if self.speculator is None:
+            return []
+        room = min(room, self.max_new_tokens - len(self.new_ids) - 1)
+        return self.speculator.propose(self.history[:self.known], room)
+
+    def verify(self, rows: np.ndarray, draft: Sequence[int]) -> list[int]:
+        """The tokens that follow the text so far, given the logits `rows` [len(draft) + 1, vocab] of a step that
+        ran the last token and the draft: the guesses that hold, then one token of the model's own (see
+        speculative.accept_prefix). Each is chosen exactly as plain decoding chooses it, with the same sampler,
+        so greedy and seeded runs give plain decoding's tokens. Emit them with emit()."""
+        def choose(i: int) -> int:
+            token = self.sampler.sample(rows[i], self.history[:self.known + i])
+            self.history[self.known + i] = token      # where emit() puts it too; the next position's history
+            return token
+
+        tokens = accept_prefix(draft, choose)
+        self.speculator.record(len(draft), len(tokens) - 1)
+        return tokens
+
+    def emit(self, token: int, logits: np.ndarray) -> tuple[str, str | None]:
+        """Add the chosen next token (its step's logits give its logprobs); returns (its text, if any, and the
+        finish reason once done)."""
         if self.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.logprobs_top))
         self.new_ids.append(token)
@@ -250,6 +294,16 @@ class Decoder:
     def text(self) -> str:
         return "".join(self.pieces)
 
+    def close(self) -> None:
+        """Release what the request holds besides its sequence (a draft model's KV-cache sequence)."""
+        if self.speculator is not None:
+            self.speculator.close()
+
+    def record_speculation(self, stats: GenerationStats) -> None:
+        if self.speculator is not None:
+            stats.drafted_tokens = self.speculator.drafted
+            stats.accepted_tokens = self.speculator.accepted
+
 
 class TextStream:
     """One generation: iterate for text pieces as they are produced; `.result` once it has finished.
@@ -262,12 +316,13 @@ class TextStream:
     def __init__(self, model: Model, sequence: KVSequence, history: Sequence[int], new_ids: Sequence[int],
                  max_new_tokens: int = 128, stop: str | Sequence[str] = (), ignore_eos: bool = False,
                  sampling: SamplingParams | None = None, on_finish=None, dropped_prompt_tokens: int = 0,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, speculation: SpeculationSettings | None = None):
         self.model = model
         self.sequence = sequence
         self.prompt_ids = list(history) + list(new_ids)
         self.new_ids = list(new_ids)          # tokens the cache has not seen yet
-        self.decoder = Decoder(model, self.prompt_ids, max_new_tokens, stop, ignore_eos, sampling, logprobs)
+        self.decoder = Decoder(model, self.prompt_ids, max_new_tokens, stop, ignore_eos, sampling, logprobs,
+                               speculation)
         self.on_finish = on_finish
         self.dropped_prompt_tokens = dropped_prompt_tokens
         self.result: GenerationResult | None = None
@@ -305,19 +360,26 @@ class TextStream:
             logits = model.forward(sequence, self.new_ids)
             stats.prefill_seconds = time.perf_counter() - began
             decode_began = time.perf_counter()
+            tokens, rows = [decoder.sampler.sample(logits, decoder.history[:decoder.known])], logits[None]
             while True:
-                piece, finished = decoder.accept(logits)
-                if len(decoder.new_ids) == 1:
-                    stats.time_to_first_token = time.perf_counter() - began
-                if piece:
-                    yield piece
+                # One token at a time, so a stop string or max_new_tokens cuts a verified run where plain
+                # decoding would have stopped.
+                for token, row in zip(tokens, rows):
+                    piece, finished = decoder.emit(token, row)
+                    if len(decoder.new_ids) == 1:
+                        stats.time_to_first_token = time.perf_counter() - began
+                    if piece:
+                        yield piece
+                    if finished is not None:
+                        break
                 if finished is not None:
                     finish = finished
                     break
                 if sequence.free == 0:
                     finish = FinishReason.CONTEXT.value
                     break
-                logits = model.decode_step(sequence, decoder.new_ids[-1])
+                tokens, rows = self._next_tokens(decoder.new_ids[-1])
+                stats.decode_steps += 1
             stats.decode_seconds = time.perf_counter() - decode_began
             tail = decoder.tail(finish)
             if tail:
@@ -328,11 +390,42 @@ class TextStream:
             finish = FinishReason.INTERRUPTED.value
             raise
         finally:
+            if decoder.speculator is not None and decoder.new_ids:
+                # Verified guesses past where the run ended stay out of the cache, which then holds what plain
+                # decoding's would: everything but the last token.
+                sequence.truncate(min(sequence.length, len(self.prompt_ids) + len(decoder.new_ids) - 1))
             self._finish(finish, stats)
+
+    def _next_tokens(self, last: int) -> tuple[list[int], np.ndarray]:
+        """Run the last token; returns the tokens that follow it and their logits rows. Plain decoding gives
+        one; speculative decoding runs the last token with a draft in one step, keeps the tokens verify()
+        returns and rolls the cache back past the guesses that failed."""
+        decoder, sequence = self.decoder, self.sequence
+        began = time.perf_counter()        # drafting, the step and verifying: all of it is what a step costs
+        draft = decoder.draft(sequence.free - 1)
+        if draft:
+            try:
+                sequence.reserve(len(draft) + 1)
+            except KVCacheFullError:       # the pool has room for one more token, not for the guesses
+                draft = []
+        if not draft:
+            logits = self.model.decode_step(sequence, last)
+            token = decoder.sampler.sample(logits, decoder.history[:decoder.known])
+            if decoder.speculator is not None:
+                decoder.speculator.costs.record_plain(time.perf_counter() - began)
+            return [token], logits[None]
+        # One sequence alone: the every-position program, whose attention takes the rows as one causal block.
+        rows = self.model.forward(sequence, [last, *draft], all_logits=True)
+        tokens = decoder.verify(rows, draft)
+        sequence.truncate(sequence.length - len(draft) + len(tokens) - 1)   # the last token + the guesses that held
+        decoder.speculator.costs.record_verify(len(draft), time.perf_counter() - began)
+        return tokens, rows
 
     def _finish(self, finish: str, stats: GenerationStats) -> None:
         stats.new_tokens = len(self.decoder.new_ids)
         stats.dropped_prompt_tokens = self.dropped_prompt_tokens
+        self.decoder.record_speculation(stats)
+        self.decoder.close()
         stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.result = GenerationResult(self.decoder.text, self.decoder.new_ids, finish, self.prompt_ids, stats,
                                        self.decoder.logprobs)
@@ -342,16 +435,20 @@ class TextStream:
 
 def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
           ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error", logprobs: int | None = None,
-          add_bos: bool | None = None, **sampling) -> TextStream:
+          add_bos: bool | None = None, speculate: str | None = None, draft_max: int | None = None,
+          ngram: int | None = None, draft_model=None, **sampling) -> TextStream:
     """A TextStream over a fresh KV-cache sequence, released when the stream finishes.
 
     Every setting and the prompt are checked before any work; truncate_prompt ("error" or "left") says what
     to do with a prompt longer than the context (see fit_to_context). logprobs=k records each new token's
     log-probability and the k most likely alternatives (result.logprobs). add_bos: see Model.encode (None:
-    as the model's tokenizer does). The sampling settings are SamplingParams' fields (temperature, top_k,
+    as the model's tokenizer does). speculate="ngram" (or a draft_model) turns on speculative decoding, with up
+    to draft_max guesses a step (see generation.speculative): the same tokens under greedy decoding, the same
+    distribution under sampling. The sampling settings are SamplingParams' fields (temperature, top_k,
     top_p, min_p, penalties, seed).
     """
     params = sampling_params(greedy=greedy, **sampling)
+    speculation = speculation_settings(speculate, draft_max, ngram, draft_model)
     check_max_new_tokens(max_new_tokens)
     encoded = model.encode(prompt, add_bos=add_bos)
     check_prompt(model, encoded)
@@ -362,7 +459,8 @@ def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, 
         sequence.reserve(len(prompt_ids) - cached)
         return TextStream(model, sequence, prompt_ids[:cached], prompt_ids[cached:], max_new_tokens, stop,
                           ignore_eos, params, on_finish=lambda s: s.sequence.close(),
-                          dropped_prompt_tokens=len(encoded) - len(prompt_ids), logprobs=logprobs)
+                          dropped_prompt_tokens=len(encoded) - len(prompt_ids), logprobs=logprobs,
+                          speculation=speculation)
     except BaseException:
         sequence.close()   # the stream that would have released it was never made
         raise

@@ -3,7 +3,8 @@
 Bodies are checked field by field so that a bad one is a 400 naming the field (`param`) and the value, as
 OpenAI answers, never a traceback. Sampling follows OpenAI's defaults (temperature 1, top_p 1, nothing
 else), not the command line's llama.cpp-like ones; `top_k`, `min_p` and `repetition_penalty` are accepted as
-extensions, as vLLM accepts them.
+extensions, as vLLM accepts them. So is speculative decoding, off unless a request asks for it:
+`"speculate": "ngram"`, with `draft_max` and `ngram` optional (see generation.speculative).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import SamplingError
+from ..generation.speculative import speculation_settings
 
 MAX_CHOICES = 16
 MAX_CHAT_LOGPROBS = 20         # top_logprobs, as OpenAI bounds it
@@ -21,6 +25,7 @@ NUMBER_FIELDS = {"temperature": "temperature", "top_p": "top_p", "presence_penal
                  "repetition_penalty": "repetition_penalty"}
 INTEGER_FIELDS = {"top_k"}
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+SPECULATION_FIELDS = ("speculate", "draft_max", "ngram")    # extensions: prompt-lookup speculative decoding
 
 
 class APIError(Exception):
@@ -102,6 +107,7 @@ def _common(body: dict, length_fields: tuple[str, ...]) -> CompletionRequest:
                                 f"got {value!r}", name)
         settings[setting] = value
     settings["max_new_tokens"] = _max_tokens(body, length_fields)
+    settings.update(_speculation(body))
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -121,6 +127,18 @@ def _common(body: dict, length_fields: tuple[str, ...]) -> CompletionRequest:
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
     return CompletionRequest([], settings, choices, stream, bool(options.get("include_usage")), seed)
+
+
+def _speculation(body: dict) -> dict:
+    """The speculation extension's fields, checked; a server speculates only from the text itself ("ngram")."""
+    fields = {name: body[name] for name in SPECULATION_FIELDS if body.get(name) is not None}
+    if fields.get("speculate", "ngram") != "ngram":
+        raise APIError(400, f"speculate must be \"ngram\" (or absent), got {fields['speculate']!r}", "speculate")
+    try:
+        speculation_settings(**fields)
+    except SamplingError as error:
+        raise APIError(400, str(error), next(n for n in ("draft_max", "ngram", "speculate") if n in fields)) from None
+    return fields
 
 
 def _max_tokens(body: dict, length_fields: tuple[str, ...]) -> int:
