@@ -8,22 +8,42 @@ multiplied by BLAS: the tile is reused by every row of x while it sits in cache.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
 
 from ..quantized import QuantizedTensor, quantize
 
-# Up to this many rows of x, the direct kernel; above, dequantised tiles and BLAS. Chosen on SmolLM2's shapes
-# (benchmarks/quantized_kernels.py): the direct Q8_0 kernel is 3x faster than float32 BLAS at 4 rows and
-# slower from about 16.
+# Up to this many rows of x, the direct kernel; above, dequantised tiles and BLAS. Chosen on SmolLM2's head
+# (49,152 x 576, one thread, a loaded machine): the direct Q8_0 kernel took 15 ms for 4 rows against float32
+# BLAS's 49 ms, and 85 ms for 16 rows against BLAS's 72.
 DIRECT_MAX_ROWS = 8
 
 
+_thread_limit = 0                 # 0: Numba's own count (all cores)
+_limited_threads: set[int] = set()
+
+
+def limit_threads(threads: int) -> None:
+    """Let the kernels use at most `threads` threads (0: all cores), whichever thread calls them (--threads).
+
+    Numba's limit belongs to the calling thread, so it is applied in each thread on its first kernel call;
+    setting NUMBA_NUM_THREADS instead would break a process whose Numba threads already run."""
+    global _thread_limit
+    _thread_limit = threads
+    _limited_threads.clear()
+
+
 def _kernels():
-    # Imported when first needed: Numba costs ~0.5 s and ~40 MB to import, which float32 models never pay.
+    # Imported when first needed: Numba costs ~0.5 s and ~60 MB to import, which float32 models never pay.
     from . import quantized_kernels
 
+    if _thread_limit and threading.get_ident() not in _limited_threads:
+        import numba
+
+        numba.set_num_threads(min(_thread_limit, numba.config.NUMBA_NUM_THREADS))
+        _limited_threads.add(threading.get_ident())
     return quantized_kernels
 
 
@@ -41,11 +61,10 @@ def warm_up(kinds: set[str]) -> None:
 def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray | None,
            accumulate: bool = False) -> Callable[[], None]:
     """A call computing y = x · wᵀ, or y += x · wᵀ with accumulate (y already holds the addend)."""
-    kernels = _kernels()
     if x.shape[0] <= DIRECT_MAX_ROWS:
         if w.kind == "q8_0":
-            return lambda: kernels.matmul_rows_q8(w.codes, w.scales, x, y, accumulate)
-        return lambda: kernels.matmul_rows_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
+            return lambda: _kernels().matmul_rows_q8(w.codes, w.scales, x, y, accumulate)
+        return lambda: _kernels().matmul_rows_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
 
     rows, width = w.shape
     tile_rows = max(1, min(rows, scratch.size // width))
@@ -69,10 +88,9 @@ def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray
 
 def rows_dequantizer(w: QuantizedTensor) -> Callable[[np.ndarray, np.ndarray], None]:
     """`dequantize(ids, out)`: out[i] = row ids[i] of w as float32."""
-    kernels = _kernels()
     if w.kind == "q8_0":
-        return lambda ids, out: kernels.dequantize_rows_q8(w.codes, w.scales, ids, out)
-    return lambda ids, out: kernels.dequantize_rows_q4(w.codes, w.scales, w.offsets, ids, out)
+        return lambda ids, out: _kernels().dequantize_rows_q8(w.codes, w.scales, ids, out)
+    return lambda ids, out: _kernels().dequantize_rows_q4(w.codes, w.scales, w.offsets, ids, out)
 
 
 def embedding(ids: np.ndarray, table: QuantizedTensor, y: np.ndarray) -> Callable[[], None]:

@@ -179,3 +179,27 @@ def test_graph_text_shows_weight_types():
     model = minitorch_infer.load("story", weights="q4_0", context=64)
     assert "matmul(%18, @layers.0.mlp.gate+up:q4_0) : f32[S, 768]" in str(model.graph)
     assert "@mlp.gate+up:q4_0" in to_dot(model.graph)
+
+
+def test_the_thread_limit_applies_in_each_calling_thread():
+    """--threads: Numba's limit belongs to a thread, so it is set in whichever thread calls a kernel."""
+    import threading
+
+    import numba
+
+    w = quantize(awkward_values(8, 64, seed=1), "q8_0")
+    x, y = np.ones((1, 64), np.float32), np.empty((1, 8), np.float32)
+    seen = []
+
+    def call():
+        quantized.matmul(x, w, y, None)()
+        seen.append(numba.get_num_threads())
+
+    quantized.limit_threads(1)
+    try:
+        worker = threading.Thread(target=call)
+        worker.start()
+        worker.join()
+    finally:
+        quantized.limit_threads(0)
+    assert seen == [1]

@@ -7,11 +7,11 @@ Text goes to stdout; progress, stats and errors to stderr. Every error the engin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from threadpoolctl import threadpool_limits
 
+from ..backends import quantized
 from ..errors import MinitorchError
 from ..plugins import load_plugins
 from . import batch, bench, chat, evaluate, generate, graph, models, serve
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         # --threads: how many threads BLAS and the quantised kernels may use; the rest of the engine runs on
         # the calling thread.
         threads = getattr(args, "threads", 0)
-        if threads:
-            os.environ["NUMBA_NUM_THREADS"] = str(threads)    # read when Numba is first imported
+        quantized.limit_threads(threads)
         with threadpool_limits(limits=threads or None):
             return args.run(args) or 0
     except MinitorchError as error:
