@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 from .errors import MinitorchError
@@ -18,6 +19,7 @@ RAY_MISSING = "--ray needs Ray, an optional extra: pip install 'minitorch-infer[
 # A local cluster's shared-memory object store. Prompts and results are small, so a small store leaves the
 # machine's memory to the models (Ray would take 30% of it by default).
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024
+CONNECT_SECONDS = 5
 
 
 def import_ray():
@@ -39,14 +41,28 @@ def connected(address: str | None, quiet: bool = False) -> Iterator[object]:
     if ray.is_initialized():
         yield ray
         return
+    if address is not None:
+        _check_reachable(address)
     options = dict(logging_level=logging.ERROR, log_to_driver=not quiet, include_dashboard=False)
     if address is None:
         options["object_store_memory"] = LOCAL_OBJECT_STORE_BYTES
     try:
         ray.init(address=address, **options)
     except ConnectionError as error:
-        raise MinitorchError(f"--address {address}: no Ray cluster answered ({error})") from None
+        raise MinitorchError(f"--address {address}: {error}") from None
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT nobody answers on fails here in seconds; Ray itself would retry for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return                                            # "auto" and other forms: Ray resolves and checks them
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise MinitorchError(f"--address {address}: no Ray cluster answers there ({error.strerror or error}); "
+                             "start one with `ray start --head`, or leave out --address for a local one") from None
