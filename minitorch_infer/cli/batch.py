@@ -6,7 +6,8 @@ ids) or `messages` (a chat, rendered with the model's template), and optionally 
 `presence_penalty`, `frequency_penalty`, `ignore_eos`; the command's flags are the defaults. Each result is
 appended to OUT as soon as it finishes (`id`, `text`, `token_ids`, `finish_reason`, `prompt_tokens`). A
 rerun skips the ids OUT already holds, so an interrupted run resumes. A bad line is reported with its
-number and the rest still run; the exit status is then 2.
+number and the rest still run; the exit status is then 2. With --ray the same file runs as a Ray Data pipeline
+(ray_batch.py), through the functions here that check a line, make its request and write its result.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class BadLine(MinitorchError):
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "ray", False):
+    if args.ray:
         from .ray_batch import run_on_ray
         return run_on_ray(args)
     check_ray_flags_unused(args)
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 def check_ray_flags_unused(args: argparse.Namespace) -> None:
     """--address and --workers mean something only with --ray; a silent no-op would hide a typo."""
     for flag in ("address", "workers"):
-        if getattr(args, flag, None) is not None:
+        if getattr(args, flag) is not None:
             raise MinitorchError(f"--{flag} needs --ray")
 
 
