@@ -90,7 +90,7 @@ def run_on_ray(args: argparse.Namespace) -> int:
     written = 0
     if rows:
         with connected(args.address, quiet=args.quiet):
-            began, tokens = time.perf_counter(), 0
+            began = time.perf_counter()
             show = not args.quiet and sys.stderr.isatty()
             with open(target, "a", encoding="utf-8") as out:
                 for row in infer_on_ray(rows, args):
