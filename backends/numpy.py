@@ -20,6 +20,8 @@ from ..errors import GraphError
 from ..ir import Graph, Node, op_def
 from ..ir.ops import BATCHED_ATTENTION_KEYS
 from ..passes.memory_plan import MemoryPlan, workspace_key
+from ..quantized import QuantizedTensor, weight_type
+from . import quantized
 from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
 
@@ -74,6 +76,11 @@ class Program:
         self.graph = graph
         self.plan = plan
         self.params = {name: params[name] for name in graph.params}
+        for name, value in graph.params.items():
+            if weight_type(self.params[name]) != value.type.dtype:
+                raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
+                                 f"{weight_type(self.params[name])}: compile with the quantize_weights pass first")
+        quantized.warm_up({v.type.dtype for v in graph.params.values() if v.type.is_quantized})
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
@@ -119,6 +126,18 @@ class Program:
             seconds[op] += time.perf_counter() - began
         return seconds
 
+    def bound_nodes(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray], layout: StepLayout
+                    ) -> list[tuple[Node, list[np.ndarray], list[np.ndarray], Kernel | None]]:
+        """For checking kernels one at a time (passes.check_kernels): every node with its bound input and output
+        arrays and its kernel call (None for a view), with `inputs` and the layout in place as run() puts them.
+        Calling the kernels in order is one run() (compile with an unshared plan to read every value after)."""
+        for name, array in inputs.items():
+            self.input_buffers[name][:len(array)] = array
+        self.step.layout = layout
+        entries: list = []
+        self._bind(layout.row_stops[-1], len(layout.totals), state, entries)
+        return entries
+
     def _bound_for(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
                    ) -> tuple[list[Kernel], list[np.ndarray]]:
         """The kernel calls bound for S = seq, R = sequences and this KV pool, binding them when first asked for."""
@@ -131,7 +150,7 @@ class Program:
             self._bound.popitem(last=False)
         return bound
 
-    def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
+    def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray], entries: list | None = None
               ) -> tuple[list[Kernel], list[np.ndarray]]:
         bindings = {"S": seq, "R": sequences, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
         arrays: dict[int, np.ndarray] = {}
@@ -148,6 +167,8 @@ class Program:
             ins = [arrays[id(v)] for v in node.inputs]
             if node.op in VIEWS:
                 arrays[id(node.output)] = VIEWS[node.op](ins[0], node.attrs, bindings)
+                if entries is not None:
+                    entries.append((node, ins, [arrays[id(node.output)]], None))
                 continue
             outs = []
             for value in node.outputs:
@@ -161,10 +182,12 @@ class Program:
                                                  value.type.np_dtype))
                 arrays[id(value)] = outs[-1]
             scratch = None
-            if spec.workspace is not None:
+            if workspace_key(node) in self.plan.offsets:
                 elements = spec.workspace([v.type for v in node.inputs], node.attrs)
                 scratch = self._arena_view(self.plan.offsets[workspace_key(node)], (elements,), np.dtype(np.float32))
             calls.append(KERNELS[node.op](node, ins, outs, scratch, self.step))
+            if entries is not None:
+                entries.append((node, ins, outs, calls[-1]))
         return calls, [arrays[id(v)] for v in self.graph.outputs]
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -198,6 +221,8 @@ def _slice_cols(x, attrs, bindings):
 def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
     ids, table = ins
     (y,) = outs
+    if isinstance(table, QuantizedTensor):
+        return quantized.embedding(ids, table, y)
     if ids.shape[0] == 1:
         # One row (decode, and the rope table's lookup): plain indexing is a third of np.take's cost.
         return lambda: y.__setitem__(0, table[ids[0]])
@@ -208,6 +233,8 @@ def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
 def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w = ins
     (y,) = outs
+    if isinstance(w, QuantizedTensor):
+        return quantized.matmul(x, w, y, scratch)
     if x.shape[0] == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
@@ -228,6 +255,11 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w, c = ins
     (y,) = outs
     rows, k = x.shape
+    if isinstance(w, QuantizedTensor):
+        product = quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True)
+        if y is c or np.shares_memory(y, c):
+            return product
+        return lambda: (np.copyto(y, c), product())
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:
         x_t = scratch[:k * rows].reshape(k, rows)
         product_t = scratch[k * rows:(k + y.shape[1]) * rows].reshape(y.shape[1], rows)
@@ -378,8 +410,8 @@ def _silu(node: Node, ins, outs, scratch, step) -> Kernel:
 @kernel("swiglu")
 def _swiglu(node: Node, ins, outs, scratch, step) -> Kernel:
     (gate_up,), (y,) = ins, outs
-    width = y.shape[1]
-    gate, up = gate_up[:, :width], gate_up[:, width:]
+    width = y.shape[-1]
+    gate, up = gate_up[..., :width], gate_up[..., width:]
 
     def call():
         _silu_into(gate, y)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..ir import Graph
+from ..quantized import QuantizedTensor
 from .layout import StepLayout
 from .rope import rope_frequencies
 
@@ -49,7 +50,9 @@ def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.
     for value in graph.inputs:
         env[id(value)] = np.asarray(inputs[value.name])
     for name, value in graph.params.items():
-        env[id(value)] = params[name]
+        weight = params[name]
+        # A quantised weight means its dequantised values: what the fast kernels must reproduce.
+        env[id(value)] = weight.dequantize() if isinstance(weight, QuantizedTensor) else weight
     for name, value in graph.states.items():
         env[id(value)] = state[name]
     for node in graph.nodes:
@@ -165,7 +168,7 @@ def _silu(args, attrs, step):
 
 @kernel("swiglu")
 def _swiglu(args, attrs, step):
-    gate, up = np.split(args[0], 2, axis=1)
+    gate, up = np.split(args[0], 2, axis=-1)
     return _silu_values(gate) * up
 
 

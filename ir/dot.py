@@ -207,7 +207,8 @@ class _Drawing:
         head = f"<B>{_html(node.op)}</B>"
         if not self.show_params:
             # The weights' names say which matmul this is (q, gate, down...): worth keeping without their boxes.
-            params = [_without_layer_prefix(v.name) for v in node.inputs if v.kind == "param"]
+            params = [_without_layer_prefix(v.name) + (f":{v.type.dtype}" if v.type.is_quantized else "")
+                      for v in node.inputs if v.kind == "param"]
             head += "".join(f" @{_html(p)}" for p in params)
         rows = [head]
         for value in node.outputs:

@@ -69,6 +69,10 @@ class Node:
 
 
 class Graph:
+    """Inputs, nodes in topological order, outputs; params (`@name`, arrays in the WeightStore) and states
+    (`$name`, the KV cache) by name; symbols (S, T, R) with their upper bounds. Print it for the text form;
+    walk `graph.nodes` with a for-loop; `to_networkx()` for analyses."""
+
     def __init__(self, name: str = "graph"):
         self.name = name
         self.inputs: list[Value] = []

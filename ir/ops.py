@@ -89,12 +89,12 @@ def _expect_dtype(op: str, t: TensorType, dtype: str, what: str):
 
 @register_op("embedding", n_inputs=2)
 def _embedding(ts, attrs):
-    """Rows of `table` [V, D] picked by integer `ids` [S] -> [S, D]."""
+    """Rows of `table` [V, D] picked by integer `ids` [S] -> [S, D] (float32, also from a quantised table)."""
     ids, table = ts
     _expect_dtype("embedding", ids, "i32", "ids")
     _expect_rank("embedding", ids, 1, "ids")
     _expect_rank("embedding", table, 2, "table")
-    return [TensorType((ids.shape[0], table.shape[1]), table.dtype)]
+    return [TensorType((ids.shape[0], table.shape[1]), "f32" if table.is_quantized else table.dtype)]
 
 
 @register_op("rms_norm", attrs={"eps": float}, n_inputs=2, inplace=0)
@@ -106,9 +106,25 @@ def _rms_norm(ts, attrs):
     return [x]
 
 
-@register_op("matmul", n_inputs=2)
+# A product with a quantised weight and many rows (prefill) dequantises the weight a tile at a time, for BLAS:
+# at most this many float32 values (4 MiB), a few hundred rows of a weight, which stay in cache.
+DEQUANTIZED_TILE = 1 << 20
+
+
+def _dequantized_tile(w: TensorType) -> int:
+    """Scratch for a tile of a quantised weight as float32 (none for a float weight)."""
+    return min(DEQUANTIZED_TILE, w.shape[0] * w.shape[1]) if w.is_quantized else 0
+
+
+def _matmul_workspace(ts, attrs) -> int:
+    return _dequantized_tile(ts[1])
+
+
+@register_op("matmul", n_inputs=2, workspace=_matmul_workspace)
 def _matmul(ts, attrs):
-    """x [S, K] times the transpose of w [N, K] (weights keep the HF [out, in] layout) -> [S, N]."""
+    """x [S, K] times the transpose of w [N, K] (weights keep the HF [out, in] layout) -> [S, N].
+
+    w may be float32 or quantised (q8_0, q4_0, q4_1: blocks of 32 along K); the product is float32."""
     x, w = ts
     _expect_rank("matmul", x, 2, "x")
     _expect_rank("matmul", w, 2, "w")
@@ -118,9 +134,10 @@ def _matmul(ts, attrs):
 
 
 def _matmul_add_workspace(ts, attrs) -> int:
-    """Room for the product [S, N], or for xᵀ [K, S] and the product's transpose [N, S] (a backend's choice)."""
+    """Room for the product [S, N], or for xᵀ [K, S] and the product's transpose [N, S] (a backend's choice),
+    and for a dequantised tile of a quantised weight."""
     (rows, k), n = ts[0].concrete_shape(), ts[2].concrete_shape()[1]
-    return (k + n) * rows
+    return (k + n) * rows + _dequantized_tile(ts[1])
 
 
 @register_op("matmul_add", n_inputs=3, inplace=2, workspace=_matmul_add_workspace)
@@ -212,13 +229,15 @@ def _silu(ts, attrs):
 
 @register_op("swiglu", n_inputs=1)
 def _swiglu(ts, attrs):
-    """silu(gate) * up, from one [S, 2F] tensor holding [gate | up] -> [S, F]."""
+    """silu(gate) * up, from one [..., 2F] tensor holding [gate | up] on its last axis -> [..., F] (rows [S, 2F],
+    or a mixture of experts' [S, k, 2F])."""
     (gate_up,) = ts
-    _expect_rank("swiglu", gate_up, 2, "gate_up")
-    width = gate_up.shape[1]
+    if gate_up.rank < 2:
+        _fail("swiglu", "gate_up must have rank 2 or more", gate_up)
+    width = gate_up.shape[-1]
     if not isinstance(width, int) or width % 2:
         _fail("swiglu", "the last axis must be an even number", gate_up)
-    return [TensorType((gate_up.shape[0], width // 2), gate_up.dtype)]
+    return [TensorType((*gate_up.shape[:-1], width // 2), gate_up.dtype)]
 
 
 @register_op("reshape", attrs={"shape": tuple}, n_inputs=1, view_of=0)

@@ -1,6 +1,8 @@
 """The readable text form of a graph, one node a line:
 
     %12 = matmul(%11, @layers.0.attn.q) : f32[S, 576]
+
+A quantised param carries its block type: `@layers.0.attn.q:q8_0`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ def format_attr(value) -> str:
     return str(value)
 
 
+def format_operand(value) -> str:
+    return f"{value.ref}:{value.type.dtype}" if value.type.is_quantized else value.ref
+
+
 def format_node(node: Node) -> str:
     results = ", ".join(v.ref for v in node.outputs)
-    args = [v.ref for v in node.inputs]
+    args = [format_operand(v) for v in node.inputs]
     args += [f"{k}={format_attr(v)}" for k, v in node.attrs.items()]
     types = ", ".join(str(v.type) for v in node.outputs)
     return f"{results} = {node.op}({', '.join(args)}) : {types}"

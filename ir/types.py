@@ -28,6 +28,8 @@ Dim = Union[int, Sym]
 Bindings = Mapping[str, int]
 
 DTYPES = {"f32": np.dtype(np.float32), "i32": np.dtype(np.int32)}
+# Weights that stay quantised (minitorch_infer/quantized.py): bytes per block of 32 values, as held in memory.
+BLOCK_DTYPES = {"q8_0": 36, "q4_0": 20, "q4_1": 24}
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,11 @@ class TensorType:
     dtype: str = "f32"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise GraphError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
+        if self.dtype not in DTYPES and self.dtype not in BLOCK_DTYPES:
+            raise GraphError(f"unknown dtype {self.dtype!r}; known: {', '.join([*DTYPES, *BLOCK_DTYPES])}")
+        if self.dtype in BLOCK_DTYPES and (len(self.shape) != 2 or not isinstance(self.shape[1], int)
+                                           or self.shape[1] % 32):
+            raise GraphError(f"a {self.dtype} tensor must be 2-D with a multiple of 32 columns, not {self.shape}")
         for dim in self.shape:
             if not isinstance(dim, (int, Sym)) or (isinstance(dim, int) and dim < 0):
                 raise GraphError(f"bad dimension {dim!r} in shape {self.shape!r}")
@@ -47,7 +52,13 @@ class TensorType:
         return len(self.shape)
 
     @property
+    def is_quantized(self) -> bool:
+        return self.dtype in BLOCK_DTYPES
+
+    @property
     def np_dtype(self) -> np.dtype:
+        if self.dtype not in DTYPES:
+            raise GraphError(f"{self} is blocks of {self.dtype}, not an array of one NumPy dtype")
         return DTYPES[self.dtype]
 
     @property
@@ -59,6 +70,8 @@ class TensorType:
         return tuple(bind_dim(d, bindings) for d in self.shape)
 
     def nbytes(self, bindings: Bindings | None = None) -> int:
+        if self.is_quantized:
+            return prod(self.concrete_shape(bindings)) // 32 * BLOCK_DTYPES[self.dtype]
         return prod(self.concrete_shape(bindings)) * self.np_dtype.itemsize
 
     def __str__(self) -> str:

@@ -6,20 +6,22 @@ memory, and bind the NumPy program. The KV cache is planned once per compile fro
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .architectures import build_graph, rope_pair_order
+from .architectures import architecture, build_graph
 from .backends import numpy as numpy_backend
 from .config import ModelConfig
 from .errors import ContextOverflowError, MinitorchError, PromptError
 from .ir import Graph
 from .backends.layout import StepLayout
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVSequence, parse_kv_memory
-from .passes import DEFAULT_PASSES, PassManager, PassReport
+from .passes import DEFAULT_PASSES, PassManager, PassReport, quantize_weights
 from .passes.memory_plan import MemoryPlan, plan_memory
+from .quantized import weight_type
 from .tokenizer import Tokenizer
 from .formats.weights import WeightStore
 from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
@@ -49,13 +51,20 @@ class Model:
     The KV cache is one paged pool (`kv_memory`: bytes, or a string such as "512MiB" or "8192tokens";
     default four full contexts' worth, committed only as it is written), shared by every generate call, chat
     session and batched request; `max_batch` bounds the sequences one step carries.
+
+    `weight_type` is what the weights are computed from: "f32", "q8_0", "q4_0", "q4_1", or "native" (as the
+    file stores them: a GGUF's Q8_0/Q4_x matrices stay quantised). The conversion is the `quantize_weights`
+    pass, which every compile runs first.
     """
 
     def __init__(self, config: ModelConfig, weights: WeightStore, tokenizer: Tokenizer | None, source: str,
                  context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  passes: Sequence[str] | None = None, memory_plan: bool = True, kv_memory: int | str | None = None,
-                 kv_block_size: int = DEFAULT_BLOCK_SIZE, max_batch: int = DEFAULT_MAX_BATCH):
+                 kv_block_size: int = DEFAULT_BLOCK_SIZE, max_batch: int = DEFAULT_MAX_BATCH,
+                 weight_type: str = "native"):
         self.config = config
+        self.weight_pass = quantize_weights(weight_type)          # checks the name before any work
+        self.weight_type = weight_type
         self.weights = weights
         self.tokenizer = tokenizer
         self.source = source
@@ -71,9 +80,12 @@ class Model:
         self._step_token = np.zeros(1, np.int64)
         self._step_position = np.zeros(1, np.int64)
         self._step_inputs = {"tokens": self._step_token, "positions": self._step_position}
-        # Once, before any pass adds packed weights: the file's tensors are exactly what the config implies.
+        # Once, before any pass adds packed weights: the architecture puts the file's tensors in the layout its
+        # graph reads, and then they must be exactly the params the config implies.
+        prepare_weights = architecture(config.architecture).prepare_weights
+        if prepare_weights is not None:
+            prepare_weights(config, weights)
         weights.check_params(self.trace().params, config.source)
-        rope_pair_order(config, weights)
         self.compile(passes, memory_plan)
 
     def _kv_slots(self, kv_memory: int | str | None, block_size: int) -> int:
@@ -93,11 +105,14 @@ class Model:
 
     # --- compiling -------------------------------------------------------------------------------
     def compile(self, passes: Sequence[str] | None = None, memory_plan: bool = True) -> None:
-        """(Re)build the program with the named passes (None: the defaults; []: none), or pass functions.
+        """(Re)build the program with the named passes (None: the architecture's defaults, normally
+        passes.DEFAULT_PASSES; []: none), or pass functions.
 
         The KV cache is planned anew, so sessions and engines made before a recompile must be made again.
         """
-        self.passes = list(DEFAULT_PASSES if passes is None else passes)
+        if passes is None:
+            passes = architecture(self.config.architecture).passes or DEFAULT_PASSES
+        self.passes = list(passes)
         self.memory_plan_enabled = memory_plan
         self._last = self._compile_graph(all_logits=False)
         self._all: CompiledGraph | None = None       # the every-position-logits program, built when first asked
@@ -110,9 +125,9 @@ class Model:
 
     def _compile_graph(self, all_logits: bool) -> CompiledGraph:
         graph = self.trace(all_logits)
-        graph, report = PassManager(self.passes).run(graph, self.weights)
+        graph, report = PassManager([self.weight_pass, *self.passes]).run(graph, self.weights)
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
-        return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, self.weights), report)
+        return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, report.weights(self.weights)), report)
 
     @property
     def graph(self) -> Graph:
@@ -126,10 +141,12 @@ class Model:
 
     @property
     def memory_plan(self) -> MemoryPlan:
+        """Where each activation lives in the program's one arena (print it for the arena against the naive sum)."""
         return self._last.plan
 
     @property
     def pass_report(self) -> PassReport:
+        """What each pass of the last compile did (print it: one aligned row per pass, with its notes)."""
         return self._last.report
 
     # --- running ---------------------------------------------------------------------------------
@@ -204,19 +221,33 @@ class Model:
         finally:
             sequence.close()
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a prompt: text is encoded with the model's tokenizer (adding BOS where the tokenizer
-        does); ids are taken as they are."""
+    def encode(self, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]:
+        """Token ids of a prompt: text is encoded with the model's tokenizer; a list of ids is taken as it is.
+
+        BOS: with add_bos=None (the default) text gets a BOS first exactly when the model's tokenizer adds one
+        (the story model's does; SmolLM2's does not: its tokenizer_config has no add_bos_token, and its chat
+        template starts each turn with <|im_start|> instead); ids are left alone. add_bos=True puts the
+        model's BOS first (once) on text and ids alike; add_bos=False encodes text without any special tokens.
+        """
         if not isinstance(prompt, str) and any(isinstance(t, str) for t in prompt):
             raise PromptError("a prompt is a string or a list of token ids; for several prompts use generate_batch")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise PromptError(f"{self.source} has no tokenizer.json: pass token ids, not text")
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_bos is not False)
+        else:
+            ids = [int(t) for t in prompt]
+        if add_bos and (not ids or ids[0] != self.config.bos_token_id):
+            if self.config.bos_token_id is None:
+                raise PromptError(f"add_bos=True, but {self.config.source} names no bos_token_id")
+            ids = [self.config.bos_token_id] + ids
+        return ids
 
     def generate(self, prompt: str | Sequence[int], **settings):
-        """Generate a continuation; returns a GenerationResult (new tokens only). See generation.loop.start."""
+        """Generate a continuation of a prompt (text, or a list of token ids; BOS as `encode` says, add_bos=
+        to choose); returns a GenerationResult (new tokens only, and the prompt's ids). Settings (see
+        generation.loop.start): max_new_tokens, stop, ignore_eos, greedy, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, seed, truncate_prompt, logprobs, add_bos."""
         return loop.generate(self, prompt, **settings)
 
     def stream(self, prompt: str | Sequence[int], **settings) -> Iterator[str]:
@@ -243,6 +274,12 @@ class Model:
     def chat(self, system: str | None = None) -> Session:
         """A chat Session: keeps its KV cache across turns (see minitorch_infer.generation.chat.Session)."""
         return Session(self, system=system)
+
+    def weight_summary(self) -> str:
+        """The weights' size and types as computed from: "107.4 MiB (210 q4_1, 61 f32, 1 q8_0 tensors)"."""
+        types = Counter(weight_type(self.weights[name]) for name in self.trace().params)
+        listed = ", ".join(f"{count} {kind}" for kind, count in types.most_common())
+        return f"{self.weights.nbytes / 2**20:.1f} MiB ({listed} tensors)"
 
     def __repr__(self) -> str:
         c = self.config

@@ -8,11 +8,12 @@ from collections.abc import Iterable
 
 from ..errors import MinitorchError
 # Importing the built-in passes registers them.
-from . import dce, fuse_gate_up, fuse_qkv, fuse_residual, prune_rows, tabulate_rope  # noqa: F401
-from .equivalence import check_equivalent, check_pass, random_weights
+from . import dce, fuse_gate_up, fuse_qkv, fuse_residual, prune_rows, quantization, tabulate_rope  # noqa: F401
+from .equivalence import check_equivalent, check_kernels, check_pass, random_weights
 from .manager import PASSES, PassContext, PassManager, PassReport, PassResult, PassStats, register_pass
 from .memory_plan import MemoryPlan, plan_memory
-from .packing import pack_params
+from .packing import derive_param, pack_params
+from .quantization import quantize_weights
 from .pattern import Match, P, Pattern, rewrite
 
 # The pipeline Model.compile runs when no passes are named.
@@ -30,5 +31,6 @@ def default_passes(disable: Iterable[str] = ()) -> list[str]:
 
 
 __all__ = ["PASSES", "PassContext", "PassManager", "PassReport", "PassResult", "PassStats", "register_pass",
-           "DEFAULT_PASSES", "default_passes", "Pattern", "P", "Match", "rewrite", "pack_params", "check_equivalent",
-           "check_pass", "random_weights", "MemoryPlan", "plan_memory"]
+           "DEFAULT_PASSES", "default_passes", "Pattern", "P", "Match", "rewrite", "pack_params", "derive_param",
+           "check_equivalent", "check_pass", "check_kernels", "random_weights", "MemoryPlan", "plan_memory",
+           "quantize_weights"]

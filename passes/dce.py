@@ -1,5 +1,8 @@
 """dce: dead-code elimination. Erase nodes whose results nobody reads, then forget params no node reads.
 
+Its `changed` counts both; the notes tell them apart (`erased nodes`, `unused params`): after the fusions,
+the unfused q/k/v and gate/up weights are unused params, while their nodes were already replaced.
+
 Side-effecting nodes stay whether or not their result is read: kv_write fills the KV cache, which the next
 step reads. Walking the nodes backwards lets a whole dead chain go in one sweep.
 """

@@ -5,6 +5,7 @@ cache afterwards. Testing a new pass takes one line:
 
     check_pass(graph, ["my_pass"])                  # random weights; runs the pass on a copy and compares
     check_equivalent(before, after, model.weights)  # two graphs you already have
+    check_kernels(graph)                            # the NumPy backend's kernels against the reference's
 
 Each trial draws S new tokens (ids within the vocabulary) at positions past..past+S-1, over a KV cache
 filled with random values, copied for each graph; the cache afterwards is compared too, so passes that
@@ -17,10 +18,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..backends import reference
+from ..backends.layout import StepLayout
 from ..backends.reference import run
 from ..errors import GraphError
 from ..ir import Graph, Sym, Value
+from ..ir.printer import format_node
 from ..formats.weights import WeightStore
+from ..quantized import QuantizedTensor
 from .manager import PassFunction, PassManager, PassReport
 
 MAX_TRIAL_TOKENS = 16      # enough rows to catch row mix-ups, few enough to keep the oracle fast
@@ -87,13 +92,78 @@ def check_equivalent(before: Graph, after: Graph, weights: Mapping[str, np.ndarr
 
 
 def check_pass(graph: Graph, passes: Sequence[str | PassFunction],
-               weights: Mapping[str, np.ndarray] | WeightStore | None = None, **tolerances: Any
-               ) -> tuple[Graph, PassReport]:
-    """Run `passes` on a copy of `graph` (with random weights unless given) and check_equivalent the result."""
+               weights: Mapping[str, np.ndarray] | WeightStore | None = None, *, kernels: bool = False,
+               **tolerances: Any) -> tuple[Graph, PassReport]:
+    """Run `passes` on a copy of `graph` (with random weights unless given) and check_equivalent the result;
+    with kernels=True, also check_kernels the optimised graph (the NumPy kernels of the ops the passes made,
+    a new op's included, against the reference backend's)."""
     weights = random_weights(graph) if weights is None else weights
     optimised, report = PassManager(passes).run(graph.copy(), weights)
-    check_equivalent(graph, optimised, weights, **tolerances)
+    check_equivalent(graph, optimised, report.weights(weights), **tolerances)
+    if kernels:
+        check_kernels(optimised, report.weights(weights))
     return optimised, report
+
+
+def check_kernels(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore | None = None, *,
+                  rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0) -> float:
+    """Run `graph` on the NumPy backend node by node, and give each node's reference kernel the very inputs the
+    NumPy kernel got: the first node whose outputs differ raises AssertionError naming it (its text form, op
+    and the source line that traced it) and the step. Returns the largest absolute difference seen.
+
+    The steps, over one KV pool of random values: a prefill of one sequence (up to 16 new tokens after a
+    random past), then a decode token of it (so both the many-row and the one-row kernels run), then, when
+    the graph takes several sequences a step, two more rows of it with one decode row of a second sequence
+    whose positions are scattered over the pool (the batched kernels' layout). Weights are random unless given
+    (with a pass's derived params: `report.weights(base)`).
+    """
+    from ..backends import numpy as numpy_backend      # the backend under test; the reference is the oracle
+    from .memory_plan import plan_memory
+
+    weights = random_weights(graph, seed) if weights is None else weights
+    rng = np.random.default_rng(seed)
+    # every value its own buffer, so a kernel's output can be read after it ran and before the next overwrites it
+    program = numpy_backend.compile(graph, plan_memory(graph, reuse=False), _params_of(graph, weights))
+    state = {name: rng.standard_normal(v.type.concrete_shape()).astype(np.float32) for name, v in graph.states.items()}
+    largest = 0.0
+    for label, layout in _kernel_check_steps(graph, rng):
+        bindings = {"S": layout.rows, "T": max(layout.totals), "R": layout.sequences}
+        inputs = {v.name: _layout_positions(layout) if v.name == "positions" else _random_input(v, bindings, rng)
+                  for v in graph.inputs}
+        step = reference.Step(bindings, layout)
+        for node, ins, outs, call in program.bound_nodes(inputs, state, layout):
+            # a quantised weight reaches the reference kernel as its dequantised values, as in reference.run
+            expected = reference.KERNELS[node.op]([a.dequantize() if isinstance(a, QuantizedTensor) else np.array(a)
+                                                   for a in ins], node.attrs, step)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            if call is not None:
+                call()
+            where = (f"node {format_node(node)} (op {node.op!r}, traced at {node.meta.get('source', '?')}) on the "
+                     f"{label} step (S={layout.rows}, T={list(layout.totals)}): NumPy kernel vs reference kernel, "
+                     "same inputs")
+            for index, (want, got) in enumerate(zip(expected, outs)):
+                largest = max(largest, _compare(f"{where}, output {index}", np.asarray(want), got, rtol, atol))
+    return largest
+
+
+def _kernel_check_steps(graph: Graph, rng: np.random.Generator) -> list[tuple[str, StepLayout]]:
+    symbols = _symbols(graph)
+    new = min(symbols["S"].max, MAX_TRIAL_TOKENS) if "S" in symbols else 1
+    past = int(rng.integers(0, max(min(symbols["T"].max - new - 3, MAX_TRIAL_PAST), 0) + 1)) if "T" in symbols else 0
+    steps = [("prefill", StepLayout.single(new, past + new)), ("decode", StepLayout.single(1, past + new + 1))]
+    slots = min((v.type.concrete_shape()[1] for v in graph.states.values() if v.type.rank == 3), default=0)
+    first_total, second_total = past + new + 3, 5
+    if symbols.get("R") is not None and symbols["R"].max >= 2 and symbols["S"].max >= 3 \
+            and first_total + 2 * second_total <= slots and first_total <= symbols["T"].max:
+        scattered = np.arange(first_total, first_total + 2 * second_total, 2)
+        steps.append(("two-sequence", StepLayout.of([2, 1], [np.arange(first_total), scattered])))
+    return steps
+
+
+def _layout_positions(layout: StepLayout) -> np.ndarray:
+    """Each row's position in its sequence: a sequence with n new rows and T positions has T-n..T-1."""
+    return np.concatenate([np.arange(total - (stop - start), total) for start, stop, total in
+                           zip(layout.row_starts, layout.row_stops, layout.totals)]).astype(np.int32)
 
 
 def _check_signatures(before: Graph, after: Graph) -> None:
@@ -160,7 +230,8 @@ def _params_of(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore) ->
     for name, value in graph.params.items():
         if name not in weights:
             raise GraphError(f"{graph.name} reads param @{name}, which the weights given do not hold")
-        array = np.asarray(weights[name])
+        array = weights[name]
+        array = array if isinstance(array, QuantizedTensor) else np.asarray(array)
         if array.shape != value.type.concrete_shape():
             raise GraphError(f"weight {name!r} has shape {list(array.shape)}; {graph.name} declares {value.type}")
         params[name] = array

@@ -32,8 +32,10 @@ SWIGLU = P("mul", P("silu", P("matmul", h, P.param("gate"))), P("matmul", h, P.p
 
 @register_pass("fuse_gate_up")
 def fuse_gate_up(graph: Graph, ctx: PassContext) -> PassResult:
-    def build(m: Match) -> Value:
-        # mul needs equal shapes and both matmuls read h, so the two weights always stack into one.
+    def build(m: Match) -> Value | None:
+        # mul needs equal shapes and both matmuls read h, so the two weights stack into one if of one type.
+        if m["gate"].type.dtype != m["up"].type.dtype:
+            return m.decline("gate and up weights are of different types")
         gate_up = m.insert("matmul", m["h"], pack_params(graph, ctx.weights, [m["gate"], m["up"]]))
         return m.insert("swiglu", gate_up)
 

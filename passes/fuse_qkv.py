@@ -39,6 +39,9 @@ def fuse_qkv(graph: Graph, ctx: PassContext) -> PassResult:
         if any(p.output.kind == "output" for p in projections):
             left_alone["a projection is a graph output"] += 1
             continue
+        if len({p.inputs[1].type.dtype for p in projections}) != 1:
+            left_alone["q, k and v weights are of different types"] += 1
+            continue
         _fuse(graph, ctx, projections)
         fused += 1
     return PassResult(graph, fused, {"rewritten": fused, "left alone": dict(left_alone)})

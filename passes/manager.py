@@ -8,6 +8,7 @@ after every pass (naming the pass that broke it), times each pass and keeps per-
 from __future__ import annotations
 
 import time
+from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,9 +19,17 @@ from ..ir import Graph, verify
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the graph: the weights, to build packed params once at compile time."""
+    """What a pass may use besides the graph: the weights (a WeightStore, a plain dict, or None for a graph
+    without weights), to build packed params once at compile time, and `derived`, the params passes of this
+    run computed (see passes.packing.derive_param): kept here, not written into `weights`."""
 
     weights: Any
+    derived: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_weights(self):
+        """The weights with this run's derived params in front (read-only use)."""
+        return ChainMap(self.derived, self.weights)
 
 
 @dataclass
@@ -60,25 +69,54 @@ class PassStats:
 @dataclass
 class PassReport:
     stats: list[PassStats] = field(default_factory=list)
+    derived: dict[str, Any] = field(default_factory=dict)     # params the passes computed (derive_param)
+
+    def weights(self, base: Any):
+        """What to compile the optimised graph with: `base` (the weights the passes ran with) and the params
+        they derived, which only the compiled program holds."""
+        return ChainMap(self.derived, base) if self.derived else base
 
     def __str__(self) -> str:
+        """One row per pass, columns aligned however long the names: what it changed, the node count before ->
+        after, its time, and its notes (what dce erased and forgot; the matches a rewrite left alone, and why)."""
         if not self.stats:
             return "no passes run"
-        lines = [f"{'pass':<16} {'changed':>7} {'nodes':>13} {'ms':>8}"]
+        width = max(len("pass"), *(len(s.name) for s in self.stats))
+        lines = [f"{'pass':<{width}} {'changed':>7} {'nodes':>13} {'ms':>8}  notes"]
         for s in self.stats:
-            lines.append(f"{s.name:<16} {s.changed:>7} {s.nodes_before:>5} -> {s.nodes_after:<5} {s.seconds * 1e3:>8.2f}")
+            row = f"{s.name:<{width}} {s.changed:>7} {s.nodes_before:>5} -> {s.nodes_after:<5} {s.seconds * 1e3:>8.2f}"
+            lines.append(f"{row}  {format_notes(s.notes)}".rstrip())
         return "\n".join(lines)
+
+
+def format_notes(notes: dict[str, Any]) -> str:
+    """A pass's notes on one line: `left alone` (reason -> count) as `left alone: 2 x reason`; "rewritten"
+    is the changed column already."""
+    parts = []
+    for key, value in notes.items():
+        if key == "rewritten":
+            continue
+        if isinstance(value, dict):
+            if value:
+                parts.append(f"{key}: " + "; ".join(f"{count} x {reason}" for reason, count in value.items()))
+        else:
+            parts.append(f"{key}: {value}")
+    return ", ".join(parts)
 
 
 def resolve_pass(item: str | PassFunction) -> tuple[str, PassFunction]:
     if callable(item):
         return getattr(item, "pass_name", getattr(item, "__name__", "pass")), item
     if item not in PASSES:
-        raise MinitorchError(f"unknown pass {item!r}; available: {', '.join(sorted(PASSES))}")
+        raise MinitorchError(f"unknown pass {item!r}; available: {', '.join(sorted(PASSES))} (a pass registered "
+                             "in a module of your own: import it first, or --plugin MODULE on the command line)")
     return item, PASSES[item]
 
 
 class PassManager:
+    """Runs a pipeline of passes (names or functions) over a graph: verifies after each (naming the pass that
+    broke the graph), times each, and can write the graph as dot after each (`dump_dot_dir`)."""
+
     def __init__(self, passes: Sequence[str | PassFunction], verify_each: bool = True,
                  dump_dot_dir: str | Path | None = None):
         self.passes = [resolve_pass(p) for p in passes]
@@ -86,8 +124,11 @@ class PassManager:
         self.dump_dot_dir = Path(dump_dot_dir) if dump_dot_dir else None
 
     def run(self, graph: Graph, weights: Any) -> tuple[Graph, PassReport]:
-        report = PassReport()
+        """Run the pipeline on `graph` (edited in place; pass a copy to keep it) with `weights` (a WeightStore,
+        a plain dict, or None); returns the optimised graph and the report, whose `weights(base)` adds the
+        params the passes derived, for compiling."""
         context = PassContext(weights)
+        report = PassReport(derived=context.derived)
         self._dump(graph, 0, "traced")
         for index, (name, fn) in enumerate(self.passes, start=1):
             nodes_before = len(graph.nodes)

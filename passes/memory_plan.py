@@ -122,7 +122,7 @@ def _collect_buffers(graph: Graph, allow_inplace: bool) -> tuple[list[Buffer], d
                 storage[id(value)] = _Storage(value.name, _aligned(value.type.nbytes()), index, last_use(value),
                                               [value.name])
             whole.add(id(value))
-        if spec.workspace is not None:
+        if spec.workspace is not None and _workspace_bytes(node):
             key = workspace_key(node)
             workspaces.append(Buffer(key, _aligned(_workspace_bytes(node)), index, index, (key,)))
     distinct = {id(s): s for s in storage.values()}.values()

@@ -136,13 +136,18 @@ def _storage_root(value: Value) -> Value:
     return value
 
 
+def _workspace_bytes(node) -> int:
+    spec = op_def(node.op)
+    return 0 if spec.workspace is None else 4 * spec.workspace([v.type for v in node.inputs], node.attrs)
+
+
 def assert_plan_invariants(graph: Graph, plan: MemoryPlan) -> None:
     """Values alive at the same node never share bytes (except an in-place result and the input that dies
     where it is made); only temps and workspaces are placed; lower bound <= arena <= naive."""
     position = {id(node): i for i, node in enumerate(graph.nodes)}
     final = len(graph.nodes) - 1
     placeable = {v.name for node in graph.nodes for v in node.outputs if v.kind == "temp"}
-    placeable |= {workspace_key(n) for n in graph.nodes if op_def(n.op).workspace is not None}
+    placeable |= {workspace_key(n) for n in graph.nodes if _workspace_bytes(n)}
     assert set(plan.offsets) <= placeable, f"placed non-temps: {set(plan.offsets) - placeable}"
     assert all(v.name not in plan.offsets for v in graph.outputs), "a graph output was placed in the arena"
 
@@ -155,9 +160,9 @@ def assert_plan_invariants(graph: Graph, plan: MemoryPlan) -> None:
                 assert value.name in plan.offsets, f"{value.ref} was not placed"
                 offset = plan.offsets[value.name]
                 regions[value.name] = (offset, offset + value.type.nbytes(), index, index)
-        if op_def(node.op).workspace is not None:
+        size = _workspace_bytes(node)
+        if size:                                    # a matmul with a float32 weight needs none
             key = workspace_key(node)
-            size = 4 * op_def(node.op).workspace([v.type for v in node.inputs], node.attrs)
             regions[key] = (plan.offsets[key], plan.offsets[key] + size, index, index)
     for value in graph.values():
         root = _storage_root(value)

@@ -30,7 +30,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minitorch_infer
+from minitorch_infer.backends import quantized
 from minitorch_infer.errors import ModelFormatError
+from minitorch_infer.quantized import BLOCK_TYPES
 
 BPE_MODEL = TinyLlama(hidden=16, heads=2, kv_heads=1, ffn=16, layers=1, context=64)
 QUANTISED_MODEL = TinyLlama(hidden=32, heads=2, kv_heads=1, ffn=32, layers=1, context=64)
@@ -56,6 +58,13 @@ class Seed:
         self.raw = write_gguf(path, self.metadata, self.tensors, tensor_types=tensor_types).read_bytes()
         self.fields = header_fields(self.raw)
         self.header_end = self.fields[-1].offset + 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    """Compile (or load) the quantised kernels once, before any case: Numba's one-time work allocates ~17 MB,
+    which is not the loader's allocation the contract bounds per byte of file."""
+    quantized.warm_up(set(BLOCK_TYPES))
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def test_config_not_json(story_copy):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("architectures", ["GPT2LMHeadModel"], r"architectures = \['GPT2LMHeadModel'\] is not supported"),
+    ("architectures", ["BertForMaskedLM"], r"architectures = \['BertForMaskedLM'\] is not supported"),
     ("hidden_act", "gelu", "hidden_act = 'gelu' is not supported"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "rope_scaling type 'yarn' is not supported"),
 ])

@@ -75,8 +75,20 @@ def test_the_report_has_one_row_per_pass_with_counts_and_notes():
         ("tabulate_rope", 1, 45, 45), ("dce", 10, 45, 45)]
     assert all(s.seconds >= 0 for s in report.stats)
     lines = str(report).splitlines()
-    assert lines[0].split() == ["pass", "changed", "nodes", "ms"] and lines[1].split()[:5] == ["fuse_qkv", "2", "49",
+    assert lines[0].split() == ["pass", "changed", "nodes", "ms", "notes"] and lines[1].split()[:5] == ["fuse_qkv", "2", "49",
                                                                                                 "->", "51"]
+
+
+def test_the_report_aligns_long_names_and_says_what_dce_removed_and_what_was_left_alone():
+    @register_pass("a_pass_with_a_rather_long_name")
+    def declines(graph, ctx):
+        return PassResult(graph, 0, {"rewritten": 0, "left alone": {"the weights differ": 3}})
+
+    _, report = PassManager(["fuse_qkv", "a_pass_with_a_rather_long_name", "dce"]).run(story_graph(), None)
+    lines = str(report).splitlines()
+    assert len({line.index(" -> ") for line in lines[1:]}) == 1            # the nodes column lines up
+    assert "3 x the weights differ" in lines[2]
+    assert "erased nodes: 0, unused params: 6" in lines[3]
 
 
 def test_passes_are_chosen_by_name():

@@ -15,6 +15,7 @@ from ..ir import functional as F
 from ..ir.tracer import Tensor
 from ..ir.types import Sym
 from ..config import ModelConfig
+from ..quantized import QuantizedTensor
 
 
 def llama(tokens: Tensor, positions: Tensor, *, config: ModelConfig, total: Sym, sequences: Sym, cache_slots: int,
@@ -68,6 +69,7 @@ def rope_pair_order(config: ModelConfig, weights) -> None:
     """Reorder each head's q/k rows (and biases) from HF's rotate-half layout (i with i + D/2) to adjacent pairs.
 
     llama.cpp stores q/k this way too. q and k are reordered alike, so q·k and attention do not change.
+    Runs before the weights' shapes are checked: a tensor of the wrong size is left for that check to name.
     """
     half = config.head_dim // 2
     within_head = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
@@ -75,5 +77,9 @@ def rope_pair_order(config: ModelConfig, weights) -> None:
         for part, heads in (("q", config.num_heads), ("k", config.num_kv_heads)):
             order = (np.arange(heads)[:, None] * config.head_dim + within_head[None, :]).reshape(-1)
             for name in (f"layers.{i}.attn.{part}", f"layers.{i}.attn.{part}_bias"):
-                if name in weights:
-                    weights.replace(name, np.ascontiguousarray(weights[name][order]))
+                if name in weights and weights[name].shape[:1] == order.shape:
+                    weight = weights[name]
+                    if isinstance(weight, QuantizedTensor):
+                        weights.replace(name, weight.take_rows(order))
+                    else:
+                        weights.replace(name, np.ascontiguousarray(weight[order]))

@@ -1,4 +1,4 @@
-"""The `minitorch-infer` command: generate, batch, serve, graph, chat, bench, fetch, convert.
+"""The `minitorch-infer` command: generate, batch, serve, graph, chat, bench, eval, fetch, convert.
 
 Text goes to stdout; progress, stats and errors to stderr. Every error the engine raises on purpose
 (MinitorchError) and every bad flag ends as one line on stderr and exit status 2.
@@ -7,15 +7,17 @@ Text goes to stdout; progress, stats and errors to stderr. Every error the engin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from threadpoolctl import threadpool_limits
 
 from ..errors import MinitorchError
-from . import batch, bench, chat, generate, graph, models, serve
+from ..plugins import load_plugins
+from . import batch, bench, chat, evaluate, generate, graph, models, serve
 
 SUBCOMMANDS = {"generate": generate, "batch": batch, "serve": serve, "graph": graph, "chat": chat, "bench": bench,
-               "fetch": models.fetch, "convert": models.convert}
+               "eval": evaluate, "fetch": models.fetch, "convert": models.convert}
 EXIT_USAGE = 2
 
 
@@ -42,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "generate")        # `minitorch-infer --prompt ...` means generate
     args = build_parser().parse_args(argv)
     try:
-        # --threads: how many threads BLAS may use; the rest of the engine runs on the calling thread.
-        with threadpool_limits(limits=getattr(args, "threads", 0) or None):
+        # --plugin: modules that register passes, ops, kernels or architectures, before anything is looked up
+        load_plugins(getattr(args, "plugin", None) or [])
+        # --threads: how many threads BLAS and the quantised kernels may use; the rest of the engine runs on
+        # the calling thread.
+        threads = getattr(args, "threads", 0)
+        if threads:
+            os.environ["NUMBA_NUM_THREADS"] = str(threads)    # read when Numba is first imported
+        with threadpool_limits(limits=threads or None):
             return args.run(args) or 0
     except MinitorchError as error:
         print(f"minitorch-infer: error: {error}", file=sys.stderr)

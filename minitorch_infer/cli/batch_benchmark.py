@@ -12,6 +12,7 @@ BLAS allows a batch of C when it does nothing but its products, as the ceiling o
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,8 @@ class LevelMeasurement:
     kv_in_use_mib: float = 0.0
 
 
-def measure_model(name: str, levels: list[int], repeats: int, threads: int) -> list[LevelMeasurement]:
+def measure_model(name: str, levels: list[int], repeats: int, threads: int, weights: str | None = None
+                  ) -> list[LevelMeasurement]:
     """Every level (and the single-stream engine) `repeats` times, taking turns; in this process."""
     import minitorch_infer
     from threadpoolctl import threadpool_limits
@@ -45,7 +47,7 @@ def measure_model(name: str, levels: list[int], repeats: int, threads: int) -> l
         context = PROMPT_TOKENS + NEW_TOKENS + 8
         # A pool that holds every request of the largest level: the benchmark measures batching, not preemption.
         model = minitorch_infer.load(name, context=context, max_batch=max(levels),
-                                     kv_memory=f"{max(levels) * (context + 16)}tokens")
+                                     kv_memory=f"{max(levels) * (context + 16)}tokens", weights=weights)
         rng = np.random.default_rng(0)
         results = {level: LevelMeasurement(level) for level in [0, *levels]}
         _run_level(model, 0, rng)                     # warm up: binds the programs
@@ -96,10 +98,12 @@ def _run_level(model, level: int, rng: np.random.Generator, into: LevelMeasureme
     into.kv_in_use_mib = max(into.kv_in_use_mib, kv_peak * cache.block_size * cache.bytes_per_token / 2**20)
 
 
-def measure_in_subprocess(name: str, levels: list[int], repeats: int, threads: int) -> list[LevelMeasurement]:
+def measure_in_subprocess(name: str, levels: list[int], repeats: int, threads: int, weights: str | None = None
+                          ) -> list[LevelMeasurement]:
     command = [sys.executable, "-m", "minitorch_infer.cli.batch_benchmark", name, ",".join(map(str, levels)),
-               str(repeats), str(threads or 0)]
-    completed = subprocess.run(command, capture_output=True, text=True)
+               str(repeats), str(threads or 0), weights or "default"]
+    environment = {**os.environ, **({"NUMBA_NUM_THREADS": str(threads)} if threads else {})}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
     if completed.returncode != 0:
         raise RuntimeError(f"concurrency benchmark of {name} failed:\n{completed.stderr.strip()}")
     return [LevelMeasurement(**row) for row in json.loads(completed.stdout.strip().splitlines()[-1])]
@@ -127,6 +131,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 if __name__ == "__main__":
-    name_arg, levels_arg, repeats_arg, threads_arg = sys.argv[1:5]
-    measured = measure_model(name_arg, [int(c) for c in levels_arg.split(",")], int(repeats_arg), int(threads_arg))
+    name_arg, levels_arg, repeats_arg, threads_arg, weights_arg = sys.argv[1:6]
+    measured = measure_model(name_arg, [int(c) for c in levels_arg.split(",")], int(repeats_arg), int(threads_arg),
+                             None if weights_arg == "default" else weights_arg)
     print(json.dumps([asdict(m) for m in measured]))

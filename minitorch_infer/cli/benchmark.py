@@ -10,6 +10,7 @@ minutes) moves both alike and their ratio stays fair.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -19,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..backends import quantized
 from ..backends.layout import StepLayout
+from ..ir.ops import DEQUANTIZED_TILE
+from ..quantized import QuantizedTensor
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 128
@@ -29,6 +33,7 @@ DECODE_TOKENS = 128
 class Measurement:
     engine: str
     model: str
+    weights: str = "default"
     prefill_tok_s: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     first_token_ms: list[float] = field(default_factory=list)
@@ -58,12 +63,13 @@ def blas_description() -> str:
     return "unknown BLAS"
 
 
-def measure_ours(name: str, repeats: int, profile: bool) -> Measurement:
+def measure_ours(name: str, repeats: int, profile: bool, weights: str | None = None) -> Measurement:
     import minitorch_infer
 
     began = time.perf_counter()
-    model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8)
-    result = Measurement("minitorch-infer", name, load_seconds=[time.perf_counter() - began])
+    model = minitorch_infer.load(name, context=PROMPT_TOKENS + DECODE_TOKENS + 8, weights=weights)
+    result = Measurement("minitorch-infer", name, weights=model.weight_type,
+                         load_seconds=[time.perf_counter() - began])
     ids = prompt_ids(model)
     model.generate(ids, max_new_tokens=4, greedy=True)        # warm up: binds the prefill and decode programs
     for _ in range(repeats):
@@ -91,18 +97,24 @@ def products_bound(model, rows: int, steps: int = 8) -> float:
     products allow a batch of that many sequences."""
     weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
-    products = [(np.ones((rows, w.shape[1]), np.float32), w, np.empty((rows, w.shape[0]), np.float32))
-                for w in weights]
+    calls = [_product(np.ones((rows, w.shape[1]), np.float32), w, np.empty((rows, w.shape[0]), np.float32))
+             for w in weights]
     times = []
     for _ in range(steps):
         began = time.perf_counter()
-        for x, w, y in products:
-            if rows == 1:
-                np.dot(w, x[0], out=y[0])          # the decode step's matrix-vector product
-            else:
-                np.matmul(x, w.T, out=y)
+        for call in calls:
+            call()
         times.append(time.perf_counter() - began)
     return rows / statistics.median(times)
+
+
+def _product(x: np.ndarray, w, y: np.ndarray):
+    """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
+    if isinstance(w, QuantizedTensor):
+        return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
+    if x.shape[0] == 1:
+        return lambda: np.dot(w, x[0], out=y[0])          # the decode step's matrix-vector product
+    return lambda: np.matmul(x, w.T, out=y)
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:
@@ -166,20 +178,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_alternating(name: str, repeats: int, threads: int | None, profile: bool, naive: bool
-                        ) -> tuple[Measurement, Measurement | None]:
-    """`repeats` runs of ours and, if `naive`, of the naive path, each in its own process, taking turns."""
-    ours_runs, naive_runs = [], []
+def measure_alternating(name: str, repeats: int, threads: int | None, profile: bool, naive: bool,
+                        weights: list[str | None] = (None,)) -> tuple[list[Measurement], Measurement | None]:
+    """`repeats` runs of ours (at each weight type) and, if `naive`, of the naive path, each in its own
+    process, taking turns."""
+    ours_runs, naive_runs = {w: [] for w in weights}, []
     for run in range(repeats):
-        ours_runs.append(measure_in_subprocess("ours", name, 1, threads, profile and run == repeats - 1))
+        for w in weights:
+            ours_runs[w].append(measure_in_subprocess("ours", name, 1, threads, profile and run == repeats - 1, w))
         if naive:
             naive_runs.append(measure_in_subprocess("naive", name, 1, threads, False))
-    return merged(ours_runs), merged(naive_runs) if naive else None
+    return [merged(runs) for runs in ours_runs.values()], merged(naive_runs) if naive else None
 
 
 def merged(runs: list[Measurement]) -> Measurement:
     """One Measurement holding every run's numbers; peak RSS is the largest any run reached."""
-    result = Measurement(runs[0].engine, runs[0].model, blas=runs[0].blas,
+    result = Measurement(runs[0].engine, runs[0].model, runs[0].weights, blas=runs[0].blas,
                          peak_rss_mb=max(run.peak_rss_mb for run in runs))
     for run in runs:
         for series in ("prefill_tok_s", "decode_tok_s", "first_token_ms", "matvec_bound_tok_s", "load_seconds"):
@@ -188,25 +202,28 @@ def merged(runs: list[Measurement]) -> Measurement:
     return result
 
 
-def measure_in_subprocess(engine: str, name: str, repeats: int, threads: int | None, profile: bool) -> Measurement:
+def measure_in_subprocess(engine: str, name: str, repeats: int, threads: int | None, profile: bool,
+                          weights: str | None = None) -> Measurement:
     """Run one measurement in a fresh interpreter (so peak RSS is this model's alone) and read back its JSON."""
     command = [sys.executable, "-m", "minitorch_infer.cli.benchmark", engine, name, str(repeats), str(threads or 0),
-               "1" if profile else "0"]
-    completed = subprocess.run(command, capture_output=True, text=True)
+               "1" if profile else "0", weights or "default"]
+    environment = {**os.environ, **({"NUMBA_NUM_THREADS": str(threads)} if threads else {})}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
     if completed.returncode != 0:
         raise RuntimeError(f"benchmark of {name} ({engine}) failed:\n{completed.stderr.strip()}")
     return Measurement(**json.loads(completed.stdout.strip().splitlines()[-1]))
 
 
-def _worker(engine: str, name: str, repeats: int, threads: int, profile: bool) -> None:
+def _worker(engine: str, name: str, repeats: int, threads: int, profile: bool, weights: str | None) -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=threads or None):
-        measured = measure_ours(name, repeats, profile) if engine == "ours" else measure_naive(name, repeats)
+        measured = measure_ours(name, repeats, profile, weights) if engine == "ours" else measure_naive(name, repeats)
         measured.blas = blas_description()
     print(json.dumps(asdict(measured)))
 
 
 if __name__ == "__main__":
-    engine_arg, name_arg, repeats_arg, threads_arg, profile_arg = sys.argv[1:6]
-    _worker(engine_arg, name_arg, int(repeats_arg), int(threads_arg), profile_arg == "1")
+    engine_arg, name_arg, repeats_arg, threads_arg, profile_arg, weights_arg = sys.argv[1:7]
+    _worker(engine_arg, name_arg, int(repeats_arg), int(threads_arg), profile_arg == "1",
+            None if weights_arg == "default" else weights_arg)

@@ -78,7 +78,7 @@ def print_stats(model, result) -> None:
         f"prefill: {s.prompt_tokens} tokens in {s.prefill_seconds * 1e3:.1f} ms, {s.prefill_tokens_per_second:,.0f} tok/s",
         f"decode: {s.new_tokens} tokens, {s.decode_tokens_per_second:,.1f} tok/s; time to first token "
         f"{s.time_to_first_token * 1e3:.1f} ms; finish: {result.finish_reason}",
-        f"memory: peak RSS {s.peak_rss_bytes / mib:.1f} MiB; weights {model.weights.nbytes / mib:.1f} MiB; "
+        f"memory: peak RSS {s.peak_rss_bytes / mib:.1f} MiB; weights {model.weight_summary()}; "
         f"{model.memory_plan.summary()}; KV cache: this run's {positions} positions "
         f"({positions * cache.bytes_per_token / mib:.2f} MiB, {cache.bytes_per_token / 1024:.1f} KiB each) in a pool of "
         f"{cache.capacity_tokens} ({cache.planned_bytes / mib:.1f} MiB reserved, committed as written)",

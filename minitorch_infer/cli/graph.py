@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.each_pass:
         from ..passes import PassManager
 
-        PassManager(model.passes, dump_dot_dir=args.each_pass).run(model.trace(), model.weights)
+        PassManager([model.weight_pass, *model.passes], dump_dot_dir=args.each_pass).run(model.trace(), model.weights)
         note(args, f"wrote the graph after each pass into {args.each_pass}/")
     return 0
 

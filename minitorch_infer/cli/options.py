@@ -8,6 +8,9 @@ import time
 from contextlib import contextmanager
 
 from ..formats.model_files import KNOWN_MODELS
+from ..quantized import WEIGHT_TYPES
+
+WEIGHT_CHOICES = (*WEIGHT_TYPES, "native")
 
 
 def _checked(kind, test, requirement: str):
@@ -41,6 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompt tokens per prefill step (default: 128)")
     group.add_argument("--passes", default=None,
                        help="comma-separated passes to run instead of the defaults (e.g. fuse_qkv,dce)")
+    group.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                       help="what matrices are computed from: f32, q8_0, q4_0, q4_1, or native (as the file stores "
+                            "them); default: native for GGUF, f32 for safetensors")
     group.add_argument("--no-passes", action="store_true", help="run the traced graph unoptimised")
     group.add_argument("--no-memory-plan", action="store_true",
                        help="give every activation its own buffer instead of sharing one planned arena")
@@ -48,8 +54,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the KV cache's pool: bytes with a unit (512MiB, 2GB) or positions (8192tokens); "
                             "default: four contexts' worth, committed only as it is written")
     group.add_argument("--threads", type=non_negative_int, default=0,
-                       help="threads for matrix products (BLAS; default: all cores)")
+                       help="threads for matrix products (BLAS and the quantised kernels; default: all cores)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
+    add_plugin_argument(group)
+
+
+def add_plugin_argument(parser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (a module name, or a .py path) first, for the passes, ops and "
+                             "architectures it registers; repeatable")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +104,7 @@ def load_model(args: argparse.Namespace):
     with progress(args, f"loading {args.model}"):
         return minitorch_infer.load(args.model, context=args.context, prefill_chunk=args.prefill_chunk,
                                     passes=pass_list(args), memory_plan=not args.no_memory_plan,
-                                    kv_memory=args.kv_memory)
+                                    kv_memory=args.kv_memory, weights=args.weights)
 
 
 def note(args: argparse.Namespace, message: str) -> None:

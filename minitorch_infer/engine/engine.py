@@ -46,9 +46,11 @@ class RequestHandle:
 
     @property
     def done(self) -> bool:
+        """Whether the request has finished (by a stop, its length, the context, cancel or a failure)."""
         return self._done.is_set()
 
     def stream(self) -> Iterator[str]:
+        """Yield the continuation's text as the engine produces it; the pieces join to result().text."""
         while True:
             piece = self._next_piece()
             if piece is _DONE:
@@ -57,6 +59,7 @@ class RequestHandle:
             yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait (at most `timeout` seconds, if given) for the request to finish; its GenerationResult."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.is_set():
             if deadline is not None and time.monotonic() >= deadline:
@@ -69,6 +72,7 @@ class RequestHandle:
         return self._result
 
     def cancel(self) -> None:
+        """End the request now, keeping what it produced so far (see Engine.cancel)."""
         self._engine.cancel(self)
 
     def _next_piece(self):
@@ -125,11 +129,11 @@ class Engine:
     # --- requests ---------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
                ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error",
-               logprobs: int | None = None, **sampling) -> RequestHandle:
+               logprobs: int | None = None, add_bos: bool | None = None, **sampling) -> RequestHandle:
         """Queue a request; settings as Model.generate's. Everything is checked here, before any work."""
         params = sampling_params(greedy=greedy, **sampling)
         check_max_new_tokens(max_new_tokens)
-        encoded = self.model.encode(prompt)
+        encoded = self.model.encode(prompt, add_bos=add_bos)
         check_prompt(self.model, encoded)
         prompt_ids = fit_to_context(self.model, encoded, max_new_tokens, truncate_prompt)
         cache = self.model.kv_cache

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from .dequantize import SUPPORTED_TYPES, dequantize
 from ..errors import ModelFormatError, UnsupportedModelError, shown
+from ..quantized import BLOCK_TYPES, QuantizedTensor
 from .gguf_file import GGUFFile, TensorInfo, open_gguf
 from .gguf_tokenizer import SpecialTokens, build_tokenizer, read_special_tokens
 
@@ -51,7 +52,7 @@ class GGUFModel:
 
     path: Path
     config: dict[str, Any]  # config.json keys
-    tensors: dict[str, np.ndarray]  # HF name -> float32, C-contiguous
+    tensors: dict[str, np.ndarray | QuantizedTensor]  # HF name -> float32 (C-contiguous), or blocks as stored
     tokenizer: Tokenizer
     chat_template: str | None
     add_bos_token: bool
@@ -59,8 +60,10 @@ class GGUFModel:
     metadata: dict[str, Any]  # the scalar and string metadata, for display
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
-    """Read and dequantise a llama GGUF file; ModelFormatError if it is malformed."""
+def read_gguf(path: str | Path, keep_blocks: bool = False) -> GGUFModel:
+    """Read a llama GGUF file, dequantising its tensors to float32, except with keep_blocks those of a type the
+    engine computes on directly (Q8_0, Q4_0, Q4_1 matrices), which stay as stored. ModelFormatError if the
+    file is malformed."""
     gguf = open_gguf(path)
     architecture = gguf.field("general.architecture", str)
     if architecture != ARCHITECTURE:
@@ -79,7 +82,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
             f"{config['vocab_size']} rows"
         )
     # one tensor at a time, so memory peaks near the float32 model plus one tensor's temporaries
-    tensors = {expected[name][0]: _load_tensor(gguf, info, config) for name, info in gguf.tensors.items()}
+    tensors = {expected[name][0]: _load_tensor(gguf, info, config, keep_blocks) for name, info in gguf.tensors.items()}
     return GGUFModel(
         path=gguf.path,
         config=config,
@@ -252,10 +255,15 @@ def _unexpected_tensor(gguf: GGUFFile, name: str, num_layers: int) -> Exception:
     return UnsupportedModelError(f"{gguf.path}: tensor {shown(name)} is not part of a llama model")
 
 
-def _load_tensor(gguf: GGUFFile, info: TensorInfo, config: dict[str, Any]) -> np.ndarray:
-    values = dequantize(gguf.tensor_bytes(info.name), info.ggml_type, info.shape, info.name)
-    if np.shares_memory(values, gguf.tensor_bytes(info.name)):
-        values = values.copy()              # F32 comes back as a view of the map, whose pages are released next
+def _load_tensor(gguf: GGUFFile, info: TensorInfo, config: dict[str, Any], keep_blocks: bool
+                 ) -> np.ndarray | QuantizedTensor:
+    kind = info.ggml_type.name.lower()
+    if keep_blocks and kind in BLOCK_TYPES and len(info.shape) == 2:
+        values = QuantizedTensor.from_ggml(gguf.tensor_bytes(info.name), kind, info.shape)
+    else:
+        values = dequantize(gguf.tensor_bytes(info.name), info.ggml_type, info.shape, info.name)
+        if np.shares_memory(values, gguf.tensor_bytes(info.name)):
+            values = values.copy()          # F32 comes back as a view of the map, whose pages are released next
     gguf.release(info.name)
     if re.fullmatch(r"blk\.\d+\.attn_q\.(weight|bias)", info.name):
         return _undo_rope_permutation(values, config["num_attention_heads"])
@@ -264,12 +272,14 @@ def _load_tensor(gguf: GGUFFile, info: TensorInfo, config: dict[str, Any]) -> np
     return values
 
 
-def _undo_rope_permutation(rows: np.ndarray, num_heads: int) -> np.ndarray:
+def _undo_rope_permutation(rows: np.ndarray | QuantizedTensor, num_heads: int) -> np.ndarray | QuantizedTensor:
     """Put q/k rows (or bias entries) back in HF order.
 
     Within each head llama.cpp stores HF row j * half + i (half j of the head, 0 <= i < half) at position
     2 * i + j, interleaving the halves; reading (heads, half, 2) as (heads, 2, half) undoes that.
     """
     half = rows.shape[0] // num_heads // 2
-    interleaved = rows.reshape(num_heads, half, 2, *rows.shape[1:])
-    return np.ascontiguousarray(interleaved.swapaxes(1, 2)).reshape(rows.shape)
+    order = np.arange(rows.shape[0]).reshape(num_heads, half, 2).swapaxes(1, 2).reshape(-1)
+    if isinstance(rows, QuantizedTensor):
+        return rows.take_rows(order)
+    return np.ascontiguousarray(rows[order])

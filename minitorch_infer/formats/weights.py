@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..config import read_json_object
 from ..errors import ModelFormatError, shown
+from ..quantized import QuantizedTensor, stack_quantized, weight_type
 from .safetensors_file import read_safetensors
 
 _LAYER_NAMES = {
@@ -65,13 +66,16 @@ def hf_name(canonical: str) -> str:
     return canonical
 
 
-def stack_rows(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts stacked along axis 0 into a new float32 array, column-major when 2-D.
+def stack_rows(parts: list) -> np.ndarray | QuantizedTensor:
+    """The parts stacked along axis 0 into a new float32 array, column-major when 2-D (quantised parts, all
+    of one type: into a new QuantizedTensor).
 
     Column-major, written once here rather than copied later: x·Wᵀ with Wᵀ row-major is BLAS's plain
     product, 20-60% faster in prefill than reading [out, in] rows (measured on SmolLM2's shapes). A decode
     step's matrix-vector products pay about 1.5% for it (SmolLM2's bound: 57.6 vs 58.5 tok/s, one process).
     """
+    if any(isinstance(p, QuantizedTensor) for p in parts):
+        return stack_quantized(parts)
     packed = np.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), np.float32, order="F")
     start = 0
     for part in parts:
@@ -89,7 +93,7 @@ class WeightStore:
 
     def add(self, name: str, array: np.ndarray, origin: str | None = None, file: str | None = None) -> None:
         where = file or self.source
-        if array.dtype != np.float32:
+        if not isinstance(array, QuantizedTensor) and array.dtype != np.float32:
             raise ModelFormatError(f"{where}: tensor {shown(origin or name)} is {array.dtype}, expected float32")
         if name in self._arrays:
             raise ModelFormatError(f"{where}: tensor {shown(origin or name)} appears twice (also in {self.file(name)})")
@@ -98,17 +102,36 @@ class WeightStore:
         if file is not None:
             self._file[name] = file
 
-    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], file: str | None = None) -> None:
+    def add_hf_tensors(self, tensors: Iterable[tuple[str, np.ndarray]], file: str | None = None,
+                       rename: Callable[[str], str | None] = canonical_name) -> None:
+        """Add a file's tensors under the names `rename` gives them (default: the Llama family's canonical
+        names); tensors it maps to None are skipped."""
         for name, array in tensors:
-            canonical = canonical_name(name)
+            canonical = rename(name)
             if canonical is not None:
                 self.add(canonical, array, origin=name, file=file)
 
-    def replace(self, name: str, array: np.ndarray) -> None:
-        """Swap in a rearranged copy of a weight (same shape), e.g. q/k rows reordered for RoPE."""
-        if array.shape != self._arrays[name].shape or array.dtype != np.float32:
-            raise ModelFormatError(f"{self.source}: replacement for {name!r} must be float32{list(self._arrays[name].shape)}")
+    def replace(self, name: str, array: np.ndarray | QuantizedTensor) -> None:
+        """Swap in a rearranged or converted copy of a weight (same shape), e.g. q/k rows reordered for RoPE, or
+        the weight quantised."""
+        old = self._arrays[name]
+        if array.shape != old.shape or not isinstance(array, QuantizedTensor) and array.dtype != np.float32:
+            raise ModelFormatError(f"{self.source}: replacement for {name!r} must be {list(old.shape)}, float32 "
+                                   f"or quantised, not {weight_type(array)}{list(array.shape)}")
         self._arrays[name] = array
+
+    def convert(self, name: str, array: np.ndarray) -> None:
+        """Swap in the weight in another layout or shape (an architecture's prepare_weights: GPT-2's Conv1D
+        [in, out] as [out, in], say); the shape check against the graph comes after."""
+        if array.dtype != np.float32:
+            raise ModelFormatError(f"{self.source}: converted {name!r} must be float32, got {array.dtype}")
+        self._arrays[name] = array
+
+    def remove(self, name: str) -> np.ndarray:
+        """Take a weight out (an architecture's prepare_weights, after stacking it into another)."""
+        self._origin.pop(name, None)
+        self._file.pop(name, None)
+        return self._arrays.pop(name)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
@@ -134,9 +157,12 @@ class WeightStore:
     def nbytes(self) -> int:
         """Bytes held, counting a packed array once (its parts are views into it)."""
         roots = {}
-        for array in self._arrays.values():
-            root = array.base if isinstance(array.base, np.ndarray) else array
-            roots[id(root)] = root.nbytes
+        for weight in self._arrays.values():
+            parts = (weight.scales, weight.offsets, weight.codes) if isinstance(weight, QuantizedTensor) else (weight,)
+            for array in parts:
+                if array is not None:
+                    root = array.base if isinstance(array.base, np.ndarray) else array
+                    roots[id(root)] = root.nbytes
         return sum(roots.values())
 
     def pack(self, new_name: str, names: list[str]) -> np.ndarray:
@@ -149,7 +175,8 @@ class WeightStore:
         start = 0
         for name in names:
             rows = self._arrays[name].shape[0]
-            self._arrays[name] = packed[start:start + rows]
+            part = slice(start, start + rows)
+            self._arrays[name] = packed.take_rows(part) if isinstance(packed, QuantizedTensor) else packed[part]
             start += rows
         self.add(new_name, packed, origin=" | ".join(self.origin(n) for n in names))
         return packed
@@ -161,7 +188,7 @@ class WeightStore:
         """
         if "lm_head" not in self._arrays:
             return True
-        if "embed" in self._arrays and not np.array_equal(self._arrays["embed"], self._arrays["lm_head"]):
+        if "embed" in self._arrays and not _same_weight(self._arrays["embed"], self._arrays["lm_head"]):
             return False
         head, origin = self._arrays.pop("lm_head"), self._origin.pop("lm_head")
         if "embed" not in self._arrays:
@@ -187,6 +214,12 @@ class WeightStore:
             raise ModelFormatError(
                 f"{files.pop() if len(files) == 1 else self.source}: {len(unused)} tensor(s) not used by the architecture in {config_source}: {listed}"
                 " (does the config match the weights? e.g. attention_bias, tie_word_embeddings)")
+
+
+def _same_weight(a, b) -> bool:
+    if isinstance(a, QuantizedTensor):
+        return a.same_as(b)
+    return not isinstance(b, QuantizedTensor) and np.array_equal(a, b)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -230,8 +263,9 @@ def _shard_names(index: Path) -> list[str]:
     return sorted(names)
 
 
-def load_safetensors_dir(model_dir: Path) -> WeightStore:
+def load_safetensors_dir(model_dir: Path, rename: Callable[[str], str | None] = canonical_name) -> WeightStore:
+    """Every tensor of the folder's safetensors files, named by `rename` (see WeightStore.add_hf_tensors)."""
     store = WeightStore(source=str(model_dir))
     for path in safetensors_files(model_dir):
-        store.add_hf_tensors(read_safetensors(path), file=str(path))
+        store.add_hf_tensors(read_safetensors(path), file=str(path), rename=rename)
     return store

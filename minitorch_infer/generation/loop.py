@@ -34,7 +34,7 @@ class Model(Protocol):
     context: int
     kv_cache: KVCache
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]: ...
+    def encode(self, prompt: str | Sequence[int], add_bos: bool | None = None) -> list[int]: ...
 
     def forward(self, sequence: KVSequence, token_ids: Sequence[int]) -> np.ndarray: ...
 
@@ -342,16 +342,18 @@ class TextStream:
 
 def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: str | Sequence[str] = (),
           ignore_eos: bool = False, greedy: bool = False, truncate_prompt: str = "error", logprobs: int | None = None,
-          **sampling) -> TextStream:
+          add_bos: bool | None = None, **sampling) -> TextStream:
     """A TextStream over a fresh KV-cache sequence, released when the stream finishes.
 
     Every setting and the prompt are checked before any work; truncate_prompt ("error" or "left") says what
     to do with a prompt longer than the context (see fit_to_context). logprobs=k records each new token's
-    log-probability and the k most likely alternatives (result.logprobs).
+    log-probability and the k most likely alternatives (result.logprobs). add_bos: see Model.encode (None:
+    as the model's tokenizer does). The sampling settings are SamplingParams' fields (temperature, top_k,
+    top_p, min_p, penalties, seed).
     """
     params = sampling_params(greedy=greedy, **sampling)
     check_max_new_tokens(max_new_tokens)
-    encoded = model.encode(prompt)
+    encoded = model.encode(prompt, add_bos=add_bos)
     check_prompt(model, encoded)
     prompt_ids = fit_to_context(model, encoded, max_new_tokens, truncate_prompt)
     sequence = model.kv_cache.open()
@@ -367,8 +369,10 @@ def start(model: Model, prompt: str | Sequence[int], max_new_tokens: int = 128, 
 
 
 def generate(model: Model, prompt: str | Sequence[int], **settings) -> GenerationResult:
+    """Run `start` to the end: the GenerationResult (text and ids of the new tokens, finish reason, stats)."""
     return start(model, prompt, **settings).finish()
 
 
 def stream(model: Model, prompt: str | Sequence[int], **settings) -> TextStream:
+    """`start`: iterate the TextStream for the text as it is produced."""
     return start(model, prompt, **settings)

@@ -1,0 +1,128 @@
+"""Compiled kernels for products with quantised weights (Numba: LLVM machine code, cached on disk).
+
+NumPy has no product of int8 or 4-bit blocks with float32, and widening a weight to float32 first would
+read and write four to eight times its bytes. These kernels read the weight as stored (codes and float32
+scales, minitorch_infer/quantized.py) and widen each code in a register.
+
+- `matmul_rows_*`: y[m, n] (+)= Σ_k x[m, k] w[n, k], computed directly: decode (one row of x) and batched
+  decode steps (a few), where reading the weight is the cost. Four weight rows at a time, so each x value
+  loaded serves four products, and each block's 32 products are summed before its scale is applied (the
+  sums are what LLVM vectorises: a loop that stores per element instead runs scalar below 32 iterations).
+  Threads share out the groups of four rows (`prange`).
+- `dequantize_rows_*`: rows of w as float32, for prefill (with many rows of x, BLAS on a dequantised tile
+  beats any kernel here) and for the rows an embedding lookup picks.
+
+Every kernel is checked against dequantise-then-NumPy (tests/test_quantized_kernels.py). Numba compiles each
+signature on first use (seconds) and keeps the machine code in its cache (`__pycache__` beside this file, or
+NUMBA_CACHE_DIR), so later processes load it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+ROWS = 4              # weight rows per iteration
+
+
+@njit(inline="always")
+def _row(n, rows):
+    """Weight row n, or the last row for the padding of a final group of fewer than four (computed, not stored)."""
+    return min(n, rows - 1)
+
+
+@njit(inline="always")
+def _store(y, m, n, value, accumulate):
+    if n < y.shape[1]:
+        if accumulate:
+            y[m, n] += value
+        else:
+            y[m, n] = value
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_rows_q8(codes, scales, x, y, accumulate):
+    """Q8_0: value = code · d."""
+    rows, blocks = scales.shape
+    for group in prange((rows + ROWS - 1) // ROWS):
+        n = group * ROWS
+        r0, r1, r2, r3 = _row(n, rows), _row(n + 1, rows), _row(n + 2, rows), _row(n + 3, rows)
+        for m in range(x.shape[0]):
+            a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+            for b in range(blocks):
+                s0, s1, s2, s3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+                base = 32 * b
+                for i in range(32):          # range(32), not range(base, base + 32): that one stays scalar
+                    xv = x[m, base + i]
+                    s0 += np.float32(codes[r0, base + i]) * xv
+                    s1 += np.float32(codes[r1, base + i]) * xv
+                    s2 += np.float32(codes[r2, base + i]) * xv
+                    s3 += np.float32(codes[r3, base + i]) * xv
+                a0 += s0 * scales[r0, b]
+                a1 += s1 * scales[r1, b]
+                a2 += s2 * scales[r2, b]
+                a3 += s3 * scales[r3, b]
+            _store(y, m, n, a0, accumulate)
+            _store(y, m, n + 1, a1, accumulate)
+            _store(y, m, n + 2, a2, accumulate)
+            _store(y, m, n + 3, a3, accumulate)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_rows_q4(codes, scales, offsets, x, y, accumulate):
+    """Q4_1: value = code · d + m; Q4_0 (offsets None): (code - 8) · d. Byte j of a block holds value j in its
+    low nibble and value j + 16 in its high one. Per block, Σ value·x = d · Σ code·x + m · Σ x."""
+    rows, blocks = scales.shape
+    for group in prange((rows + ROWS - 1) // ROWS):
+        n = group * ROWS
+        r0, r1, r2, r3 = _row(n, rows), _row(n + 1, rows), _row(n + 2, rows), _row(n + 3, rows)
+        for m in range(x.shape[0]):
+            a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+            for b in range(blocks):
+                s0, s1, s2, s3, x_sum = np.float32(0), np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+                for j in range(16):
+                    x_low, x_high = x[m, 32 * b + j], x[m, 32 * b + 16 + j]
+                    x_sum += x_low + x_high
+                    c0, c1, c2, c3 = codes[r0, 16 * b + j], codes[r1, 16 * b + j], codes[r2, 16 * b + j], codes[r3, 16 * b + j]
+                    s0 += np.float32(c0 & 15) * x_low + np.float32(c0 >> 4) * x_high
+                    s1 += np.float32(c1 & 15) * x_low + np.float32(c1 >> 4) * x_high
+                    s2 += np.float32(c2 & 15) * x_low + np.float32(c2 >> 4) * x_high
+                    s3 += np.float32(c3 & 15) * x_low + np.float32(c3 >> 4) * x_high
+                if offsets is None:
+                    a0 += scales[r0, b] * (s0 - 8 * x_sum)
+                    a1 += scales[r1, b] * (s1 - 8 * x_sum)
+                    a2 += scales[r2, b] * (s2 - 8 * x_sum)
+                    a3 += scales[r3, b] * (s3 - 8 * x_sum)
+                else:
+                    a0 += scales[r0, b] * s0 + offsets[r0, b] * x_sum
+                    a1 += scales[r1, b] * s1 + offsets[r1, b] * x_sum
+                    a2 += scales[r2, b] * s2 + offsets[r2, b] * x_sum
+                    a3 += scales[r3, b] * s3 + offsets[r3, b] * x_sum
+            _store(y, m, n, a0, accumulate)
+            _store(y, m, n + 1, a1, accumulate)
+            _store(y, m, n + 2, a2, accumulate)
+            _store(y, m, n + 3, a3, accumulate)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def dequantize_rows_q8(codes, scales, ids, out):
+    """out[t] = row ids[t] of the weight as float32."""
+    for t in prange(ids.shape[0]):
+        n = ids[t]
+        for b in range(scales.shape[1]):
+            d = scales[n, b]
+            for k in range(32 * b, 32 * b + 32):
+                out[t, k] = np.float32(codes[n, k]) * d
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def dequantize_rows_q4(codes, scales, offsets, ids, out):
+    """As dequantize_rows_q8, for 4-bit codes (offsets None: Q4_0)."""
+    for t in prange(ids.shape[0]):
+        n = ids[t]
+        for b in range(scales.shape[1]):
+            d = scales[n, b]
+            m = -8 * d if offsets is None else offsets[n, b]
+            for j in range(16 * b, 16 * b + 16):
+                out[t, 16 * b + j] = np.float32(codes[n, j] & 15) * d + m
+                out[t, 16 * b + j + 16] = np.float32(codes[n, j] >> 4) * d + m

@@ -1,0 +1,133 @@
+"""Weights that stay quantised: GGML's Q8_0, Q4_0 and Q4_1 blocks, held the way the compiled kernels read them.
+
+GGML cuts each row of a [rows, cols] weight into blocks of 32 values, stored as small integer codes and a
+scale (Q4_1 also an offset): Q8_0 keeps `code * d` with int8 codes; Q4_0 `(code - 8) * d` and Q4_1
+`code * d + m` with 4-bit codes, two to a byte (a block's byte j holds value j in its low nibble and value
+j + 16 in its high one). A GGUF tensor of these types is taken as stored; a float weight is quantised with
+the gguf package's own (bit-exact with ggml) quantiser, so both roads give the same blocks.
+
+At load the blocks are split into arrays the compiled kernels read directly, with the codes unchanged:
+`codes` [rows, cols] int8 (Q8_0) or [rows, cols / 2] packed nibbles (Q4_x), and the fp16 scales (and
+offsets) widened, exactly, to float32 [rows, blocks]: 36, 20 and 24 bytes per block of 32 instead of
+ggml's 34, 18 and 20, which saves a conversion per block in the innermost loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MinitorchError
+
+BLOCK = 32               # values per block, in every type here
+
+# type -> (code bytes per block, has an offset `m`)
+BLOCK_TYPES = {"q8_0": (32, False), "q4_0": (16, False), "q4_1": (16, True)}
+WEIGHT_TYPES = ("f32", *BLOCK_TYPES)
+
+
+@dataclass(eq=False)
+class QuantizedTensor:
+    """A [rows, cols] weight of GGML blocks (see the module docstring): `codes` [rows, code bytes per row],
+    `scales` and, for Q4_1, `offsets` float32 [rows, cols / 32]."""
+
+    kind: str
+    shape: tuple[int, int]
+    scales: np.ndarray
+    offsets: np.ndarray | None
+    codes: np.ndarray
+
+    ndim = 2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays() if a is not None)
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.kind}, {list(self.shape)}, {self.nbytes} bytes)"
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        return self.scales, self.offsets, self.codes
+
+    # --- conversions ---------------------------------------------------------------------------------
+    @classmethod
+    def from_ggml(cls, raw: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedTensor:
+        """From a tensor's bytes as GGML/GGUF stores them (row after row of blocks)."""
+        rows, cols = _check_shape(kind, shape)
+        code_bytes, has_offset = BLOCK_TYPES[kind]
+        blocks = np.ascontiguousarray(raw).view(_ggml_block_dtype(kind)).reshape(rows, cols // BLOCK)
+        offsets = blocks["m"].astype(np.float32) if has_offset else None
+        return cls(kind, (rows, cols), blocks["d"].astype(np.float32), offsets,
+                   np.ascontiguousarray(blocks["qs"]).reshape(rows, -1))
+
+    def to_ggml(self) -> np.ndarray:
+        """The tensor's bytes as GGML/GGUF stores them (the inverse of from_ggml; the scales narrowed back to fp16)."""
+        rows, cols = self.shape
+        blocks = np.empty((rows, cols // BLOCK), _ggml_block_dtype(self.kind))
+        blocks["d"] = self.scales
+        if self.offsets is not None:
+            blocks["m"] = self.offsets
+        blocks["qs"] = self.codes.reshape(rows, cols // BLOCK, -1)
+        return blocks.view(np.uint8).reshape(-1)
+
+    def dequantize(self) -> np.ndarray:
+        """The weight as float32 [rows, cols], value by value as ggml dequantises it (the reference)."""
+        rows, cols = self.shape
+        codes = self.codes.reshape(rows, cols // BLOCK, -1)                    # [rows, blocks, code bytes]
+        if self.kind == "q8_0":
+            values = codes.astype(np.float32)
+        else:                                                                  # low nibbles, then high ones
+            values = np.concatenate([codes & 15, codes >> 4], axis=-1).astype(np.float32)
+            if self.kind == "q4_0":
+                values -= 8
+        values *= self.scales[..., None]
+        if self.offsets is not None:
+            values += self.offsets[..., None]
+        return values.reshape(rows, cols)
+
+    def take_rows(self, rows: np.ndarray | slice) -> QuantizedTensor:
+        """Rows `rows` (an index array: a copy; a slice: a view), e.g. q/k rows reordered for RoPE."""
+        scales, offsets, codes = (None if a is None else a[rows] for a in self._arrays())
+        return QuantizedTensor(self.kind, (codes.shape[0], self.shape[1]), scales, offsets, codes)
+
+    def same_as(self, other: object) -> bool:
+        return (isinstance(other, QuantizedTensor) and self.kind == other.kind and self.shape == other.shape
+                and all(a is None and b is None or a is not None and b is not None and np.array_equal(a, b)
+                        for a, b in zip(self._arrays(), other._arrays())))
+
+
+def quantize(values: np.ndarray, kind: str) -> QuantizedTensor:
+    """Quantise a float [rows, cols] weight (cols a multiple of 32) with gguf's quantiser, bit-exact with ggml's."""
+    from gguf import GGMLQuantizationType, quants
+
+    shape = _check_shape(kind, values.shape)
+    raw = quants.quantize(np.ascontiguousarray(values, dtype=np.float32), GGMLQuantizationType[kind.upper()])
+    return QuantizedTensor.from_ggml(raw, kind, shape)
+
+
+def stack_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """The parts' rows one after another, in a new tensor (the fusion passes' packed q|k|v and gate|up)."""
+    if len({p.kind for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
+        raise MinitorchError(f"cannot stack {', '.join(repr(p) for p in parts)}: types or widths differ")
+    scales, offsets, codes = (None if a[0] is None else np.concatenate(a) for a in zip(*(p._arrays() for p in parts)))
+    return QuantizedTensor(parts[0].kind, (codes.shape[0], parts[0].shape[1]), scales, offsets, codes)
+
+
+def weight_type(array) -> str:
+    """"f32" for a float32 array, else the block type of a QuantizedTensor."""
+    return array.kind if isinstance(array, QuantizedTensor) else "f32"
+
+
+def _check_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    if kind not in BLOCK_TYPES:
+        raise MinitorchError(f"unknown block type {kind!r}; known: {', '.join(BLOCK_TYPES)}")
+    if len(shape) != 2 or shape[1] % BLOCK:
+        raise MinitorchError(f"a {kind} weight must be 2-D with a multiple of {BLOCK} columns, not {list(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def _ggml_block_dtype(kind: str) -> np.dtype:
+    code_bytes, has_offset = BLOCK_TYPES[kind]
+    fields = [("d", "<f2")] + ([("m", "<f2")] if has_offset else [])
+    return np.dtype(fields + [("qs", "i1" if kind == "q8_0" else "u1", code_bytes)])
