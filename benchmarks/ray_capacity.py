@@ -3,7 +3,7 @@ a local Ray cluster, next to the single-process server on the same CPUs in the s
 checked against the model's own greedy text (serving/load.py's round). Prints one line per setting and the
 tokens per second each replica gave.
 
-    python benchmarks/ray_capacity.py [--model story] [--replicas 1,2] [--cpus 2] [--requests 64]
+    python benchmarks/ray_capacity.py [--model story] [--weights native] [--replicas 1,2] [--cpus 2] [--requests 64]
                                       [--clients-per-replica 16] [--max-tokens 64]
 
 On a machine with fewer cores than replicas, replicas share cores: the numbers then say what one core gives,
@@ -33,6 +33,7 @@ def free_port() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="story")
+    parser.add_argument("--weights", default=None, help="f32, q8_0, q4_0, q4_1 or native (default: the model's)")
     parser.add_argument("--replicas", default="1,2", help="comma-separated replica counts")
     parser.add_argument("--cpus", type=int, default=2, help="the local cluster's CPUs")
     parser.add_argument("--requests", type=int, default=64)
@@ -46,10 +47,10 @@ def main() -> int:
 
     from minitorch_infer.serving.ray_serve import APP_NAME, openai_application, run_openai_application
 
-    load = functools.partial(minitorch_infer.load, args.model, context=512)
+    load = functools.partial(minitorch_infer.load, args.model, weights=args.weights, context=512)
     model = load()
     expected = {p: model.generate(p, max_new_tokens=args.max_tokens, greedy=True).text for p in PROMPTS}
-    print(f"{args.model}: {args.requests} streamed greedy requests of {args.max_tokens} tokens per setting, "
+    print(f"{args.model} ({args.weights or 'default'} weights): {args.requests} streamed greedy requests of {args.max_tokens} tokens per setting, "
           f"{os.cpu_count()} cores", flush=True)
 
     def measure(label: str, url: str, clients: int, replicas: int) -> None:
