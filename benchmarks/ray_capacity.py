@@ -50,8 +50,8 @@ def main() -> int:
     load = functools.partial(minitorch_infer.load, args.model, weights=args.weights, context=512)
     model = load()
     expected = {p: model.generate(p, max_new_tokens=args.max_tokens, greedy=True).text for p in PROMPTS}
-    print(f"{args.model} ({args.weights or 'default'} weights): {args.requests} streamed greedy requests of {args.max_tokens} tokens per setting, "
-          f"{os.cpu_count()} cores", flush=True)
+    print(f"{args.model} ({args.weights or 'default'} weights): {args.requests} streamed greedy requests of "
+          f"{args.max_tokens} tokens per setting, {os.cpu_count()} cores", flush=True)
 
     def measure(label: str, url: str, clients: int, replicas: int) -> None:
         run_round(url, args.model, expected, clients, clients, args.max_tokens, 0, 0)       # warm up

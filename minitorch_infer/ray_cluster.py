@@ -31,6 +31,13 @@ def import_ray():
     return ray
 
 
+def worker_runtime_env(threads: int) -> dict:
+    """The runtime environment of a worker or replica that owns `threads` CPUs: the quantised kernels' Numba
+    threads read their count when Numba is first imported, so it is set before the process starts (BLAS is
+    limited by threadpoolctl in the worker itself)."""
+    return {"env_vars": {"NUMBA_NUM_THREADS": str(threads)}}
+
+
 @contextlib.contextmanager
 def connected(address: str | None, quiet: bool = False) -> Iterator[object]:
     """Within the block, this process is a driver of a Ray cluster: the one at `address`, one this process

@@ -26,7 +26,7 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 
 from ..errors import MinitorchError
-from ..ray_cluster import connected, import_ray
+from ..ray_cluster import connected, import_ray, worker_runtime_env
 from .batch import (BadLine, finished_ids, line_request, numbered_lines, parse_line, report_bad_line, result_line,
                     summary)
 from .options import load_model, note, sampling_settings
@@ -127,6 +127,7 @@ def infer_on_ray(rows: list[dict], args: argparse.Namespace, worker: type = Batc
     blocks = max(1, min(len(rows), max(workers, math.ceil(len(rows) / LINES_PER_BATCH))))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         worker, batch_size=LINES_PER_BATCH, compute=ActorPoolStrategy(size=workers),
-        fn_constructor_args=(args, sampling_settings(args), threads), num_cpus=threads, batch_format="numpy")
+        fn_constructor_args=(args, sampling_settings(args), threads), num_cpus=threads, batch_format="numpy",
+        runtime_env=worker_runtime_env(threads))
     for row in dataset.iter_rows():
         yield {"line": int(row["line"]), "result": str(row["result"]), "error": str(row["error"])}

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--address", default=None,
                      help="with --ray: the cluster to join (auto, or HOST:PORT; default: start a local one)")
     scaling = ray.add_mutually_exclusive_group()
-    scaling.add_argument("--replicas", type=positive_int, default=None, help="with --ray: how many replicas (default: 1)")
+    scaling.add_argument("--replicas", type=positive_int, default=None,
+                         help="with --ray: how many replicas (default: 1)")
     scaling.add_argument("--autoscale", type=replica_range, default=None, metavar="MIN,MAX",
                          help="with --ray: between MIN and MAX replicas, as the load asks")
     add_model_arguments(parser)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ray import serve
 
+from ..ray_cluster import worker_runtime_env
 from .app import build_app
 
 APP_NAME = "minitorch-infer"
@@ -62,9 +63,10 @@ def openai_application(load_model: Callable, model_name: str, *, replicas: int =
         # other half is headroom while a new replica loads its model.
         scaling = {"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
                                           "target_ongoing_requests": MAX_ONGOING_REQUESTS // 2}}
+    replica_options = {"num_cpus": threads, "runtime_env": worker_runtime_env(threads)}
     deployment = serve.deployment(OpenAIReplica, name="OpenAIReplica", max_ongoing_requests=MAX_ONGOING_REQUESTS,
-                                  ray_actor_options={"num_cpus": threads},
-                                  graceful_shutdown_timeout_s=shutdown_grace, logging_config=QUIET_LOGS, **scaling)
+                                  ray_actor_options=replica_options, graceful_shutdown_timeout_s=shutdown_grace,
+                                  logging_config=QUIET_LOGS, **scaling)
     return deployment.bind(load_model, model_name, max_batch_tokens, threads, api_key, max_queue)
 
 
