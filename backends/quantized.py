@@ -15,10 +15,10 @@ import numpy as np
 
 from ..quantized import QuantizedTensor, quantize
 
-# Up to this many rows of x, the direct kernel; above, dequantised tiles and BLAS. Chosen on SmolLM2's head
-# (49,152 x 576, one thread, a loaded machine): the direct Q8_0 kernel took 15 ms for 4 rows against float32
-# BLAS's 49 ms, and 85 ms for 16 rows against BLAS's 72.
-DIRECT_MAX_ROWS = 8
+# Up to this many rows of x (a batched decode step of 16 sequences), the direct kernel; above, dequantised
+# tiles and BLAS. On SmolLM2's shapes the direct kernel costs about what float32 BLAS does at 16 rows, while
+# the tiles pay a whole weight's dequantisation each step, which only a prefill's many rows amortise.
+DIRECT_MAX_ROWS = 16
 
 
 _thread_limit = 0                 # 0: Numba's own count (all cores)

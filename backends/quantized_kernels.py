@@ -10,7 +10,8 @@ scales, minitorch_infer/quantized.py) and widen each code in a register.
   sums are what LLVM vectorises: a loop that stores per element instead runs scalar below 32 iterations).
   Threads share out the groups of four rows (`prange`).
 - `dequantize_rows_*`: rows of w as float32, for prefill (with many rows of x, BLAS on a dequantised tile
-  beats any kernel here) and for the rows an embedding lookup picks.
+  beats any kernel here) and for the rows an embedding lookup picks. One thread: they alternate with BLAS
+  calls, whose idle threads spin for a while after each call and starved a parallel loop 3-10x.
 
 Every kernel is checked against dequantise-then-NumPy (tests/test_quantized_kernels.py). Numba compiles each
 signature on first use (seconds) and keeps the machine code in its cache (`__pycache__` beside this file, or
@@ -111,25 +112,30 @@ def matmul_rows_q4(codes, scales, offsets, x, y, accumulate):
             _store(y, m, n + 3, a3, accumulate)
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def dequantize_rows_q8(codes, scales, ids, out):
     """out[t] = row ids[t] of the weight as float32."""
-    for t in prange(ids.shape[0]):
+    for t in range(ids.shape[0]):
         n = ids[t]
         for b in range(scales.shape[1]):
             d = scales[n, b]
-            for k in range(32 * b, 32 * b + 32):
-                out[t, k] = np.float32(codes[n, k]) * d
+            base = 32 * b
+            for i in range(32):
+                out[t, base + i] = np.float32(codes[n, base + i]) * d
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, cache=True, nogil=True)
 def dequantize_rows_q4(codes, scales, offsets, ids, out):
-    """As dequantize_rows_q8, for 4-bit codes (offsets None: Q4_0)."""
-    for t in prange(ids.shape[0]):
+    """As dequantize_rows_q8, for 4-bit codes (offsets None: Q4_0); nibbles split in float32 as in
+    matmul_rows_q4."""
+    sixteenth, sixteen = np.float32(0.0625), np.float32(16)
+    for t in range(ids.shape[0]):
         n = ids[t]
         for b in range(scales.shape[1]):
             d = scales[n, b]
             m = np.float32(-8) * d if offsets is None else offsets[n, b]
-            for j in range(16 * b, 16 * b + 16):
-                out[t, 16 * b + j] = np.float32(codes[n, j] & 15) * d + m
-                out[t, 16 * b + j + 16] = np.float32(codes[n, j] >> 4) * d + m
+            for j in range(16):
+                byte = np.float32(codes[n, 16 * b + j])
+                high = np.floor(byte * sixteenth)
+                out[t, 32 * b + j] = (byte - sixteen * high) * d + m
+                out[t, 32 * b + 16 + j] = high * d + m
