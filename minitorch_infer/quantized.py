@@ -38,8 +38,6 @@ class QuantizedTensor:
     offsets: np.ndarray | None
     codes: np.ndarray
 
-    ndim = 2
-
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._arrays() if a is not None)

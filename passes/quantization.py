@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ..errors import MinitorchError
 from ..ir import Graph, TensorType
 from ..quantized import BLOCK_TYPES, WEIGHT_TYPES, QuantizedTensor, quantize, weight_type
 from .manager import PassContext, PassFunction, PassResult, register_pass
@@ -31,8 +32,6 @@ MULTIPLIED = {("matmul", 1), ("matmul_add", 1)}
 def quantize_weights(target: str) -> PassFunction:
     """The pass converting weights to `target`: "f32", "q8_0", "q4_0", "q4_1" or "native" (keep stored types)."""
     if target not in TARGETS:
-        from ..errors import MinitorchError
-
         raise MinitorchError(f"unknown weight type {target!r}; known: {', '.join(TARGETS)}")
 
     def run(graph: Graph, ctx: PassContext) -> PassResult:
@@ -40,7 +39,7 @@ def quantize_weights(target: str) -> PassFunction:
         for name, param in graph.params.items():
             stored = ctx.weights[name] if ctx.weights is not None and name in ctx.weights else None
             uses = {(user.op, i) for user in param.users for i, v in enumerate(user.inputs) if v is param}
-            wanted, reason = _wanted_type(target, param.type, weight_type(stored), uses)
+            wanted, reason = _wanted_type(target, param.type, None if stored is None else weight_type(stored), uses)
             if reason:
                 left_alone[reason] += 1
             if stored is not None and weight_type(stored) != wanted:
@@ -56,17 +55,19 @@ def quantize_weights(target: str) -> PassFunction:
     return run
 
 
-def _wanted_type(target: str, declared: TensorType, stored: str, uses: set[tuple[str, int]]) -> tuple[str, str]:
-    """The type a param should have, and why it is not the one asked for ("" when it is)."""
-    current = stored if stored != "f32" or declared.dtype == "f32" else declared.dtype
+def _wanted_type(target: str, declared: TensorType, stored: str | None, uses: set[tuple[str, int]]
+                 ) -> tuple[str, str]:
+    """The type a param should have, and why it is not the one asked for ("" when it is). `stored` is the
+    stored weight's type; None without weights (planning a synthetic graph), when the declared type stands."""
+    current = stored or declared.dtype
     if not uses:
         return current, ""
     if not uses <= QUANTIZED_INPUTS:                 # norms, biases, ...: float32, dequantised if need be
         return "f32", "read by an op that takes float32" if current in BLOCK_TYPES else ""
-    if target == "native":
-        return current, ""
-    if target == "f32" or not uses & MULTIPLIED:
-        return ("f32", "") if target == "f32" else (current, "")      # a lookup table stays as stored
+    if target == "native" or (target != "f32" and not uses & MULTIPLIED):
+        return current, ""                           # as stored: natively, or a table only looked up
+    if target == "f32":
+        return "f32", ""
     if declared.shape[1] % 32:
         return "f32", f"rows of {declared.shape[1]} values are not whole blocks of 32"
     return target, ""
