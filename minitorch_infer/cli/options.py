@@ -9,9 +9,7 @@ from contextlib import contextmanager
 
 from ..formats.model_files import KNOWN_MODELS
 from ..generation.speculative import DEFAULT_DRAFT_MAX, DEFAULT_NGRAM, SPECULATION_MODES
-from ..quantized import WEIGHT_TYPES
-
-WEIGHT_CHOICES = (*WEIGHT_TYPES, "native")
+from ..passes.quantization import TARGETS as WEIGHT_CHOICES
 
 
 def _checked(kind, test, requirement: str):
