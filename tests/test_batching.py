@@ -1,6 +1,7 @@
 """Many sequences per step over the paged KV cache: each sequence's logits and tokens equal its run alone,
 whatever shares its steps, however its blocks are placed, whatever is preempted or cancelled."""
 
+import os
 import threading
 
 import numpy as np
@@ -319,3 +320,34 @@ def test_logprobs_are_the_log_softmax_of_the_logits_alone_and_in_a_batch(story_m
     assert [e.logprob for e in batched[0].logprobs] == pytest.approx([e.logprob for e in result.logprobs], abs=1e-4)
     with pytest.raises(minitorch_infer.SamplingError, match="logprobs must be an integer from 0 to 20"):
         story_model.generate("Once", logprobs=21)
+
+
+def resident_bytes(array: np.ndarray) -> int:
+    """How much of the memory that holds `array` is resident: the Rss of every mapping it overlaps, per
+    Linux's /proc/self/smaps (the kernel splits a mapping where its pages differ, e.g. huge and small)."""
+    start = array.__array_interface__["data"][0]
+    stop = start + array.nbytes
+    resident, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(bound, 16) for bound in head.split("-"))
+                inside = low < stop and start < high
+            elif inside and head == "Rss:":
+                resident += int(line.split()[1]) * 1024
+    return resident
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_short_generation_commits_only_the_kv_blocks_it_writes():
+    """The pool is reserved, not committed: with transparent huge pages on, a first write near a page would
+    commit 2 MiB of each K and V array, hundreds of MB for a big model's first token."""
+    model = minitorch_infer.load(require_model("story"), kv_memory="64MiB")
+    model.generate("Once upon a time", max_new_tokens=4, greedy=True)
+    pool = model.kv_cache.arrays.values()
+    written = model.kv_cache.block_size * model.kv_cache.bytes_per_token
+    resident = sum(resident_bytes(array) for array in pool)
+    # A block's slots lie in each array's kv_heads rows: at most a few small pages per head per array.
+    heads = sum(array.shape[0] for array in pool)
+    assert resident <= written + heads * 2 * 4096, f"{resident:,} bytes resident for one {written:,}-byte block"
