@@ -1,9 +1,10 @@
 """The NumPy backend's products and lookups on quantised weights: which compiled kernel runs, bound once.
 
-A step with few rows (decode, a batched decode of a few sequences) runs the direct kernel, which reads each
-weight byte once per row of x. With more rows (prefill) that kernel's work grows with the rows while BLAS's
-does not grow as fast, so the weight is dequantised a tile of rows at a time into the node's workspace and
-multiplied by BLAS: the tile is reused by every row of x while it sits in cache.
+One row of x (decode) runs the direct kernel, which reads each weight byte once and widens it in a register.
+A few rows (a batched decode step, a short prefill chunk) run the tiled kernel: four weight rows at a time
+dequantised into a small float32 tile that every row of x then multiplies. Many rows (prefill) dequantise
+a larger tile of rows into the node's workspace and hand it to BLAS, whose blocking wins once many rows of
+x share each tile.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import numpy as np
 
 from ..quantized import QuantizedTensor, quantize
 
-# Up to this many rows of x (a batched decode step of 16 sequences), the direct kernel; above, dequantised
-# tiles and BLAS. On SmolLM2's shapes the direct kernel costs about what float32 BLAS does at 16 rows, while
-# the tiles pay a whole weight's dequantisation each step, which only a prefill's many rows amortise.
-DIRECT_MAX_ROWS = 16
+# Which product runs, by the rows of x (SmolLM2's shapes, 2 threads, measured by benchmarks/kernel_rows.py):
+# one row (decode), the direct kernel; up to TILES_MAX_ROWS (batched decode, short prefill chunks), tiles of
+# dequantised rows in L1, which beat float32 BLAS there (OpenBLAS is slow at 2-32 rows); above, dequantised
+# tiles handed to BLAS, whose blocking wins once many rows share each tile.
+DIRECT_MAX_ROWS = 1
+TILES_MAX_ROWS = 64
 
 
 _thread_limit = 0                 # 0: Numba's own count (all cores)
@@ -50,10 +53,10 @@ def _kernels():
 def warm_up(kinds: set[str]) -> None:
     """Compile (or load from Numba's cache) the kernels these block types use, on tiny arrays of the types and
     layouts a program passes, so that the first step does not pay for it and load-and-compile times count it."""
-    x, y = np.zeros((1, 32), np.float32), np.zeros((1, 1), np.float32)
     for kind in kinds:
         w = quantize(np.zeros((1, 32), np.float32), kind)
-        matmul(x, w, y, None)()
+        for rows in (1, 2):                      # the direct kernel, the tiled one
+            matmul(np.zeros((rows, 32), np.float32), w, np.zeros((rows, 1), np.float32), None)()
         rows_dequantizer(w)(np.zeros(1, np.int64), np.zeros((1, 32), np.float32))
         rows_dequantizer(w)(np.zeros(1, np.int32), np.zeros((1, 32), np.float32))   # an embedding's token ids
 
@@ -65,6 +68,10 @@ def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray
         if w.kind == "q8_0":
             return lambda: _kernels().matmul_rows_q8(w.codes, w.scales, x, y, accumulate)
         return lambda: _kernels().matmul_rows_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
+    if x.shape[0] <= TILES_MAX_ROWS:
+        if w.kind == "q8_0":
+            return lambda: _kernels().matmul_tiles_q8(w.codes, w.scales, x, y, accumulate)
+        return lambda: _kernels().matmul_tiles_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
 
     rows, width = w.shape
     tile_rows = max(1, min(rows, scratch.size // width))

@@ -4,16 +4,20 @@ NumPy has no product of int8 or 4-bit blocks with float32, and widening a weight
 read and write four to eight times its bytes. These kernels read the weight as stored (codes and float32
 scales, minitorch_infer/quantized.py) and widen each code in a register.
 
-- `matmul_rows_*`: y[m, n] (+)= Σ_k x[m, k] w[n, k], computed directly: decode (one row of x) and batched
-  decode steps (a few), where reading the weight is the cost. Four weight rows at a time, so each x value
-  loaded serves four products, and each block's 32 products are summed before its scale is applied (the
-  sums are what LLVM vectorises: a loop that stores per element instead runs scalar below 32 iterations).
-  Threads share out the groups of four rows (`prange`).
+- `matmul_rows_*`: y[m, n] (+)= Σ_k x[m, k] w[n, k], computed directly: decode (one row of x), where reading
+  the weight is the cost. Four weight rows at a time, so each x value loaded serves four products, and each
+  block's 32 products are summed before its scale is applied (the sums are what LLVM vectorises: a loop that
+  stores per element instead runs scalar below 32 iterations). Threads share out the groups of four rows
+  (`prange`).
+- `matmul_tiles_*`: the same product for a few rows of x (batched decode steps, short prefill chunks), where
+  widening each code once per row of x would cost more than reading it: four weight rows are dequantised
+  into a float32 tile that stays in L1, then each pair of rows of x is multiplied by it, whole rows at a
+  time.
 - `dequantize_rows_*`: rows of w as float32, for prefill (with many rows of x, BLAS on a dequantised tile
   beats any kernel here) and for the rows an embedding lookup picks. One thread: they alternate with BLAS
   calls, whose idle threads spin for a while after each call and starved a parallel loop 3-10x.
 
-Every kernel is checked against dequantise-then-NumPy (tests/test_quantized_kernels.py). Numba compiles each
+Every kernel is checked against dequantise-then-NumPy (tests/test_quantized.py). Numba compiles each
 signature on first use (seconds) and keeps the machine code in its cache (`__pycache__` beside this file, or
 NUMBA_CACHE_DIR), so later processes load it in milliseconds.
 """
@@ -24,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 ROWS = 4              # weight rows per iteration
+RUNS = 64             # runs of groups of rows the threads share out (matmul_tiles_*)
 
 
 @njit(inline="always")
@@ -112,30 +117,126 @@ def matmul_rows_q4(codes, scales, offsets, x, y, accumulate):
             _store(y, m, n + 3, a3, accumulate)
 
 
+@njit(inline="always")
+def _products_of_tile(tile, x, y, n, accumulate):
+    """y[:, n:n+4] (+)= x · tileᵀ for a tile of four dequantised weight rows, two rows of x at a time: each
+    value loaded serves two or four products, and each product is one sum over the whole row, vectorised."""
+    width = tile.shape[1]
+    m = 0
+    while m + 1 < x.shape[0]:
+        a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+        b0, b1, b2, b3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+        for k in range(width):
+            u, v = x[m, k], x[m + 1, k]
+            t0, t1, t2, t3 = tile[0, k], tile[1, k], tile[2, k], tile[3, k]
+            a0 += t0 * u
+            a1 += t1 * u
+            a2 += t2 * u
+            a3 += t3 * u
+            b0 += t0 * v
+            b1 += t1 * v
+            b2 += t2 * v
+            b3 += t3 * v
+        _store(y, m, n, a0, accumulate)
+        _store(y, m, n + 1, a1, accumulate)
+        _store(y, m, n + 2, a2, accumulate)
+        _store(y, m, n + 3, a3, accumulate)
+        _store(y, m + 1, n, b0, accumulate)
+        _store(y, m + 1, n + 1, b1, accumulate)
+        _store(y, m + 1, n + 2, b2, accumulate)
+        _store(y, m + 1, n + 3, b3, accumulate)
+        m += 2
+    if m < x.shape[0]:
+        a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+        for k in range(width):
+            u = x[m, k]
+            a0 += tile[0, k] * u
+            a1 += tile[1, k] * u
+            a2 += tile[2, k] * u
+            a3 += tile[3, k] * u
+        _store(y, m, n, a0, accumulate)
+        _store(y, m, n + 1, a1, accumulate)
+        _store(y, m, n + 2, a2, accumulate)
+        _store(y, m, n + 3, a3, accumulate)
+
+
+@njit(inline="always")
+def _group_ranges(rows):
+    """The groups of four weight rows, and how many runs of them the threads share out: a few dozen, so that
+    each run allocates its tile once and the runs still balance across threads."""
+    groups = (rows + ROWS - 1) // ROWS
+    return groups, min(groups, RUNS)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_tiles_q8(codes, scales, x, y, accumulate):
+    """y (+)= x · wᵀ for several rows of x: four weight rows at a time are dequantised into a small float32
+    tile (in L1) once, and every row of x is multiplied by the tile."""
+    rows, blocks = scales.shape
+    groups, runs = _group_ranges(rows)
+    for run in prange(runs):
+        tile = np.empty((ROWS, 32 * blocks), np.float32)
+        for group in range(run * groups // runs, (run + 1) * groups // runs):
+            n = group * ROWS
+            for r in range(ROWS):
+                _dequantize_row_q8(codes, scales, _row(n + r, rows), tile[r])
+            _products_of_tile(tile, x, y, n, accumulate)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_tiles_q4(codes, scales, offsets, x, y, accumulate):
+    """As matmul_tiles_q8, for 4-bit codes (offsets None: Q4_0)."""
+    rows, blocks = scales.shape
+    groups, runs = _group_ranges(rows)
+    for run in prange(runs):
+        tile = np.empty((ROWS, 32 * blocks), np.float32)
+        for group in range(run * groups // runs, (run + 1) * groups // runs):
+            n = group * ROWS
+            for r in range(ROWS):
+                _dequantize_row_q4(codes, scales, offsets, _row(n + r, rows), tile[r])
+            _products_of_tile(tile, x, y, n, accumulate)
+
+
+@njit(inline="always")
+def _dequantize_row_q8(codes, scales, n, out):
+    """out[:] = weight row n as float32.
+
+    The block length comes from the arrays' shapes, not a constant: LLVM unrolls a loop of constant 32 fully,
+    and the unrolled stores stay scalar (it cannot rule out that `out` overlaps the codes), while a loop of
+    unknown length is vectorised with a runtime overlap check (2.5x faster)."""
+    block = codes.shape[1] // scales.shape[1]
+    for b in range(scales.shape[1]):
+        d = scales[n, b]
+        base = block * b
+        for i in range(block):
+            out[base + i] = np.float32(codes[n, base + i]) * d
+
+
+@njit(inline="always")
+def _dequantize_row_q4(codes, scales, offsets, n, out):
+    """As _dequantize_row_q8 (the block's byte count from the shapes, for the same reason), for 4-bit codes
+    (offsets None: Q4_0); nibbles split in float32 as in matmul_rows_q4."""
+    sixteenth, sixteen = np.float32(0.0625), np.float32(16)
+    half = codes.shape[1] // scales.shape[1]
+    for b in range(scales.shape[1]):
+        d = scales[n, b]
+        m = np.float32(-8) * d if offsets is None else offsets[n, b]
+        for j in range(half):
+            byte = np.float32(codes[n, half * b + j])
+            high = np.floor(byte * sixteenth)
+            out[2 * half * b + j] = (byte - sixteen * high) * d + m
+            out[2 * half * b + half + j] = high * d + m
+
+
 @njit(fastmath=True, cache=True, nogil=True)
 def dequantize_rows_q8(codes, scales, ids, out):
     """out[t] = row ids[t] of the weight as float32."""
     for t in range(ids.shape[0]):
-        n = ids[t]
-        for b in range(scales.shape[1]):
-            d = scales[n, b]
-            base = 32 * b
-            for i in range(32):
-                out[t, base + i] = np.float32(codes[n, base + i]) * d
+        _dequantize_row_q8(codes, scales, ids[t], out[t])
 
 
 @njit(fastmath=True, cache=True, nogil=True)
 def dequantize_rows_q4(codes, scales, offsets, ids, out):
-    """As dequantize_rows_q8, for 4-bit codes (offsets None: Q4_0); nibbles split in float32 as in
-    matmul_rows_q4."""
-    sixteenth, sixteen = np.float32(0.0625), np.float32(16)
+    """As dequantize_rows_q8, for 4-bit codes (offsets None: Q4_0)."""
     for t in range(ids.shape[0]):
-        n = ids[t]
-        for b in range(scales.shape[1]):
-            d = scales[n, b]
-            m = np.float32(-8) * d if offsets is None else offsets[n, b]
-            for j in range(16):
-                byte = np.float32(codes[n, 16 * b + j])
-                high = np.floor(byte * sixteenth)
-                out[t, 32 * b + j] = (byte - sixteen * high) * d + m
-                out[t, 32 * b + 16 + j] = high * d + m
+        _dequantize_row_q4(codes, scales, offsets, ids[t], out[t])

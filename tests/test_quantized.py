@@ -63,8 +63,8 @@ def assert_matches_float_product(found: np.ndarray, x: np.ndarray, w: np.ndarray
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows, cols", [(1, 32), (7, 96), (13, 64), (100, 576)])
-@pytest.mark.parametrize("x_rows", [1, 3, quantized.DIRECT_MAX_ROWS])
-def test_direct_kernel_matches_dequantise_then_dot(kind, rows, cols, x_rows):
+@pytest.mark.parametrize("x_rows", [1, 2, 3, quantized.TILES_MAX_ROWS])
+def test_direct_and_tiled_kernels_match_dequantise_then_dot(kind, rows, cols, x_rows):
     w = quantize(awkward_values(rows, cols, seed=rows + cols), kind)
     x = np.random.default_rng(x_rows).standard_normal((x_rows, cols)).astype(np.float32)
     y = np.full((x_rows, rows), np.nan, np.float32)
@@ -76,9 +76,9 @@ def test_direct_kernel_matches_dequantise_then_dot(kind, rows, cols, x_rows):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiled_product_matches_dequantise_then_dot(kind):
+def test_dequantised_tiles_times_blas_match_dequantise_then_dot(kind):
     """Many rows of x: the weight is dequantised a tile at a time (here 3 tiles, the last one short)."""
-    rows, cols, x_rows = 45, 64, quantized.DIRECT_MAX_ROWS + 5
+    rows, cols, x_rows = 45, 64, quantized.TILES_MAX_ROWS + 5
     w = quantize(awkward_values(rows, cols, seed=3), kind)
     x = np.random.default_rng(0).standard_normal((x_rows, cols)).astype(np.float32)
     scratch = np.empty(20 * cols, np.float32)
@@ -102,6 +102,7 @@ def test_embedding_rows_are_dequantised_rows(kind):
 def test_kernels_are_compiled_for_the_cache():
     """Numba keeps the machine code on disk, so a second process does not compile again."""
     for kernel in (quantized_kernels.matmul_rows_q8, quantized_kernels.matmul_rows_q4,
+                   quantized_kernels.matmul_tiles_q8, quantized_kernels.matmul_tiles_q4,
                    quantized_kernels.dequantize_rows_q8, quantized_kernels.dequantize_rows_q4):
         assert kernel._cache is not None and kernel.signatures, kernel
 
