@@ -72,7 +72,12 @@ def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray
         if w.kind == "q8_0":
             return lambda: _kernels().matmul_tiles_q8(w.codes, w.scales, x, y, accumulate)
         return lambda: _kernels().matmul_tiles_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
+    return dequantized_blas(x, w, y, scratch, accumulate)
 
+
+def dequantized_blas(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray,
+                     accumulate: bool = False) -> Callable[[], None]:
+    """As matmul, by BLAS on tiles of w's rows dequantised into `scratch` (the node's workspace) in turn."""
     rows, width = w.shape
     tile_rows = max(1, min(rows, scratch.size // width))
     tile = scratch[:tile_rows * width].reshape(tile_rows, width)
