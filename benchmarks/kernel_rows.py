@@ -6,6 +6,10 @@ For each of SmolLM2's matrix shapes (q|k|v, o, gate|up, down, head), times y = x
 ways, taking turns, best of 5: the direct kernel, the tiled kernel, a dequantised tile handed to BLAS, and
 float32 BLAS on the dequantised weight (what the float32 model runs). A "whole step" line adds one step's
 products (30 layers and the head). Absolute times mean little across machines; compare along a row.
+
+Each weight is timed alone, so it stays in cache, which flatters float32 most (this machine's 105 MB L3 holds
+any one float32 weight; a model's 540 MB of them stream from memory). `bench --concurrency`'s "products
+bound" times a real step's chain of products in place.
 """
 
 from __future__ import annotations
