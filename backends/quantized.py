@@ -85,16 +85,16 @@ def dequantized_blas(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: 
     ids = [np.arange(start, min(start + tile_rows, rows), dtype=np.int64) for start in starts]
     dequantize = rows_dequantizer(w)
 
+    targets = [y[:, picked[0]:picked[-1] + 1] for picked in ids]
+
     def tiled():
-        for picked in ids:
+        for picked, target in zip(ids, targets):
             part = tile[:len(picked)]
             dequantize(picked, part)
-            product = x @ part.T
-            target = y[:, picked[0]:picked[-1] + 1]
             if accumulate:
-                target += product
+                target += x @ part.T
             else:
-                target[...] = product
+                np.matmul(x, part.T, out=target)      # straight into y's columns: no temporary to copy
     return tiled
 
 
