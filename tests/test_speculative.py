@@ -17,8 +17,8 @@ from minitorch_infer.errors import SamplingError
 from minitorch_infer.generation.loop import Decoder
 from minitorch_infer.generation.sampling import Candidates, SamplingParams, Sampler
 from minitorch_infer.generation import speculative
-from minitorch_infer.generation.speculative import (DraftBudget, NgramDrafter, StepCosts, accept_prefix,
-                                                    speculation_settings)
+from minitorch_infer.generation.speculative import (DraftBudget, NgramDrafter, SpeculationSettings, Speculator,
+                                                    StepCosts, accept_prefix, speculation_settings)
 
 # Chi-squared critical values at p = 0.001 (degrees of freedom -> value): a correct rule fails one run in a
 # thousand, and every test here is seeded, so a pass stays a pass.
@@ -30,8 +30,9 @@ REPETITIVE = "Tom had a red ball. He liked the red ball. Tom had a red ball. One
 @pytest.fixture(autouse=True)
 def costs_that_do_not_depend_on_the_machine(monkeypatch):
     """Where drafting happens depends on measured step times; here it must not (tests never depend on the
-    machine's speed), so verify steps cost what StepCosts' default model says, and every request starts from
-    the same acceptance, whatever ran before it."""
+    machine's speed), so verify steps cost a fixed little (so that the tests verify wherever guesses hold at
+    all), and every request starts from the same acceptance, whatever ran before it."""
+    monkeypatch.setattr(StepCosts, "default", staticmethod(lambda k: 1 + 0.05 * k))
     monkeypatch.setattr(StepCosts, "record_plain", lambda self, seconds: None)
     monkeypatch.setattr(StepCosts, "record_verify", lambda self, k, seconds: None)
     monkeypatch.setattr(StepCosts, "record_guesses", lambda self, accepted, rejected: None)
@@ -176,7 +177,8 @@ def test_ngram_drafter_proposes_what_followed_the_most_recent_match():
     assert NgramDrafter(1).propose(np.array([1, 2, 1]), 5) == [2, 1]   # as much as follows, up to the end
 
 
-def test_the_budget_drafts_more_as_guesses_hold_and_stops_when_they_fail():
+def test_the_budget_drafts_more_as_guesses_hold_and_stops_when_they_fail(monkeypatch):
+    monkeypatch.undo()                           # the default cost model, as on a machine not measured yet
     budget = DraftBudget(draft_max=8, costs=StepCosts())
     start = budget.size()
     for _ in range(10):
@@ -191,11 +193,14 @@ def test_the_budget_drafts_more_as_guesses_hold_and_stops_when_they_fail():
     assert 8 < idle_steps < 600                                  # but is tried again, after pauses that grow
 
 
-def test_the_budget_follows_what_verify_steps_cost():
+def test_the_budget_follows_what_verify_steps_cost(monkeypatch):
+    monkeypatch.undo()                           # this test feeds timings of its own, not the machine's
     cheap, dear = StepCosts(), StepCosts()
     for costs, verify_seconds in ((cheap, 1.1), (dear, 4.0)):
         costs.plain = 1.0
-        costs.verify = [None] + [verify_seconds + 0.01 * k for k in range(1, 16)]
+        for k in range(1, 16):
+            for _ in range(2):                   # the first step of each size binds its program: not counted
+                costs.record_verify(k, verify_seconds + 0.01 * k)
     sizes = {}
     for name, costs in (("cheap", cheap), ("dear", dear)):
         budget = DraftBudget(draft_max=15, costs=costs)
@@ -428,3 +433,18 @@ def test_a_draft_with_another_vocabulary_is_refused_naming_both(story_model, tmp
         story_model.generate("Once", max_new_tokens=4, draft_model=other)
     message = str(refused.value)
     assert str(tmp_path) in message and story_model.source in message and "101" in message and "2048" in message
+
+
+def test_guesses_checked_without_verifying_start_drafting_when_the_text_repeats(monkeypatch):
+    monkeypatch.undo()                           # the default cost model: drafting pays only when guesses hold
+    speculator = Speculator(SpeculationSettings("ngram", draft_max=8, ngram=2), FakeModel(50))
+    speculator.budget.accepted, speculator.budget.rejected = 1.0, 4.0   # so far, guesses failed
+    passage = list(range(10, 40))
+    history = [1, 2, 3, *passage, 4]
+    for position, token in enumerate(passage):    # the text repeats the passage: guesses hold, unverified
+        drafted = speculator.propose(np.array(history), room=8)
+        if drafted:
+            break
+        history.append(token)
+    assert drafted == passage[position:position + len(drafted)] and position < 20
+    assert speculator.budget.acceptance > 0.7 and speculator.verify_steps == 0

@@ -54,6 +54,8 @@ _REALIZED_START = 1.5                          # a model starts as if its verifi
 _START_PAUSE = 32                              # a new request waits at most this long before trying
 _REALIZED_WEIGHT = 0.25                        # a verify's weight in the model's yield per cost: one run
                                                # of luck on free text must not look like a text that repeats
+_UNVERIFIED_GUESS = 4                          # tokens of a guess checked without verifying; all holding
+                                               # ends a pause
 _MARGIN = 1.3                                  # draft only for an expected yield this much above a plain step's
 _TIMING_WEIGHT = 0.1                           # a new timing's weight in its moving average
 _TIMING_CLIP = 10.0                            # a timing counts as at most this many times the average: a
@@ -137,6 +139,8 @@ class NgramDrafter:
     The index maps every n-gram that has a token after it to where its most recent such occurrence ends; it
     grows with the history, which within one request only ever grows."""
 
+    free = True            # a guess costs a lookup: the budget may check guesses it does not verify
+
     def __init__(self, ngram: int):
         self.ngram = ngram
         self._tokens: list[int] = []
@@ -162,6 +166,8 @@ class NgramDrafter:
 class DraftModelDrafter:
     """A smaller model with the same vocabulary guesses greedily. It keeps its own KV-cache sequence in step
     with the request's tokens: each call truncates it to what the history still shares and feeds the rest."""
+
+    free = False           # a guess costs draft-model steps
 
     def __init__(self, draft_model, target_model):
         check_same_vocabulary(draft_model, target_model)
@@ -234,6 +240,7 @@ class StepCosts:
         self.plain: float | None = None
         self.verify: list[float | None] = [None] * (MAX_DRAFT + 1)
         self._bound = [False] * (MAX_DRAFT + 1)
+        self._nearest: list[int | None] = [None] * (MAX_DRAFT + 1)   # the measured size that stands for each
         self.accepted, self.rejected = _PRIOR_ACCEPTED, _PRIOR_REJECTED
         self.realized = _REALIZED_START
         self.pause = _IDLE_STRIDE
@@ -249,6 +256,9 @@ class StepCosts:
         if not self._bound[k]:         # the first step of a size also binds the program's kernels for it
             self._bound[k] = True
             return
+        if self.verify[k] is None:     # a size measured for the first time: the nearest measured size for each
+            measured = [size for size in range(1, MAX_DRAFT + 1) if self.verify[size] is not None] + [k]
+            self._nearest = [min(measured, key=lambda size: abs(size - j)) for j in range(MAX_DRAFT + 1)]
         self.verify[k] = _moving_average(self.verify[k], seconds)
 
     def record_guesses(self, accepted: float, rejected: float) -> None:
@@ -256,14 +266,9 @@ class StepCosts:
         self.rejected = self.rejected * _MODEL_MEMORY + rejected
 
     def relative(self, k: int) -> float:
-        if self.plain is None:
+        near = self._nearest[k]
+        if self.plain is None or near is None:
             return self.default(k)
-        if self.verify[k] is not None:
-            return self.verify[k] / self.plain
-        measured = [size for size in range(1, MAX_DRAFT + 1) if self.verify[size] is not None]
-        if not measured:
-            return self.default(k)
-        near = min(measured, key=lambda size: abs(size - k))
         return self.verify[near] / self.plain * self.default(k) / self.default(near)
 
 
@@ -299,9 +304,11 @@ class DraftBudget:
     short, and goes back to pausing briefly once one pays.
     """
 
-    def __init__(self, draft_max: int, costs: StepCosts):
+    def __init__(self, draft_max: int, costs: StepCosts, checks_unverified: bool = False):
         self.draft_max = draft_max
         self.costs = costs
+        self.checks_unverified = checks_unverified
+        self.hopeless = False      # verify steps cost so much that even guesses that always hold would not pay
         # Start from the model's recent acceptance, weighted as a few guesses, so the request's own soon count.
         share = costs.accepted / (costs.accepted + costs.rejected)
         self.accepted, self.rejected = _START_WEIGHT * share, _START_WEIGHT * (1 - share)
@@ -329,9 +336,10 @@ class DraftBudget:
                 break                # the yield per cost rises to one peak, then falls
         if not best_size:
             # Not even guesses that always hold would pay (verify steps are that dear here): check rarely.
-            hopeless = self.draft_max + 1 <= self.costs.relative(self.draft_max)
-            stride = _HOPELESS_STRIDE if hopeless else _IDLE_STRIDE
-            self.rejected *= _FORGET ** stride
+            self.hopeless = self.draft_max + 1 <= self.costs.relative(self.draft_max)
+            stride = _HOPELESS_STRIDE if self.hopeless else _IDLE_STRIDE
+            if not self.checks_unverified:       # with no other news of the guesses, hope a little
+                self.rejected *= _FORGET ** stride
             self._idle = stride - 1
         return best_size
 
@@ -348,6 +356,17 @@ class DraftBudget:
         else:
             costs.pause = _IDLE_STRIDE
 
+    def record_unverified(self, held: int, failed: bool) -> None:
+        """A guess the drafter made while the budget did not draft, checked against the tokens plain decoding
+        chose: `held` guesses matched, then one did not (`failed`) or the guess ran out. It is news of the
+        acceptance that costs no verify step, so a text that starts to repeat itself is seen at once (a guess
+        that held throughout ends a pause), and one that does not is never drafted on in hope."""
+        self.accepted = self.accepted * _MEMORY + held
+        self.rejected = self.rejected * _MEMORY + failed
+        self.costs.record_guesses(held, failed)
+        if not failed:
+            self._idle = 0
+
 
 class Speculator:
     """One request's speculation: its drafter, its budget and the counts a benchmark reports."""
@@ -363,13 +382,42 @@ class Speculator:
         else:
             self.drafter = DraftModelDrafter(resolve_draft_model(settings.draft_model, model), model)
         self.costs = step_costs(model)
-        self.budget = DraftBudget(settings.draft_max, self.costs)
+        self.budget = DraftBudget(settings.draft_max, self.costs, checks_unverified=self.drafter.free)
         self.drafted = self.accepted = self.verify_steps = 0
+        # A free drafter's guess made while not drafting, the tokens of it still to be checked, and how many
+        # of it held so far; checked one token a step against what plain decoding chose.
+        self._unverified: list[int] = []
+        self._unverified_held = 0
+        self._checked_length = -1     # the history's length when the guess was made
 
     def propose(self, history: np.ndarray, room: int) -> list[int]:
         """Up to `room` guessed tokens to follow `history` (none when drafting does not pay or finds nothing)."""
         size = self.budget.size()
-        return self.drafter.propose(history, min(size, room)) if size and room > 0 else []
+        if size and room > 0:
+            self._unverified = []
+            return self.drafter.propose(history, min(size, room))
+        if self.budget.checks_unverified:
+            self._check_unverified(history)
+        return []
+
+    def _check_unverified(self, history: np.ndarray) -> None:
+        """Check the last unverified guess against the token plain decoding has added since, and guess anew
+        once it is settled."""
+        if self._unverified and len(history) == self._checked_length + 1:
+            if int(history[-1]) == self._unverified[0]:
+                self._unverified_held += 1
+                del self._unverified[0]
+                if self._unverified:
+                    self._checked_length += 1
+                    return
+                self.budget.record_unverified(self._unverified_held, failed=False)
+            else:
+                self.budget.record_unverified(self._unverified_held, failed=True)
+        if self.budget.hopeless:
+            self._unverified = []
+            return
+        self._unverified = self.drafter.propose(history, _UNVERIFIED_GUESS)
+        self._unverified_held, self._checked_length = 0, len(history)
 
     def record(self, drafted: int, accepted: int) -> None:
         self.budget.record(drafted, accepted)
