@@ -48,8 +48,8 @@ _START_WEIGHT = 5.0                            # a request starts from the model
 _MODEL_MEMORY = 0.95                           # the model's acceptance weighs past verifies by this
 _MEMORY = 0.6                                  # each verify weighs the past by this: the last few count most
 _FORGET = 0.95                                 # each step without drafting forgets this much of the rejections
-_IDLE_STRIDE = 8                               # steps between checks while drafting does not pay
-_HOPELESS_STRIDE = 256                         # ... and while it could not pay even if every guess held
+_IDLE_STRIDE = 8                               # steps a budget's answer stands when no news comes
+_HOPELESS_STRIDE = 256                         # ... when drafting could not pay even if every guess held
 _REALIZED_START = 1.5                          # a model starts as if its verifies paid half a step more
 _START_PAUSE = 32                              # a new request waits at most this long before trying
 _REALIZED_WEIGHT = 0.25                        # a verify's weight in the model's yield per cost: one run
@@ -294,9 +294,13 @@ class DraftBudget:
     With a chance a that each guess holds (given the ones before it held), a verify of k guesses yields
     1 + a + ... + a^k tokens for the cost of costs.relative(k) plain steps. The budget picks the k that yields
     most per cost, and 0 (plain decoding) when no k beats one token per step by _MARGIN (an estimate that
-    promises little is as likely to lose as to win). While it does not draft it
-    forgets a little of the rejections, so that drafting is tried again later; it rechecks only every
-    _IDLE_STRIDE steps, so a request that does not draft pays almost nothing for being able to.
+    promises little is as likely to lose as to win). Its answer stands for _IDLE_STRIDE steps unless news of
+    the guesses comes sooner, so a request that does not draft pays almost nothing for being able to.
+
+    News of the guesses comes from verify steps and, with a free drafter (prompt lookup), from its guesses
+    made while not drafting, checked against the tokens plain decoding chose (record_unverified): the
+    estimate follows the text at no cost. A drafter that costs steps to ask (a draft model) gets no such
+    news, so while the budget does not draft it forgets a little of the rejections, to try again later.
 
     Guesses come in runs (a quoted passage holds for many tokens, then nothing does), which the estimate of a
     follows only after the fact. So the model's StepCosts also keep what verifies really yielded per cost:
@@ -314,6 +318,7 @@ class DraftBudget:
         self.accepted, self.rejected = _START_WEIGHT * share, _START_WEIGHT * (1 - share)
         # ... and paused a while if the model's recent verifies did not pay.
         self._idle = min(costs.pause, _START_PAUSE) if costs.realized < 1 else 0
+        self._size, self._standing = 0, 0       # the last answer, and for how many more steps it stands
 
     @property
     def acceptance(self) -> float:
@@ -324,6 +329,9 @@ class DraftBudget:
         if self._idle:
             self._idle -= 1
             return 0
+        if self._standing:
+            self._standing -= 1
+            return self._size
         a = self.acceptance
         best_size, best_yield, tokens, power = 0, _MARGIN, 1.0, 1.0
         for k in range(1, self.draft_max + 1):
@@ -334,16 +342,18 @@ class DraftBudget:
                 best_size, best_yield = k, value
             elif best_size:
                 break                # the yield per cost rises to one peak, then falls
+        self._size, self._standing = best_size, _IDLE_STRIDE - 1
         if not best_size:
-            # Not even guesses that always hold would pay (verify steps are that dear here): check rarely.
+            # Rarely rechecked when even guesses that always hold would not pay (verify steps are that dear).
             self.hopeless = self.draft_max + 1 <= self.costs.relative(self.draft_max)
             stride = _HOPELESS_STRIDE if self.hopeless else _IDLE_STRIDE
             if not self.checks_unverified:       # with no other news of the guesses, hope a little
                 self.rejected *= _FORGET ** stride
-            self._idle = stride - 1
+            self._standing = stride - 1
         return best_size
 
     def record(self, drafted: int, accepted: int) -> None:
+        self._standing = 0
         rejected = int(accepted < drafted)
         self.accepted = self.accepted * _MEMORY + accepted
         self.rejected = self.rejected * _MEMORY + rejected
@@ -364,6 +374,7 @@ class DraftBudget:
         self.accepted = self.accepted * _MEMORY + held
         self.rejected = self.rejected * _MEMORY + failed
         self.costs.record_guesses(held, failed)
+        self._standing = 0
         if not failed:
             self._idle = 0
 
