@@ -242,9 +242,10 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
         x_row, y_row = x[0], y[0]
         return lambda: np.dot(w, x_row, out=y_row)
     if rows <= TRANSPOSED_PRODUCT_ROWS and w.flags.c_contiguous and scratch is not None:
-        # A few rows (a batched decode step, a verify step): OpenBLAS multiplies [2-32, K] by a transposed
-        # [N, K] 1.3-4x slower than W by the transposed rows (the story model's logits for 2 rows: 109 -> 27 us;
-        # SmolLM2's qkv for 16 rows: 300 -> 170 us), copies included. From ~48 rows the copies cost more.
+        # A few rows (a batched decode step, a verify step) on a row-major weight (the logits product; packed
+        # weights are stored column-major already): OpenBLAS multiplies [2-32, K] by a transposed [N, K]
+        # 1.3-4x slower than W by the transposed rows (the story model's logits for 2 rows: 109 -> 27 us),
+        # copies included. From ~48 rows the copies cost more.
         product, product_t = _transposed_product(x, w, scratch)
         return lambda: (product(), np.copyto(y, product_t.T))
     w_t = w.T
