@@ -343,9 +343,9 @@ class DraftBudget:
             elif best_size:
                 break                # the yield per cost rises to one peak, then falls
         self._size, self._standing = best_size, _IDLE_STRIDE - 1
+        self.hopeless = not best_size and self.draft_max + 1 <= self.costs.relative(self.draft_max)
         if not best_size:
             # Rarely rechecked when even guesses that always hold would not pay (verify steps are that dear).
-            self.hopeless = self.draft_max + 1 <= self.costs.relative(self.draft_max)
             stride = _HOPELESS_STRIDE if self.hopeless else _IDLE_STRIDE
             if not self.checks_unverified:       # with no other news of the guesses, hope a little
                 self.rejected *= _FORGET ** stride
