@@ -78,7 +78,7 @@ class StepLayout:
         return self.row_stops[-1]
 
     def padded_slots(self) -> np.ndarray:
-        """[R, T_max]: sequence i's slots in row i, padded with slot 0 (masked out by `padded_mask`)."""
+        """[R, T_max]: sequence i's slots in row i (padded with slot 0, past its total)."""
         if "slots" not in self._derived:
             padded = np.zeros((len(self.totals), max(self.totals)), np.intp)
             for i, total in enumerate(self.totals):
@@ -86,17 +86,11 @@ class StepLayout:
             self._derived["slots"] = padded
         return self._derived["slots"]
 
-    def padded_mask(self, window: int) -> np.ndarray:
-        """[R, T_max]: 0 where sequence i's newest position may see key j (j < total, within the window), else -inf."""
-        key = ("mask", window)
-        if key not in self._derived:
-            keys = np.arange(max(self.totals))[None, :]
-            totals = np.asarray(self.totals)[:, None]
-            visible = keys < totals
-            if window > 0:
-                visible &= keys >= totals - window
-            self._derived[key] = np.where(visible, np.float32(0), np.float32(-np.inf))
-        return self._derived[key]
+    def totals_array(self) -> np.ndarray:
+        """The totals as an array (for the compiled paged attention)."""
+        if "totals" not in self._derived:
+            self._derived["totals"] = np.asarray(self.totals, np.intp)
+        return self._derived["totals"]
 
     def positions_of(self, sequence: int) -> np.ndarray:
         """The cache slot of each position of sequence i (a range when they are one run)."""

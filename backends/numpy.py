@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..ir import Graph, Node, op_def
-from ..ir.ops import BATCHED_ATTENTION_KEYS, TRANSPOSED_PRODUCT_ROWS
+from ..ir.ops import TRANSPOSED_PRODUCT_ROWS
 from ..passes.memory_plan import MemoryPlan, workspace_key
 from ..quantized import QuantizedTensor, weight_type
 from . import quantized
@@ -523,16 +523,17 @@ def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
 @kernel("attention")
 def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     """Each sequence of the step attends over its own keys. A decode step of several sequences (one query
-    each) gathers all their keys into one padded batch when they fit BATCHED_ATTENTION_KEYS; otherwise each
-    sequence goes alone, reading its keys as a view of the pool when its positions are one run of slots
-    (gathering them when not): one query takes the matrix-vector path, many (prefill) the transposed one."""
+    each) runs the compiled paged kernel, which reads every sequence's keys where the pool keeps them;
+    otherwise each sequence goes alone, reading its keys as a view of the pool when its positions are one run
+    of slots (gathering them when not): one query takes the matrix-vector path, many (prefill) the transposed
+    one."""
     q, k_pool, v_pool = ins
     (out,) = outs
     rows, heads, head_dim = q.shape
     kv_heads = k_pool.shape[0]
     group = heads // kv_heads
     context = node.inputs[1].type.concrete_shape()[1]
-    gather_size = kv_heads * max(context, BATCHED_ATTENTION_KEYS) * head_dim
+    gather_size = kv_heads * context * head_dim
     gathered_k, gathered_v = scratch[-2 * gather_size:-gather_size], scratch[-gather_size:]
     scratch = scratch[:-2 * gather_size]
     window, last_queries = node.attrs["window"], node.attrs["queries"] == "last"
@@ -564,18 +565,17 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         q_row, out_row = grouped(q, 0), grouped(out, 0)          # views made once
         return lambda: one_query(step.layout, 0, q_row, out_row)
 
-    batched = _batched_one_query_attention(node, q, out, k_pool, v_pool, gathered_k, gathered_v, scratch)
+    scale = np.float32(node.attrs["scale"])
 
     def call():
         layout = step.layout
         sequences = len(layout.totals)
-        if last_queries or rows == sequences:                    # one query per sequence
-            if sequences > 1 and sequences * max(layout.totals) <= BATCHED_ATTENTION_KEYS:
-                batched(layout)
-                return
-            for i in range(sequences):
-                row = i if last_queries else layout.row_starts[i]
-                one_query(layout, i, grouped(q, row), grouped(out, row))
+        if last_queries or rows == sequences:                    # one query per sequence: query i is row i
+            if sequences > 1:
+                _attention_kernels().paged_decode_attention(q[:sequences], k_pool, v_pool, layout.padded_slots(),
+                                                            layout.totals_array(), window, scale, out[:sequences])
+            else:
+                one_query(layout, 0, grouped(q, 0), grouped(out, 0))
             return
         for i, (first_row, stop_row, total) in enumerate(zip(layout.row_starts, layout.row_stops, layout.totals)):
             if stop_row - first_row == 1:
@@ -610,40 +610,21 @@ def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, c
     return attend
 
 
-def _batched_one_query_attention(node: Node, q, out, k_pool, v_pool, gathered_k, gathered_v, scratch):
-    """A decode step of R sequences at once: their keys and values gathered into [kv_heads, R, T_max, head_dim]
-    (padded; the padding masked out), then one batched product for the scores and one for the output."""
-    rows, heads, head_dim = q.shape
-    kv_heads = k_pool.shape[0]
-    group = heads // kv_heads
-    scale, window = np.float32(node.attrs["scale"]), node.attrs["window"]
-    ones = _ones(BATCHED_ATTENTION_KEYS).T
+def _attention_kernels():
+    # Imported when a step first carries several sequences: Numba costs ~0.5 s and ~60 MB to import, which a
+    # float32 model that never batches does not pay.
+    from . import attention_kernels
 
-    def call(layout: StepLayout) -> None:
-        sequences, longest = len(layout.totals), max(layout.totals)
-        shape = (kv_heads, sequences, longest, head_dim)
-        size = kv_heads * sequences * longest * head_dim
-        k, v = gathered_k[:size].reshape(shape), gathered_v[:size].reshape(shape)
-        slots = layout.padded_slots()
-        np.take(k_pool, slots, axis=1, out=k)
-        np.take(v_pool, slots, axis=1, out=v)
-        used = heads * sequences
-        row_max = scratch[:used].reshape(kv_heads, sequences, group, 1)
-        row_sum = scratch[used:2 * used].reshape(kv_heads, sequences, group, 1)
-        out_grouped = scratch[2 * used:2 * used + used * head_dim].reshape(kv_heads, sequences, group, head_dim)
-        scores = scratch[2 * used + used * head_dim:][:used * longest].reshape(kv_heads, sequences, group, longest)
-        q_grouped = q[:sequences].reshape(sequences, kv_heads, group, head_dim).transpose(1, 0, 2, 3)
-        np.matmul(q_grouped, k.transpose(0, 1, 3, 2), out=scores)
-        np.multiply(scores, scale, out=scores)
-        np.add(scores, layout.padded_mask(window)[:, None, :], out=scores)
-        np.maximum.reduce(scores, axis=-1, keepdims=True, out=row_max)
-        np.subtract(scores, row_max, out=scores)
-        np.exp(scores, out=scores)
-        np.matmul(scores, ones[:longest], out=row_sum)
-        np.matmul(scores, v, out=out_grouped)
-        np.divide(out_grouped, row_sum, out=out_grouped)
-        np.copyto(out[:sequences].reshape(sequences, kv_heads, group, head_dim), out_grouped.transpose(1, 0, 2, 3))
-    return call
+    return attention_kernels
+
+
+def warm_up_batched_attention() -> None:
+    """Compile (or load from Numba's cache) the paged attention kernel, on tiny arrays of the types a step
+    passes, so that an engine's first step of several sequences does not pay for it."""
+    q = np.zeros((2, 1, 1), np.float32)
+    pool = np.zeros((1, 1, 1), np.float32)
+    _attention_kernels().paged_decode_attention(q, pool, pool, np.zeros((2, 1), np.intp), np.ones(2, np.intp), 0,
+                                                np.float32(1), q.copy())
 
 
 def _many_queries_attention(node: Node, q, k, v, out, scratch) -> None:

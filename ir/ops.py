@@ -323,21 +323,13 @@ def _kv_write(ts, attrs):
     return [TensorType((cache.shape[0], attrs["total"], cache.shape[2]), cache.dtype)]
 
 
-# A decode step of many sequences gathers all their keys and values into one padded batch when they number
-# at most this many positions (R x the longest), so that attention is a dozen NumPy calls, not a dozen per
-# sequence; larger steps go sequence by sequence.
-BATCHED_ATTENTION_KEYS = 8192
-
-
 def _attention_workspace(ts, attrs) -> int:
     """Scores [Hq, S, T], the regrouped queries and output (head_dim each), each row's max and sum, and room to
-    gather keys and values [Hkv, ·, D]: one sequence's (T) when its blocks are not one run of the pool, or a
-    decode batch's (BATCHED_ATTENTION_KEYS)."""
+    gather one sequence's keys and values [Hkv, T, D] when its blocks are not one run of the pool."""
     q, k, _ = ts
     seq, heads, head_dim = q.concrete_shape()
     kv_heads, total, _ = k.concrete_shape()
-    scores = max(seq * total, BATCHED_ATTENTION_KEYS)
-    return heads * (scores + seq * (2 * head_dim + 2)) + 2 * kv_heads * max(total, BATCHED_ATTENTION_KEYS) * head_dim
+    return heads * (seq * total + seq * (2 * head_dim + 2)) + 2 * kv_heads * total * head_dim
 
 
 ATTENTION_QUERIES = ("all", "last")

@@ -275,10 +275,37 @@ def test_an_engine_refuses_to_run_after_the_model_is_recompiled():
         handle.result()
 
 
+@pytest.mark.parametrize("heads, kv_heads, window", [(4, 4, 0), (6, 2, 0), (4, 1, 5), (8, 4, 1)])
+def test_paged_attention_kernel_equals_attention_written_plainly(heads, kv_heads, window):
+    """The compiled paged kernel against softmax(q·kᵀ·scale)·v over each sequence's own slots, one at a time:
+    scattered slots, totals from 1, grouped and multi-query heads, sliding windows down to one key."""
+    from minitorch_infer.backends.attention_kernels import paged_decode_attention
+
+    rng = np.random.default_rng(heads * 10 + kv_heads + window)
+    head_dim, capacity, totals = 16, 256, [1, 7, 40, 3]
+    k_pool, v_pool = (rng.standard_normal((kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((len(totals), heads, head_dim)).astype(np.float32)
+    slots = np.zeros((len(totals), max(totals)), np.intp)
+    for r, (total, picked) in enumerate(zip(totals, np.split(rng.permutation(capacity)[:sum(totals)],
+                                                               np.cumsum(totals)[:-1]))):
+        slots[r, :total] = picked
+    scale = np.float32(0.25)
+    out = np.empty_like(q)
+    paged_decode_attention(q, k_pool, v_pool, slots, np.asarray(totals, np.intp), window, scale, out)
+    for r, total in enumerate(totals):
+        seen = slots[r, max(0, total - window) if window else 0:total]
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            scores = k_pool[g, seen].astype(np.float64) @ q[r, h] * scale
+            weights = np.exp(scores - scores.max())
+            expected = weights @ v_pool[g, seen] / weights.sum()
+            np.testing.assert_allclose(out[r, h], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [5, 1, 12, 1], [1] * 12],
                          ids=["decode", "mixed", "decode-12"])
 def test_batched_kernels_equal_the_reference_backend_on_scattered_slots(story_model, new_tokens):
-    """The fast backend's kv_write, attention (per sequence and padded batch) and last_row against the plain
+    """The fast backend's kv_write, attention (per sequence and the paged kernel) and last_row against the plain
     reference interpreter, on one layout with every sequence's positions scattered over the pool."""
     from minitorch_infer.backends import numpy as numpy_backend, reference
     from minitorch_infer.backends.layout import StepLayout

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
+from ..backends import numpy as numpy_backend
 from ..backends.rope import is_position_dependent
 from ..errors import KVCacheFullError, MinitorchError, SamplingError
 from ..generation.loop import (Decoder, GenerationResult, GenerationStats, check_max_new_tokens, check_prompt,
@@ -116,6 +117,8 @@ class Engine:
             # Dynamic NTK derives the rotary frequencies from the step's longest position: sequences sharing a
             # step would change each other's rotations, so each step runs one sequence.
             sequences = 1
+        if sequences > 1:
+            numpy_backend.warm_up_batched_attention()
         self.scheduler = Scheduler(model.kv_cache, self.max_batch_tokens, sequences)
         self._handles: dict[Request, RequestHandle] = {}
         # Called as finish_observer(request, result) when a request ends (e.g. a server's metrics).
