@@ -8,7 +8,8 @@ variable-length layout): sequence 0's rows first, then sequence 1's, and so on. 
   after the step (`totals`);
 - where its positions live in the paged KV pool ([kv_heads, slots, head_dim] per layer): when they fill one
   contiguous run of slots, `key_starts` gives its first slot and attention reads a view of the pool; when not,
-  `slots` lists the slot of every position and attention gathers them.
+  `slots` lists the slot of every position and attention gathers them. A decode step of several sequences
+  reads every sequence's keys in place instead, from `padded_slots`, in the compiled paged kernel.
 
 `write_start` (or, when the new rows' slots are not one run, `write_slots`) is where kv_write stores the
 step's rows; `last_rows` are the rows whose logits are wanted, each sequence's newest.
