@@ -185,7 +185,8 @@ def matmul_tiles_q8(codes, scales, x, y, accumulate):
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def matmul_tiles_q4(codes, scales, offsets, x, y, accumulate):
-    """As matmul_tiles_q8, for 4-bit codes (offsets None: Q4_0)."""
+    """As matmul_tiles_q8, for 4-bit codes (offsets None: Q4_0). The loop is written out twice because Numba
+    does not cache on disk a kernel that takes the dequantiser as an argument."""
     rows, blocks = scales.shape
     groups, runs = _group_ranges(rows)
     for run in prange(runs):

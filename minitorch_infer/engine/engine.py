@@ -227,7 +227,7 @@ class Engine:
             request.sequence.truncate(request.sequence.length - len(draft) + len(tokens) - 1)
             request.draft = []
         else:
-            tokens = [decoder.sampler.sample(rows[0], decoder.history[:decoder.known])]
+            tokens = [decoder.choose(rows[0])]
         finished = None
         for token, row in zip(tokens, rows):
             piece, finished = decoder.emit(token, row)

@@ -231,9 +231,9 @@ class Decoder:
         # Made last: a draft model's sequence is opened only once every setting has passed its checks.
         self.speculator = Speculator(speculation, model) if speculation is not None else None
 
-    def accept(self, logits: np.ndarray) -> tuple[str, str | None]:
-        """Sample the next token from `logits`; returns (its text, if any, and the finish reason once done)."""
-        return self.emit(self.sampler.sample(logits, self.history[:self.known]), logits)
+    def choose(self, logits: np.ndarray) -> int:
+        """Plain decoding's next token from `logits` (sampled, or the argmax when greedy); emit it with emit()."""
+        return self.sampler.sample(logits, self.history[:self.known])
 
     # --- speculative decoding: draft(), a step over [last token, *draft] with every row's logits, verify(),
     # then emit() each token verify() returned.
@@ -360,7 +360,7 @@ class TextStream:
             logits = model.forward(sequence, self.new_ids)
             stats.prefill_seconds = time.perf_counter() - began
             decode_began = time.perf_counter()
-            tokens, rows = [decoder.sampler.sample(logits, decoder.history[:decoder.known])], logits[None]
+            tokens, rows = [decoder.choose(logits)], logits[None]
             while True:
                 # One token at a time, so a stop string or max_new_tokens cuts a verified run where plain
                 # decoding would have stopped.
@@ -410,7 +410,7 @@ class TextStream:
                 draft = []
         if not draft:
             logits = self.model.decode_step(sequence, last)
-            token = decoder.sampler.sample(logits, decoder.history[:decoder.known])
+            token = decoder.choose(logits)
             if decoder.speculator is not None:
                 decoder.speculator.costs.record_plain(time.perf_counter() - began)
             return [token], logits[None]
