@@ -38,16 +38,23 @@ def limit_threads(threads: int) -> None:
     _limited_threads.clear()
 
 
-def _kernels():
-    # Imported when first needed: Numba costs ~0.5 s and ~60 MB to import, which float32 models never pay.
-    from . import quantized_kernels
+_kernel_module = None
 
+
+def _kernels():
+    # Imported when first needed: Numba costs ~0.5 s and ~60 MB to import, which float32 models never pay. Kept
+    # in a global: an import statement costs ~1 µs even when done, and a decode step makes ~120 calls here.
+    global _kernel_module
+    if _kernel_module is None:
+        from . import quantized_kernels
+
+        _kernel_module = quantized_kernels
     if _thread_limit and threading.get_ident() not in _limited_threads:
         import numba
 
         numba.set_num_threads(min(_thread_limit, numba.config.NUMBA_NUM_THREADS))
         _limited_threads.add(threading.get_ident())
-    return quantized_kernels
+    return _kernel_module
 
 
 def warm_up(kinds: set[str]) -> None:
