@@ -53,12 +53,14 @@ def view(op: str):
 
 
 class StepState:
-    """What changes every step without changing any buffer: the step's layout."""
+    """What changes every step without changing any buffer: the step's layout; and, while a shape is being
+    bound, whether its products run in Numba's threads (then its attention may use them too)."""
 
-    __slots__ = ("layout",)
+    __slots__ = ("layout", "products_in_numba")
 
     def __init__(self):
         self.layout: StepLayout | None = None
+        self.products_in_numba = False
 
 
 class Program:
@@ -81,6 +83,8 @@ class Program:
                 raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
                                  f"{weight_type(self.params[name])}: compile with the quantize_weights pass first")
         quantized.warm_up({v.type.dtype for v in graph.params.values() if v.type.is_quantized})
+        self._quantized_products = all(node.inputs[1].type.is_quantized for node in graph.nodes
+                                       if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param")
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
@@ -161,6 +165,7 @@ class Program:
         for name, value in self.graph.states.items():
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
+        self.step.products_in_numba = seq <= quantized.TILES_MAX_ROWS and self._quantized_products
         calls = []
         for node in self.graph.nodes:
             spec = op_def(node.op)
@@ -566,13 +571,14 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         return lambda: one_query(step.layout, 0, q_row, out_row)
 
     scale = np.float32(node.attrs["scale"])
+    paged_kernel = "paged_decode_attention_threaded" if step.products_in_numba else "paged_decode_attention"
 
     def call():
         layout = step.layout
         sequences = len(layout.totals)
         if last_queries or rows == sequences:                    # one query per sequence: query i is row i
             if sequences > 1:
-                _attention_kernels().paged_decode_attention(q[:sequences], k_pool, v_pool, layout.padded_slots(),
+                getattr(_attention_kernels(), paged_kernel)(q[:sequences], k_pool, v_pool, layout.padded_slots(),
                                                             layout.totals_array(), window, scale, out[:sequences])
             else:
                 one_query(layout, 0, grouped(q, 0), grouped(out, 0))
@@ -619,12 +625,13 @@ def _attention_kernels():
 
 
 def warm_up_batched_attention() -> None:
-    """Compile (or load from Numba's cache) the paged attention kernel, on tiny arrays of the types a step
-    passes, so that an engine's first step of several sequences does not pay for it."""
+    """Compile (or load from Numba's cache) the paged attention kernels, on tiny arrays of the types a step
+    passes, so that an engine's first step of several sequences does not pay for them."""
     q = np.zeros((2, 1, 1), np.float32)
     pool = np.zeros((1, 1, 1), np.float32)
-    _attention_kernels().paged_decode_attention(q, pool, pool, np.zeros((2, 1), np.intp), np.ones(2, np.intp), 0,
-                                                np.float32(1), q.copy())
+    kernels = _attention_kernels()
+    for paged_attention in (kernels.paged_decode_attention, kernels.paged_decode_attention_threaded):
+        paged_attention(q, pool, pool, np.zeros((2, 1), np.intp), np.ones(2, np.intp), 0, np.float32(1), q.copy())
 
 
 def _many_queries_attention(node: Node, q, k, v, out, scratch) -> None:

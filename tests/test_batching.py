@@ -275,11 +275,15 @@ def test_an_engine_refuses_to_run_after_the_model_is_recompiled():
         handle.result()
 
 
+@pytest.mark.parametrize("kernel", ["paged_decode_attention", "paged_decode_attention_threaded"])
 @pytest.mark.parametrize("heads, kv_heads, window", [(4, 4, 0), (6, 2, 0), (4, 1, 5), (8, 4, 1)])
-def test_paged_attention_kernel_equals_attention_written_plainly(heads, kv_heads, window):
-    """The compiled paged kernel against softmax(q·kᵀ·scale)·v over each sequence's own slots, one at a time:
-    scattered slots, totals from 1, grouped and multi-query heads, sliding windows down to one key."""
-    from minitorch_infer.backends.attention_kernels import paged_decode_attention
+def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, kv_heads, window):
+    """The compiled paged kernels (one thread, and the sequences shared out among threads) against
+    softmax(q·kᵀ·scale)·v over each sequence's own slots, one at a time: scattered slots, totals from 1,
+    grouped and multi-query heads, sliding windows down to one key."""
+    from minitorch_infer.backends import attention_kernels
+
+    paged_decode_attention = getattr(attention_kernels, kernel)
 
     rng = np.random.default_rng(heads * 10 + kv_heads + window)
     head_dim, capacity, totals = 16, 256, [1, 7, 40, 3]
