@@ -28,16 +28,20 @@ def paged_decode_attention(q, k_pool, v_pool, slots, totals, window, scale, out)
     h // (heads // kv_heads)."""
     scores, largest, sums, acc = _buffers(q, k_pool, slots)
     for r in range(q.shape[0]):
-        _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, scores, largest, sums, acc)
+        for g in range(k_pool.shape[0]):
+            _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, scores, largest, sums, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def paged_decode_attention_threaded(q, k_pool, v_pool, slots, totals, window, scale, out):
-    """paged_decode_attention with the sequences shared out among Numba's threads: for a step whose products
-    run in those same threads (quantised weights), so that no OpenBLAS thread is left spinning for the core."""
-    for r in prange(q.shape[0]):
+    """paged_decode_attention with the (sequence, kv head) pairs shared out among Numba's threads: for a step
+    whose products run in those same threads (quantised weights), so that no OpenBLAS thread is left spinning
+    for the core. Pairs rather than sequences: smaller pieces even out sequences of different lengths."""
+    kv_heads = k_pool.shape[0]
+    for pair in prange(q.shape[0] * kv_heads):
         scores, largest, sums, acc = _buffers(q, k_pool, slots)
-        _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, scores, largest, sums, acc)
+        _attend(q, k_pool, v_pool, slots, totals, window, scale, out, pair // kv_heads, pair % kv_heads,
+                scores, largest, sums, acc)
 
 
 @njit(inline="always")
@@ -49,34 +53,32 @@ def _buffers(q, k_pool, slots):
 
 
 @njit(inline="always")
-def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, scores, largest, sums, acc):
-    """Sequence r's query heads, one kv head's group at a time."""
+def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, scores, largest, sums, acc):
+    """Sequence r's query heads of kv head g's group."""
     head_dim = q.shape[2]
-    kv_heads = k_pool.shape[0]
-    group = q.shape[1] // kv_heads
+    group = q.shape[1] // k_pool.shape[0]
     total = totals[r]
     first = max(0, total - window) if window > 0 else 0
-    for g in range(kv_heads):
-        head = g * group
-        largest[:] = -np.inf
-        for t in range(first, total):
-            key = k_pool[g, slots[r, t]]
-            for j in range(group):
-                s = np.float32(0)
-                for d in range(head_dim):
-                    s += q[r, head + j, d] * key[d]
-                s *= scale
-                scores[j, t] = s
-                largest[j] = max(largest[j], s)
-        sums[:] = 0
-        acc[:] = 0
-        for t in range(first, total):
-            value = v_pool[g, slots[r, t]]
-            for j in range(group):
-                p = np.exp(scores[j, t] - largest[j])
-                sums[j] += p
-                for d in range(head_dim):
-                    acc[j, d] += p * value[d]
+    head = g * group
+    largest[:] = -np.inf
+    for t in range(first, total):
+        key = k_pool[g, slots[r, t]]
         for j in range(group):
+            s = np.float32(0)
             for d in range(head_dim):
-                out[r, head + j, d] = acc[j, d] / sums[j]
+                s += q[r, head + j, d] * key[d]
+            s *= scale
+            scores[j, t] = s
+            largest[j] = max(largest[j], s)
+    sums[:] = 0
+    acc[:] = 0
+    for t in range(first, total):
+        value = v_pool[g, slots[r, t]]
+        for j in range(group):
+            p = np.exp(scores[j, t] - largest[j])
+            sums[j] += p
+            for d in range(head_dim):
+                acc[j, d] += p * value[d]
+    for j in range(group):
+        for d in range(head_dim):
+            out[r, head + j, d] = acc[j, d] / sums[j]
