@@ -9,9 +9,9 @@ and serves every query head of its group.
 One thread (no `prange`) when the step's products run in OpenBLAS's threads just before and after: a second
 pool of spinning threads would starve them (see quantized_kernels; sharing the sequences out ran a story-model
 step 5x slower). When the products run in Numba's own threads (quantised weights),
-`paged_decode_attention_threaded` shares out the sequences. Numba compiles this on first use and keeps
-the machine code in its cache, as for the quantised kernels; the NumPy backend imports it only for a step of
-several sequences, so a model that never batches never loads Numba for it.
+`paged_decode_attention_threaded` shares out the (sequence, kv head) pairs. Numba compiles these on first use
+and keeps the machine code in its cache, as for the quantised kernels; the NumPy backend imports them only for
+a step of several sequences, so a model that never batches never loads Numba for them.
 """
 
 from __future__ import annotations
