@@ -616,12 +616,19 @@ def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, c
     return attend
 
 
+_attention_kernel_module = None
+
+
 def _attention_kernels():
     # Imported when a step first carries several sequences: Numba costs ~0.5 s and ~60 MB to import, which a
-    # float32 model that never batches does not pay.
-    from . import attention_kernels
+    # float32 model that never batches does not pay. Kept in a global, as quantized.py keeps its kernels: an
+    # import statement costs ~1 µs even when done, and every layer of a batched decode step asks.
+    global _attention_kernel_module
+    if _attention_kernel_module is None:
+        from . import attention_kernels
 
-    return attention_kernels
+        _attention_kernel_module = attention_kernels
+    return _attention_kernel_module
 
 
 def warm_up_batched_attention() -> None:
