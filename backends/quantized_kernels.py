@@ -26,11 +26,34 @@ NUMBA_CACHE_DIR), so later processes load it in milliseconds.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.numpy_support import carray
 
 ROWS = 4              # weight rows per iteration
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
 RUNS = 64             # runs of groups of rows the threads share out (matmul_tiles_*)
+ACCUMULATORS = ROWS * LANES
+
+
+@intrinsic
+def _stack_array(typingctx, size, dtype):
+    """A pointer to `size` (a literal) values of `dtype` on the stack: LLVM keeps such a small array in
+    registers across a loop, where it stores an np.empty array back to memory on every iteration (eight
+    stores per block in the direct kernels)."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size.literal_value)
+    return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+@njit(inline="always")
+def _accumulators():
+    """Four weight rows' 16 accumulators, kept in registers."""
+    return carray(_stack_array(ACCUMULATORS, np.float32), (ROWS, LANES))
 
 
 @njit(inline="always")
@@ -62,7 +85,7 @@ def matmul_rows_q8(codes, scales, x, y, accumulate):
     for group in prange((rows + ROWS - 1) // ROWS):
         n = group * ROWS
         r0, r1, r2, r3 = _row(n, rows), _row(n + 1, rows), _row(n + 2, rows), _row(n + 3, rows)
-        acc = np.empty((ROWS, LANES), np.float32)
+        acc = _accumulators()
         for m in range(x.shape[0]):
             acc[:] = 0
             for b in range(blocks):
@@ -91,7 +114,7 @@ def matmul_rows_q4(codes, scales, offsets, x, y, accumulate):
     for group in prange((rows + ROWS - 1) // ROWS):
         n = group * ROWS
         r0, r1, r2, r3 = _row(n, rows), _row(n + 1, rows), _row(n + 2, rows), _row(n + 3, rows)
-        acc = np.empty((ROWS, LANES), np.float32)
+        acc = _accumulators()
         for m in range(x.shape[0]):
             acc[:] = 0
             for b in range(blocks):
