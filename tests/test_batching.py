@@ -276,24 +276,28 @@ def test_an_engine_refuses_to_run_after_the_model_is_recompiled():
 
 
 @pytest.mark.parametrize("kernel", ["paged_decode_attention", "paged_decode_attention_threaded"])
-@pytest.mark.parametrize("heads, kv_heads, window", [(4, 4, 0), (6, 2, 0), (4, 1, 5), (8, 4, 1)])
-def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, kv_heads, window):
+@pytest.mark.parametrize("heads, kv_heads, window, head_dim, scale",
+                         [(4, 4, 0, 16, 0.25), (6, 2, 0, 24, 0.25), (4, 1, 5, 16, 0.25), (8, 4, 1, 16, 0.25),
+                          (9, 3, 0, 64, 4.0)])
+def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, kv_heads, window, head_dim,
+                                                                 scale):
     """The compiled paged kernels (one thread, and the sequences shared out among threads) against
     softmax(q·kᵀ·scale)·v over each sequence's own slots, one at a time: scattered slots, totals from 1,
-    grouped and multi-query heads, sliding windows down to one key."""
+    grouped (pairs of heads, and an odd one) and multi-query heads, sliding windows down to one key, and
+    scores spread wide enough that most weights underflow."""
     from minitorch_infer.backends import attention_kernels
 
     paged_decode_attention = getattr(attention_kernels, kernel)
 
     rng = np.random.default_rng(heads * 10 + kv_heads + window)
-    head_dim, capacity, totals = 16, 256, [1, 7, 40, 3]
+    capacity, totals = 256, [1, 7, 40, 3]
     k_pool, v_pool = (rng.standard_normal((kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
     q = rng.standard_normal((len(totals), heads, head_dim)).astype(np.float32)
     slots = np.zeros((len(totals), max(totals)), np.intp)
     for r, (total, picked) in enumerate(zip(totals, np.split(rng.permutation(capacity)[:sum(totals)],
                                                                np.cumsum(totals)[:-1]))):
         slots[r, :total] = picked
-    scale = np.float32(0.25)
+    scale = np.float32(scale)
     out = np.empty_like(q)
     paged_decode_attention(q, k_pool, v_pool, slots, np.asarray(totals, np.intp), window, scale, out)
     for r, total in enumerate(totals):
@@ -304,6 +308,17 @@ def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, 
             weights = np.exp(scores - scores.max())
             expected = weights @ v_pool[g, seen] / weights.sum()
             np.testing.assert_allclose(out[r, h], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_attention_kernels_exp_is_numpys_to_float32_rounding():
+    """The paged kernels' own exp (a polynomial LLVM vectorises) over softmax's whole range, x <= 0."""
+    from minitorch_infer.backends.attention_kernels import _exp
+
+    x = np.concatenate([-np.linspace(0, 87, 20001), -np.geomspace(1e-8, 1, 50)]).astype(np.float32)
+    got = np.array([_exp(v) for v in x])
+    expected = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got, expected, rtol=5e-7, atol=0)
+    assert 0 <= _exp(np.float32(-200)) < 1e-37
 
 
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [5, 1, 12, 1], [1] * 12],
