@@ -246,15 +246,34 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
         x_row, y_row = x[0], y[0]
         return lambda: np.dot(w, x_row, out=y_row)
-    if rows <= TRANSPOSED_PRODUCT_ROWS and w.flags.c_contiguous and scratch is not None:
-        # A few rows (a batched decode step, a verify step) on a row-major weight (the logits product; packed
-        # weights are stored column-major already): OpenBLAS multiplies [2-32, K] by a transposed [N, K]
-        # 1.3-4x slower than W by the transposed rows (the story model's logits for 2 rows: 109 -> 27 us),
-        # copies included. From ~48 rows the copies cost more.
+    streamed_column_major = w.flags.f_contiguous and w.nbytes >= STREAMED_WEIGHT_BYTES
+    if streamed_column_major and rows <= GEMV_ROWS:
+        # A very few rows on a large column-major weight (SmolLM2's packed q|k|v and gate|up): one
+        # matrix-vector product per row. OpenBLAS's gemm takes 2-4x one gemv's time for 2-16 rows here, while
+        # each further gemv finds much of W in the last-level cache (SmolLM2's gate|up, 2 / 4 / 6 rows: 1501 /
+        # 1517 / 1694 us by gemm, 583 / 921 / 1376 us by gemvs).
+        pairs = [(x[i], y[i]) for i in range(rows)]
+
+        def gemvs():
+            for x_row, y_row in pairs:
+                np.dot(w, x_row, out=y_row)
+        return gemvs
+    if rows <= TRANSPOSED_PRODUCT_ROWS and scratch is not None and (w.flags.c_contiguous or streamed_column_major):
+        # A few rows (a batched decode step, a verify step): OpenBLAS multiplies [2-32, K] by a transposed
+        # [N, K] (a row-major weight: the logits product) 1.3-4x slower than W by the transposed rows (the
+        # story model's logits for 2 rows: 109 -> 27 us), and x by a large column-major one 1.1-1.3x slower
+        # (SmolLM2's q|k|v and gate|up at 8-32 rows), copies included. From ~48 rows the copies cost more.
         product, product_t = _transposed_product(x, w, scratch)
         return lambda: (product(), np.copyto(y, product_t.T))
     w_t = w.T
     return lambda: np.matmul(x, w_t, out=y)
+
+
+# Up to GEMV_ROWS rows, a product on a column-major weight of at least STREAMED_WEIGHT_BYTES (one that comes
+# from memory, not from cache) runs as one gemv per row (see _matmul). A small weight stays in cache, where
+# gemm's blocking wins: the story model's 768 x 128 gate|up at 4 rows, 15 us by gemm, 28 by gemvs.
+GEMV_ROWS = 6
+STREAMED_WEIGHT_BYTES = 1 << 20
 
 
 def _transposed_product(x: np.ndarray, w: np.ndarray, scratch: np.ndarray) -> tuple[Kernel, np.ndarray]:

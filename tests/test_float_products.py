@@ -1,0 +1,34 @@
+"""Every way the NumPy backend multiplies by a float32 weight, chosen by the rows of x and the weight's layout
+and size (one gemv; a gemv per row; W by the transposed rows; plain gemm), equals x · wᵀ computed plainly."""
+
+import numpy as np
+import pytest
+
+from minitorch_infer.backends import numpy as numpy_backend
+from minitorch_infer.backends.layout import StepLayout
+from minitorch_infer.ir import Sym, TensorType, trace
+from minitorch_infer.ir import functional as F
+from minitorch_infer.passes.memory_plan import plan_memory
+
+MAX_ROWS = 40
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("out_features, in_features", [(48, 32), (1024, 288)], ids=["cached", "streamed"])
+def test_every_float_product_path_equals_x_times_w_transposed(layout, out_features, in_features):
+    assert (out_features * in_features * 4 >= numpy_backend.STREAMED_WEIGHT_BYTES) == (out_features == 1024)
+    rng = np.random.default_rng(out_features)
+    weight = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    if layout == "column-major":
+        weight = np.asfortranarray(weight)
+
+    def product(x):
+        return F.matmul(x, F.param("w", (out_features, in_features)))
+
+    graph = trace(product, {"x": TensorType((Sym("S", MAX_ROWS), in_features))}, name="product")
+    program = numpy_backend.compile(graph, plan_memory(graph), {"w": weight})
+    for rows in (1, 2, numpy_backend.GEMV_ROWS, numpy_backend.GEMV_ROWS + 1, 32, MAX_ROWS):
+        x = rng.standard_normal((rows, in_features)).astype(np.float32)
+        (found,) = program.run({"x": x}, {}, StepLayout.single(rows, rows))
+        np.testing.assert_allclose(found, x.astype(np.float64) @ weight.T.astype(np.float64), rtol=1e-4,
+                                   atol=1e-4, err_msg=f"{rows} rows")
