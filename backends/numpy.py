@@ -246,19 +246,19 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
         x_row, y_row = x[0], y[0]
         return lambda: np.dot(w, x_row, out=y_row)
-    streamed_column_major = w.flags.f_contiguous and w.nbytes >= STREAMED_WEIGHT_BYTES
-    if streamed_column_major and rows <= GEMV_ROWS:
-        # A very few rows on a large column-major weight (SmolLM2's packed q|k|v and gate|up): one
-        # matrix-vector product per row. OpenBLAS's gemm takes 2-4x one gemv's time for 2-16 rows here, while
-        # each further gemv finds much of W in the last-level cache (SmolLM2's gate|up, 2 / 4 / 6 rows: 1501 /
-        # 1517 / 1694 us by gemm, 583 / 921 / 1376 us by gemvs).
+    streamed = w.nbytes >= STREAMED_WEIGHT_BYTES
+    if streamed and rows <= (GEMV_ROWS_COLUMN_MAJOR if w.flags.f_contiguous else GEMV_ROWS_ROW_MAJOR):
+        # A very few rows on a large weight: one matrix-vector product per row. OpenBLAS's gemm takes 2-4x one
+        # gemv's time for 2-16 rows here, while each further gemv finds much of W in the last-level cache
+        # (SmolLM2's column-major gate|up at 2 / 4 / 6 rows: 1501 / 1517 / 1694 us by gemm, 583 / 921 / 1376
+        # by gemvs; its row-major logits at 2 / 3 rows: 23.4 / 25.4 ms by gemm, 15.8 / 23.1 by gemvs).
         pairs = [(x[i], y[i]) for i in range(rows)]
 
         def gemvs():
             for x_row, y_row in pairs:
                 np.dot(w, x_row, out=y_row)
         return gemvs
-    if rows <= TRANSPOSED_PRODUCT_ROWS and scratch is not None and (w.flags.c_contiguous or streamed_column_major):
+    if rows <= TRANSPOSED_PRODUCT_ROWS and scratch is not None and (w.flags.c_contiguous or streamed):
         # A few rows (a batched decode step, a verify step): OpenBLAS multiplies [2-32, K] by a transposed
         # [N, K] (a row-major weight: the logits product) 1.3-4x slower than W by the transposed rows (the
         # story model's logits for 2 rows: 109 -> 27 us), and x by a large column-major one 1.1-1.3x slower
@@ -269,10 +269,12 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     return lambda: np.matmul(x, w_t, out=y)
 
 
-# Up to GEMV_ROWS rows, a product on a column-major weight of at least STREAMED_WEIGHT_BYTES (one that comes
-# from memory, not from cache) runs as one gemv per row (see _matmul). A small weight stays in cache, where
-# gemm's blocking wins: the story model's 768 x 128 gate|up at 4 rows, 15 us by gemm, 28 by gemvs.
-GEMV_ROWS = 6
+# A product on a weight of at least STREAMED_WEIGHT_BYTES (one that comes from memory, not from cache) runs as
+# one gemv per row up to this many rows (see _matmul); OpenBLAS's gemm by the transposed rows catches up
+# sooner on a row-major weight. A small weight stays in cache, where gemm's blocking wins: the story model's
+# 768 x 128 gate|up at 4 rows, 15 us by gemm, 28 by gemvs.
+GEMV_ROWS_COLUMN_MAJOR = 6
+GEMV_ROWS_ROW_MAJOR = 2
 STREAMED_WEIGHT_BYTES = 1 << 20
 
 
