@@ -9,7 +9,8 @@ scales, minitorch_infer/quantized.py) and widen each code in a register.
   keeps 16 accumulators (one vector register), which take d · code · x for pairs of values block after block
   and are summed once per row: summing each block's 32 products before applying its scale, as the format
   suggests, costs a horizontal reduction per block and ran 1.3x slower. Threads share out the groups of four
-  rows (`prange`).
+  rows (`prange`). Each group asks for the rows PREFETCH_ROWS ahead (software prefetch): the hardware's own
+  prefetching kept one core's stream of weight bytes at ~5 GB/s, and SmolLM2's Q8_0 decode went 1.29x faster.
 - `matmul_tiles_*`: the same product for a few rows of x (batched decode steps, short prefill chunks), where
   widening each code once per row of x would cost more than reading it: four weight rows are dequantised
   into a float32 tile that stays in L1, then each pair of rows of x is multiplied by it, whole rows at a
@@ -26,6 +27,7 @@ NUMBA_CACHE_DIR), so later processes load it in milliseconds.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -35,6 +37,7 @@ ROWS = 4              # weight rows per iteration
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
 RUNS = 64             # runs of groups of rows the threads share out (matmul_tiles_*)
 ACCUMULATORS = ROWS * LANES
+PREFETCH_ROWS = 16    # how far ahead the direct kernels ask for weight rows
 
 
 @intrinsic
@@ -48,6 +51,31 @@ def _stack_array(typingctx, size, dtype):
     def codegen(context, builder, signature, args):
         return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size.literal_value)
     return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, row, column):
+    """Ask for the cache line holding array[row, column] (llvm.prefetch: a hint, which never faults)."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        pointer = cgutils.get_item_pointer(context, builder, array_type,
+                                           context.make_array(array_type)(context, builder, args[0]), args[1:])
+        byte_pointer = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
+        read, keep_in_all_levels, data = int32(0), int32(3), int32(1)
+        builder.call(prefetch, [builder.bitcast(pointer, byte_pointer), read, keep_in_all_levels, data])
+        return context.get_dummy_value()
+    return types.void(array, row, column), codegen
+
+
+@njit(inline="always")
+def _prefetch_rows(codes, n, rows, column):
+    """The lines at `column` of the four weight rows PREFETCH_ROWS past the group at n."""
+    ahead = n + PREFETCH_ROWS
+    for r in range(ROWS):
+        _prefetch(codes, min(ahead + r, rows - 1), column)
 
 
 @njit(inline="always")
@@ -91,6 +119,8 @@ def matmul_rows_q8(codes, scales, x, y, accumulate):
             for b in range(blocks):
                 d0, d1, d2, d3 = scales[r0, b], scales[r1, b], scales[r2, b], scales[r3, b]
                 first = 32 * b
+                if b % 2 == 0:                            # a 64-byte line holds two blocks' codes
+                    _prefetch_rows(codes, n, rows, first)
                 for i in range(LANES):
                     x_low, x_high = x[m, first + i], x[m, first + LANES + i]
                     acc[0, i] += d0 * _pair_q8(codes, r0, first + i, x_low, x_high)
@@ -123,6 +153,8 @@ def matmul_rows_q4(codes, scales, offsets, x, y, accumulate):
                     m0, m1, m2, m3 = minus_eight * d0, minus_eight * d1, minus_eight * d2, minus_eight * d3
                 else:
                     m0, m1, m2, m3 = offsets[r0, b], offsets[r1, b], offsets[r2, b], offsets[r3, b]
+                if b % 4 == 0:                            # a 64-byte line holds four blocks' codes
+                    _prefetch_rows(codes, n, rows, LANES * b)
                 for i in range(LANES):
                     x_low, x_high = x[m, 32 * b + i], x[m, 32 * b + LANES + i]
                     x_sum = x_low + x_high
