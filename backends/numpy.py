@@ -240,6 +240,12 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, scratch)
+    return float_product(x, w, y, scratch)
+
+
+def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarray | None) -> Kernel:
+    """A call computing y = x · wᵀ for a float32 weight, the BLAS calls chosen by x's rows and w's layout and
+    size; scratch (the matmul's workspace) holds the transposed operands of the few-row products."""
     rows = x.shape[0]
     if rows == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..backends import quantized
+from ..backends import numpy as numpy_backend, quantized
 from ..backends.layout import StepLayout
 from ..ir.ops import DEQUANTIZED_TILE
 from ..quantized import QuantizedTensor
@@ -116,9 +116,8 @@ def _product(x: np.ndarray, w, y: np.ndarray):
     """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
-    if x.shape[0] == 1:
-        return lambda: np.dot(w, x[0], out=y[0])          # the decode step's matrix-vector product
-    return lambda: np.matmul(x, w.T, out=y)
+    rows, k = x.shape
+    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32))
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:
