@@ -58,8 +58,9 @@ def _prefetch(typingctx, array, row, column):
     """Ask for the cache line holding array[row, column] (llvm.prefetch: a hint, which never faults)."""
     def codegen(context, builder, signature, args):
         array_type = signature.args[0]
+        indices = [context.cast(builder, value, kind, types.intp) for value, kind in zip(args[1:], signature.args[1:])]
         pointer = cgutils.get_item_pointer(context, builder, array_type,
-                                           context.make_array(array_type)(context, builder, args[0]), args[1:])
+                                           context.make_array(array_type)(context, builder, args[0]), indices)
         byte_pointer = ir.IntType(8).as_pointer()
         int32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
