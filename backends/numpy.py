@@ -252,7 +252,7 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
         x_row, y_row = x[0], y[0]
         return lambda: np.dot(w, x_row, out=y_row)
-    streamed = w.nbytes >= STREAMED_WEIGHT_BYTES
+    streamed = w.nbytes > STREAMED_WEIGHT_BYTES
     if streamed and rows <= (GEMV_ROWS_COLUMN_MAJOR if w.flags.f_contiguous else GEMV_ROWS_ROW_MAJOR):
         # A very few rows on a large weight: one matrix-vector product per row. OpenBLAS's gemm takes 2-4x one
         # gemv's time for 2-16 rows here, while each further gemv finds much of W in the last-level cache
@@ -275,13 +275,14 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
     return lambda: np.matmul(x, w_t, out=y)
 
 
-# A product on a weight of at least STREAMED_WEIGHT_BYTES (one that comes from memory, not from cache) runs as
-# one gemv per row up to this many rows (see _matmul); OpenBLAS's gemm by the transposed rows catches up
-# sooner on a row-major weight. A small weight stays in cache, where gemm's blocking wins: the story model's
-# 768 x 128 gate|up at 4 rows, 15 us by gemm, 28 by gemvs.
+# A product on a weight larger than a core's L2 cache (STREAMED_WEIGHT_BYTES: one that comes from memory or
+# the last-level cache) runs as one gemv per row up to this many rows (see _matmul); OpenBLAS's gemm by the
+# transposed rows catches up sooner on a row-major weight. A small weight stays in cache, where gemm's
+# blocking wins: the story model's 768 x 128 gate|up at 4 rows, 15 us by gemm, 28 by gemvs; its 2048 x 128
+# head (1 MiB) at 2 rows, 86 us by gemm, 108 by gemvs.
 GEMV_ROWS_COLUMN_MAJOR = 6
 GEMV_ROWS_ROW_MAJOR = 2
-STREAMED_WEIGHT_BYTES = 1 << 20
+STREAMED_WEIGHT_BYTES = 2 << 20
 
 
 def _transposed_product(x: np.ndarray, w: np.ndarray, scratch: np.ndarray) -> tuple[Kernel, np.ndarray]:
