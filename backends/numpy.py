@@ -83,8 +83,11 @@ class Program:
                 raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
                                  f"{weight_type(self.params[name])}: compile with the quantize_weights pass first")
         quantized.warm_up({v.type.dtype for v in graph.params.values() if v.type.is_quantized})
-        self._quantized_products = all(node.inputs[1].type.is_quantized for node in graph.nodes
-                                       if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param")
+        weight_is_quantized = [node.inputs[1].type.is_quantized for node in graph.nodes
+                               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
+        self._quantized_products = bool(weight_is_quantized) and all(weight_is_quantized)
+        if self._quantized_products and any(node.op == "attention" for node in graph.nodes):
+            warm_up_paged_attention()
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
@@ -594,12 +597,20 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         k, v = keys_and_values(layout, i, first, total)
         attend(q_row, k, v, out_row)
 
+    scale = np.float32(node.attrs["scale"])
+    paged_kernel = "paged_decode_attention_threaded" if step.products_in_numba else "paged_decode_attention"
+    if rows == 1 and step.products_in_numba:
+        # One sequence's decode with quantised weights: the threaded paged kernel shares its kv heads among
+        # Numba's threads, idle between the products otherwise (SmolLM2 decode 1.04x native, 1.055x Q8_0, one
+        # process, eight alternating turns each, to ~200 positions; more for longer contexts).
+        def paged_one_query():
+            layout = step.layout
+            getattr(_attention_kernels(), paged_kernel)(q, k_pool, v_pool, layout.padded_slots(),
+                                                        layout.totals_array(), window, scale, out)
+        return paged_one_query
     if rows == 1:                                                # one sequence, one query: the lean decode path
         q_row, out_row = grouped(q, 0), grouped(out, 0)          # views made once
         return lambda: one_query(step.layout, 0, q_row, out_row)
-
-    scale = np.float32(node.attrs["scale"])
-    paged_kernel = "paged_decode_attention_threaded" if step.products_in_numba else "paged_decode_attention"
 
     def call():
         layout = step.layout
@@ -648,9 +659,9 @@ _attention_kernel_module = None
 
 
 def _attention_kernels():
-    # Imported when a step first carries several sequences: Numba costs ~0.5 s and ~60 MB to import, which a
-    # float32 model that never batches does not pay. Kept in a global, as quantized.py keeps its kernels: an
-    # import statement costs ~1 µs even when done, and every layer of a batched decode step asks.
+    # Imported when an engine is made or a quantised program is (whose decode uses them too): Numba costs
+    # ~0.5 s and ~60 MB to import, which a float32 model that never batches does not pay. Kept in a global, as
+    # quantized.py keeps its kernels: an import statement costs ~1 µs even when done, and every layer asks.
     global _attention_kernel_module
     if _attention_kernel_module is None:
         from . import attention_kernels
@@ -659,9 +670,10 @@ def _attention_kernels():
     return _attention_kernel_module
 
 
-def warm_up_batched_attention() -> None:
+def warm_up_paged_attention() -> None:
     """Compile (or load from Numba's cache) the paged attention kernels, on tiny arrays of the types a step
-    passes, so that an engine's first step of several sequences does not pay for them."""
+    passes, so that the first step that runs them (an engine's of several sequences, a quantised program's
+    decode) does not pay for them, and load-and-compile times count it."""
     q = np.zeros((2, 1, 1), np.float32)
     pool = np.zeros((1, 1, 1), np.float32)
     kernels = _attention_kernels()
