@@ -559,8 +559,8 @@ def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
 @kernel("attention")
 def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     """Each sequence of the step attends over its own keys. A decode step of several sequences (one query
-    each) runs the compiled paged kernel, which reads every sequence's keys where the pool keeps them;
-    otherwise each sequence goes alone, reading its keys as a view of the pool when its positions are one run
+    each), or of one when the products run in Numba's threads, runs the compiled paged kernel, which reads
+    every sequence's keys where the pool keeps them; otherwise each sequence goes alone, reading its keys as a view of the pool when its positions are one run
     of slots (gathering them when not): one query takes the matrix-vector path, many (prefill) the transposed
     one."""
     q, k_pool, v_pool = ins
