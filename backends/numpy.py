@@ -560,9 +560,9 @@ def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
 def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     """Each sequence of the step attends over its own keys. A decode step of several sequences (one query
     each), or of one when the products run in Numba's threads, runs the compiled paged kernel, which reads
-    every sequence's keys where the pool keeps them; otherwise each sequence goes alone, reading its keys as a view of the pool when its positions are one run
-    of slots (gathering them when not): one query takes the matrix-vector path, many (prefill) the transposed
-    one."""
+    every sequence's keys where the pool keeps them; otherwise each sequence goes alone, reading its keys as
+    a view of the pool when its positions are one run of slots (gathering them when not): one query takes the
+    matrix-vector path, many (prefill) the transposed one."""
     q, k_pool, v_pool = ins
     (out,) = outs
     rows, heads, head_dim = q.shape
@@ -602,11 +602,13 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     if rows == 1 and step.products_in_numba:
         # One sequence's decode with quantised weights: the threaded paged kernel shares its kv heads among
         # Numba's threads, idle between the products otherwise (SmolLM2 decode 1.04x native, 1.055x Q8_0, one
-        # process, eight alternating turns each, to ~200 positions; more for longer contexts).
+        # process, eight alternating turns each, to ~200 positions; more for longer contexts). The kernels are
+        # loaded already (Program warms them), so the kernel is picked once here, not every step.
+        paged_attention = getattr(_attention_kernels(), paged_kernel)
+
         def paged_one_query():
             layout = step.layout
-            getattr(_attention_kernels(), paged_kernel)(q, k_pool, v_pool, layout.padded_slots(),
-                                                        layout.totals_array(), window, scale, out)
+            paged_attention(q, k_pool, v_pool, layout.padded_slots(), layout.totals_array(), window, scale, out)
         return paged_one_query
     if rows == 1:                                                # one sequence, one query: the lean decode path
         q_row, out_row = grouped(q, 0), grouped(out, 0)          # views made once

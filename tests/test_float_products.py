@@ -27,7 +27,8 @@ def test_every_float_product_path_equals_x_times_w_transposed(layout, out_featur
 
     graph = trace(product, {"x": TensorType((Sym("S", MAX_ROWS), in_features))}, name="product")
     program = numpy_backend.compile(graph, plan_memory(graph), {"w": weight})
-    for rows in (1, 2, 3, numpy_backend.GEMV_ROWS_COLUMN_MAJOR, numpy_backend.GEMV_ROWS_COLUMN_MAJOR + 1, 32, MAX_ROWS):
+    gemv_rows = numpy_backend.GEMV_ROWS_COLUMN_MAJOR
+    for rows in (1, 2, 3, gemv_rows, gemv_rows + 1, 32, MAX_ROWS):
         x = rng.standard_normal((rows, in_features)).astype(np.float32)
         (found,) = program.run({"x": x}, {}, StepLayout.single(rows, rows))
         np.testing.assert_allclose(found, x.astype(np.float64) @ weight.T.astype(np.float64), rtol=1e-4,
