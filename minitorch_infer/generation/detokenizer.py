@@ -16,6 +16,7 @@ never the whole output.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer
@@ -24,6 +25,14 @@ from ..tokenizer import library_failure
 
 # How many prompt tokens give the first generated token its context (vLLM uses the same number).
 _PROMPT_CONTEXT_TOKENS = 5
+
+# Once generation runs, a window is nearly always the last token emitted and the new one, and after each
+# emission the context is the new token alone. Windows that short are decoded once per tokenizer and then
+# looked up: a call into the tokenizer costs 4-8 us, about what a story-model step spends per sequence on
+# its graph. The cache is emptied when it reaches _SHORT_DECODES_KEPT entries, so it never grows unbounded.
+_SHORT_WINDOW = 2
+_SHORT_DECODES_KEPT = 1 << 16
+_short_decodes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class IncrementalDetokenizer:
@@ -50,6 +59,7 @@ class IncrementalDetokenizer:
         self.source = source                    # names the tokenizer's file in errors
         self.skip_special_tokens = skip_special_tokens
         self._skipped_ids = _ids_decode_skips(tokenizer) if skip_special_tokens else set()
+        self._short_decodes = _short_decodes.setdefault(tokenizer, {}).setdefault(skip_special_tokens, {})
         self._window = self._prompt_context(prompt_ids)
         self._read_offset = len(self._window)
         self._context_text = self._decode(self._window)
@@ -93,6 +103,18 @@ class IncrementalDetokenizer:
         return kept[start:]
 
     def _decode(self, token_ids: list[int]) -> str:
+        if len(token_ids) > _SHORT_WINDOW:
+            return self._call_decode(token_ids)
+        key = tuple(token_ids)
+        text = self._short_decodes.get(key)
+        if text is None:
+            text = self._call_decode(token_ids)
+            if len(self._short_decodes) >= _SHORT_DECODES_KEPT:
+                self._short_decodes.clear()
+            self._short_decodes[key] = text
+        return text
+
+    def _call_decode(self, token_ids: list[int]) -> str:
         try:
             return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         except BaseException as error:          # a try costs nothing until it catches; this runs every token
