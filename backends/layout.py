@@ -65,6 +65,17 @@ class StepLayout:
                    np.asarray(stops - 1, dtype=np.intp))
 
     @classmethod
+    def decode(cls, key_starts: Sequence[int], totals: Sequence[int]) -> StepLayout:
+        """One new row for each sequence, whose positions 0..totals[i]-1 sit in consecutive slots from
+        key_starts[i]: a batched decode step, built from Python ints, without the per-sequence slot arrays
+        `of` slices (a 16-sequence step: 10 against 45 us)."""
+        rows = len(totals)
+        write_slots = np.array([start + total - 1 for start, total in zip(key_starts, totals)], np.intp)
+        write_start = run_start(write_slots)
+        return cls(list(range(rows)), list(range(1, rows + 1)), list(totals), list(key_starts), [None] * rows,
+                   write_start, None if write_start is not None else write_slots, np.arange(rows))
+
+    @classmethod
     def single(cls, new_tokens: int, total: int, first_slot: int = 0) -> StepLayout:
         """One sequence whose positions sit in consecutive slots from `first_slot` (a contiguous cache)."""
         last_row = _FIRST_ROW if new_tokens == 1 else np.array([new_tokens - 1], dtype=np.intp)
@@ -81,9 +92,15 @@ class StepLayout:
     def padded_slots(self) -> np.ndarray:
         """[R, T_max]: sequence i's slots in row i (padded with slot 0, past its total)."""
         if "slots" not in self._derived:
-            padded = np.zeros((len(self.totals), max(self.totals)), np.intp)
-            for i, total in enumerate(self.totals):
-                padded[i, :total] = self.positions_of(i)
+            if None not in self.key_starts:
+                # Every sequence's slots are one run (the usual case): one broadcast instead of a row each.
+                offsets = np.arange(max(self.totals))
+                padded = np.asarray(self.key_starts, np.intp)[:, None] + offsets
+                padded[offsets >= self.totals_array()[:, None]] = 0
+            else:
+                padded = np.zeros((len(self.totals), max(self.totals)), np.intp)
+                for i, total in enumerate(self.totals):
+                    padded[i, :total] = self.positions_of(i)
             self._derived["slots"] = padded
         return self._derived["slots"]
 

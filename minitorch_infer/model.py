@@ -189,11 +189,17 @@ class Model:
         against the model's max_batch. Each sequence must have room reserved for its tokens."""
         counts = [len(t) for t in token_ids]
         tokens = self._checked_ids([t for chunk in token_ids for t in chunk])
-        positions = np.concatenate([np.arange(s.length, s.length + n) for s, n in zip(sequences, counts)])
+        if all(n == 1 for n in counts):                          # one token each (a decode step)
+            positions = np.fromiter([s.length for s in sequences], np.int64, len(sequences))
+        else:
+            positions = np.concatenate([np.arange(s.length, s.length + n) for s, n in zip(sequences, counts)])
         if any(s.cache is not self.kv_cache for s in sequences):
             raise MinitorchError("a sequence from another KV cache: the model was recompiled since it was opened "
                                  "(open sequences, sessions and engines anew after compile())")
-        layout = _layout(sequences, counts) if logit_rows is None else _layout_with_rows(sequences, counts, logit_rows)
+        if logit_rows is None or all(m == 1 for m in logit_rows):             # one row of logits each
+            layout = _layout(sequences, counts)
+        else:
+            layout = _layout_with_rows(sequences, counts, logit_rows)
         (logits,) = self._last.program.run({"tokens": tokens, "positions": positions}, self.kv_cache.arrays, layout)
         for sequence, chunk in zip(sequences, token_ids):
             sequence.advance(chunk)
@@ -295,8 +301,10 @@ def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepL
     if len(sequences) == 1 and sequences[0].run_start is not None:
         return StepLayout.single(new_tokens[0], sequences[0].length + new_tokens[0], sequences[0].run_start)
     totals = [s.length + n for s, n in zip(sequences, new_tokens)]
-    return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)],
-                         [s.run_start for s in sequences])
+    starts = [s.run_start for s in sequences]
+    if None not in starts and all(n == 1 for n in new_tokens):
+        return StepLayout.decode(starts, totals)
+    return StepLayout.of(new_tokens, [s.slots(total) for s, total in zip(sequences, totals)], starts)
 
 
 def _layout_with_rows(sequences: Sequence[KVSequence], new_tokens: Sequence[int], logit_rows: Sequence[int]

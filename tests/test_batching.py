@@ -321,6 +321,25 @@ def test_the_attention_kernels_exp_is_numpys_to_float32_rounding():
     assert 0 <= _exp(np.float32(-200)) < 1e-37
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 300)), min_size=1, max_size=20))
+def test_a_decode_layout_built_from_run_starts_equals_the_general_one(runs):
+    """StepLayout.decode (a batched decode step's shortcut) against StepLayout.of on the same sequences, field by
+    field; and the padded slots broadcast from run starts against those gathered sequence by sequence."""
+    from minitorch_infer.backends.layout import StepLayout
+
+    starts, totals = [start for start, _ in runs], [total for _, total in runs]
+    slots = [np.arange(start, start + total) for start, total in runs]
+    general = StepLayout.of([1] * len(runs), slots, starts)
+    shortcut = StepLayout.decode(starts, totals)
+    for field in ("row_starts", "row_stops", "totals", "key_starts", "slots", "write_start"):
+        assert getattr(shortcut, field) == getattr(general, field), field
+    for field in ("write_slots", "last_rows"):
+        np.testing.assert_array_equal(getattr(shortcut, field), getattr(general, field))
+    gathered = StepLayout.of([1] * len(runs), slots, [None] * len(runs))
+    np.testing.assert_array_equal(shortcut.padded_slots(), gathered.padded_slots())
+
+
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [5, 1, 12, 1], [1] * 12],
                          ids=["decode", "mixed", "decode-12"])
 def test_batched_kernels_equal_the_reference_backend_on_scattered_slots(story_model, new_tokens):
