@@ -54,13 +54,15 @@ def view(op: str):
 
 class StepState:
     """What changes every step without changing any buffer: the step's layout; and, while a shape is being
-    bound, whether its products run in Numba's threads (then its attention may use them too)."""
+    bound, whether its products run in Numba's threads (then its attention may use them too) and whether its
+    row-wise ops run compiled (row_kernels: in steps that run Numba already)."""
 
-    __slots__ = ("layout", "products_in_numba")
+    __slots__ = ("layout", "products_in_numba", "row_ops_compiled")
 
     def __init__(self):
         self.layout: StepLayout | None = None
         self.products_in_numba = False
+        self.row_ops_compiled = False
 
 
 class Program:
@@ -86,8 +88,8 @@ class Program:
         weight_is_quantized = [node.inputs[1].type.is_quantized for node in graph.nodes
                                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
         self._quantized_products = bool(weight_is_quantized) and all(weight_is_quantized)
-        if self._quantized_products and any(node.op == "attention" for node in graph.nodes):
-            warm_up_paged_attention()
+        if self._quantized_products:
+            warm_up_step_kernels()
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
         self.output_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.outputs}
@@ -169,6 +171,8 @@ class Program:
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
         self.step.products_in_numba = seq <= quantized.TILES_MAX_ROWS and self._quantized_products
+        # Numba is loaded by then: by a quantised program, or by the paged attention a batched step runs.
+        self.step.row_ops_compiled = self._quantized_products or sequences > 1
         calls = []
         for node in self.graph.nodes:
             spec = op_def(node.op)
@@ -462,6 +466,10 @@ def _silu(node: Node, ins, outs, scratch, step) -> Kernel:
 def _swiglu(node: Node, ins, outs, scratch, step) -> Kernel:
     (gate_up,), (y,) = ins, outs
     width = y.shape[-1]
+    if step.row_ops_compiled:
+        swiglu = _row_kernels().swiglu
+        rows, y_rows = gate_up.reshape(-1, 2 * width), y.reshape(-1, width)
+        return lambda: swiglu(rows, y_rows)
     gate, up = gate_up[..., :width], gate_up[..., width:]
 
     def call():
@@ -476,6 +484,9 @@ def _rms_norm(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     rows, y_rows = x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1])
     mean_factor, eps = 1.0 / x.shape[-1], node.attrs["eps"]
+    if step.row_ops_compiled:
+        rms_norm, eps32 = _row_kernels().rms_norm, np.float32(eps)
+        return lambda: rms_norm(rows, weight, eps32, y_rows)
     if rows.shape[0] == 1:
         # One row (decode): the scale is a Python float, which saves four tiny array operations.
         row, y_row = rows[0], y_rows[0]
@@ -546,11 +557,14 @@ def _kv_write(node: Node, ins, outs, scratch, step) -> Kernel:
     x, pool = ins
     seq = x.shape[0]
     x_by_head = x.transpose(1, 0, 2)
+    write_rows = _row_kernels().write_rows if step.row_ops_compiled else None
 
     def call():
         layout = step.layout
         if layout.write_start is not None:
             np.copyto(pool[:, layout.write_start:layout.write_start + seq], x_by_head)
+        elif write_rows is not None:
+            write_rows(x, pool, layout.write_slots)
         else:
             pool[:, layout.write_slots] = x_by_head
     return call
@@ -672,15 +686,36 @@ def _attention_kernels():
     return _attention_kernel_module
 
 
-def warm_up_paged_attention() -> None:
-    """Compile (or load from Numba's cache) the paged attention kernels, on tiny arrays of the types a step
-    passes, so that the first step that runs them (an engine's of several sequences, a quantised program's
-    decode) does not pay for them, and load-and-compile times count it."""
+_row_kernel_module = None
+
+
+def _row_kernels():
+    # Imported when a step first binds them, in a process that runs Numba already (see StepState).
+    global _row_kernel_module
+    if _row_kernel_module is None:
+        from . import row_kernels
+
+        _row_kernel_module = row_kernels
+    return _row_kernel_module
+
+
+def warm_up_step_kernels() -> None:
+    """Compile (or load from Numba's cache) the paged attention and row kernels, on tiny arrays of the types a
+    step passes, so that the first step that runs them (an engine's of several sequences, a quantised
+    program's) does not pay for them, and load-and-compile times count it."""
     q = np.zeros((2, 1, 1), np.float32)
     pool = np.zeros((1, 1, 1), np.float32)
     kernels = _attention_kernels()
     for paged_attention in (kernels.paged_decode_attention, kernels.paged_decode_attention_threaded):
         paged_attention(q, pool, pool, np.zeros((2, 1), np.intp), np.ones(2, np.intp), 0, np.float32(1), q.copy())
+    rows = _row_kernels()
+    x, weight = np.zeros((1, 2), np.float32), np.zeros(2, np.float32)
+    rows.rms_norm(x, weight, np.float32(1), x)
+    weight.flags.writeable = False                   # weights mapped from a file are read-only
+    rows.rms_norm(x, weight, np.float32(1), x)
+    rows.swiglu(x, np.zeros((1, 1), np.float32))
+    rows.write_rows(q, pool, np.zeros(2, np.intp))
+    rows.write_rows(np.zeros((2, 1, 2), np.float32)[:, :, :1], pool, np.zeros(2, np.intp))   # a strided view
 
 
 def _many_queries_attention(node: Node, q, k, v, out, scratch) -> None:

@@ -118,7 +118,7 @@ class Engine:
             # step would change each other's rotations, so each step runs one sequence.
             sequences = 1
         if sequences > 1:
-            numpy_backend.warm_up_paged_attention()
+            numpy_backend.warm_up_step_kernels()
         self.scheduler = Scheduler(model.kv_cache, self.max_batch_tokens, sequences)
         self._handles: dict[Request, RequestHandle] = {}
         # Called as finish_observer(request, result) when a request ends (e.g. a server's metrics).

@@ -1,0 +1,60 @@
+"""Compiled kernels for the row-wise ops between the products, in steps that already run Numba (a batched
+engine's, a quantised model's): one call per op where NumPy makes four to six, each of which costs a few
+microseconds however small its rows, and whose tanh costs ~3.5 ns a value.
+
+One thread each: they run between products whose threads (OpenBLAS's or Numba's) spin for the cores after
+every call, and a parallel loop beside them was starved (see quantized_kernels). A model that never batches
+and has float32 weights never loads these (nor Numba); its ops stay in NumPy (backends/numpy.py), which is
+also what these are checked against (tests/test_row_kernels.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .attention_kernels import _exp
+
+
+# error_model="numpy": a float division by zero gives inf rather than raising, so the loop carries no test
+# for it, which kept LLVM from vectorising it.
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def rms_norm(x, weight, eps, y):
+    """y[i] = x[i] / sqrt(mean(x[i]²) + eps) · weight for each row i of x [rows, width]; y may be x."""
+    width = x.shape[1]
+    for i in range(x.shape[0]):
+        squares = np.float32(0)
+        for j in range(width):
+            squares += x[i, j] * x[i, j]
+        scale = np.float32(1) / np.sqrt(squares / np.float32(width) + eps)
+        for j in range(width):
+            y[i, j] = x[i, j] * scale * weight[j]
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def swiglu(gate_up, y):
+    """y = silu(gate) · up, gate and up the halves of each row of gate_up [rows, 2 · width]. silu(g) = g ·
+    sigmoid(g), the sigmoid from e = exp(-|g|), which never overflows: 1 / (1 + e) for g >= 0, e / (1 + e)
+    below (never 1 - 1 / (1 + e), which cancels to nothing for large negative g). The numerator is chosen by
+    arithmetic, not a branch, so LLVM vectorises the loop, exp included: NumPy's tanh form spends ~3.5 ns a
+    value (16 rows of SmolLM2's gate|up: 69 against 30 us; one row: 15 against 3)."""
+    width = y.shape[1]
+    one = np.float32(1)
+    for i in range(y.shape[0]):
+        gates, ups, out = gate_up[i, :width], gate_up[i, width:], y[i]
+        for j in range(width):
+            gate = gates[j]
+            e = _exp(-abs(gate))
+            numerator = e + (one - e) * np.float32(gate >= 0)
+            out[j] = gate * (numerator / (one + e)) * ups[j]
+
+
+@njit(cache=True, nogil=True)
+def write_rows(x, pool, slots):
+    """pool[h, slots[i]] = x[i, h] for each row i of x [rows, kv_heads, head_dim]: a step's keys or values
+    stored in the slots of their sequences, scattered over the pool [kv_heads, slots, head_dim]."""
+    for i in range(x.shape[0]):
+        slot = slots[i]
+        for h in range(x.shape[1]):
+            for d in range(x.shape[2]):
+                pool[h, slot, d] = x[i, h, d]

@@ -1,0 +1,48 @@
+"""The compiled row-wise kernels (backends/row_kernels.py) against the same ops written plainly in float64."""
+
+import numpy as np
+import pytest
+
+from minitorch_infer.backends import row_kernels
+
+
+@pytest.mark.parametrize("rows, width", [(1, 576), (5, 128), (16, 45)])
+def test_rms_norm_equals_the_formula_and_may_write_over_its_input(rows, width):
+    rng = np.random.default_rng(rows * width)
+    x = (rng.standard_normal((rows, width)) * rng.choice([1e-3, 1.0, 1e3], size=(rows, 1))).astype(np.float32)
+    weight = rng.standard_normal(width).astype(np.float32)
+    wide = x.astype(np.float64)
+    expected = wide / np.sqrt(np.mean(wide * wide, axis=-1, keepdims=True) + 1e-5) * weight
+    y = np.full_like(x, np.nan)
+    row_kernels.rms_norm(x, weight, np.float32(1e-5), y)
+    np.testing.assert_allclose(y, expected, rtol=2e-6, atol=1e-6)
+    row_kernels.rms_norm(x, weight, np.float32(1e-5), x)
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("rows, width", [(1, 1536), (16, 384), (3, 7)])
+def test_swiglu_equals_silu_of_the_gate_times_up_over_the_whole_range(rows, width):
+    """Gates from -100 to 100 (where exp(-|g|) is far below float32's smallest normal number) and exact 0."""
+    rng = np.random.default_rng(rows + width)
+    gate_up = rng.uniform(-100, 100, size=(rows, 2 * width)).astype(np.float32)
+    gate_up[:, : width // 3] = rng.standard_normal((rows, width // 3))
+    gate_up[0, 0] = 0.0
+    gate, up = gate_up[:, :width].astype(np.float64), gate_up[:, width:].astype(np.float64)
+    expected = gate / (1 + np.exp(-gate)) * up
+    y = np.full((rows, width), np.nan, np.float32)
+    row_kernels.swiglu(gate_up, y)
+    np.testing.assert_allclose(y, expected, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_write_rows_stores_each_row_in_its_slot_of_every_head(contiguous):
+    rng = np.random.default_rng(7)
+    rows, kv_heads, head_dim = 6, 3, 8
+    wide = rng.standard_normal((rows, kv_heads, 2 * head_dim)).astype(np.float32)
+    x = np.ascontiguousarray(wide[:, :, :head_dim]) if contiguous else wide[:, :, ::2]
+    pool = rng.standard_normal((kv_heads, 50, head_dim)).astype(np.float32)
+    slots = rng.permutation(50)[:rows].astype(np.intp)
+    expected = pool.copy()
+    expected[:, slots] = x.transpose(1, 0, 2)
+    row_kernels.write_rows(x, pool, slots)
+    np.testing.assert_array_equal(pool, expected)
