@@ -68,7 +68,7 @@ class StepLayout:
     def decode(cls, key_starts: Sequence[int], totals: Sequence[int]) -> StepLayout:
         """One new row for each sequence, whose positions 0..totals[i]-1 sit in consecutive slots from
         key_starts[i]: a batched decode step, built from Python ints, without the per-sequence slot arrays
-        `of` slices (a 16-sequence step: 10 against 45 us)."""
+        `of` slices (16 sequences: 13 us, against 57 as the engine built it before, through `of`)."""
         rows = len(totals)
         write_slots = np.array([start + total - 1 for start, total in zip(key_starts, totals)], np.intp)
         write_start = run_start(write_slots)

@@ -4,8 +4,8 @@ microseconds however small its rows, and whose tanh costs ~3.5 ns a value.
 
 One thread each: they run between products whose threads (OpenBLAS's or Numba's) spin for the cores after
 every call, and a parallel loop beside them was starved (see quantized_kernels). A model that never batches
-and has float32 weights never loads these (nor Numba); its ops stay in NumPy (backends/numpy.py), which is
-also what these are checked against (tests/test_row_kernels.py).
+and has float32 weights never loads these (nor Numba): its ops stay in NumPy (backends/numpy.py).
+tests/test_row_kernels.py checks these against the ops written plainly in float64.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from numba import njit
 from .attention_kernels import _exp
 
 
-# error_model="numpy": a float division by zero gives inf rather than raising, so the loop carries no test
-# for it, which kept LLVM from vectorising it.
+# error_model="numpy" (here and in swiglu): a float division by zero gives inf rather than raising, so the
+# loop carries no test for it, which kept LLVM from vectorising it.
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def rms_norm(x, weight, eps, y):
     """y[i] = x[i] / sqrt(mean(x[i]²) + eps) · weight for each row i of x [rows, width]; y may be x."""
