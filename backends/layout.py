@@ -65,14 +65,14 @@ class StepLayout:
                    np.asarray(stops - 1, dtype=np.intp))
 
     @classmethod
-    def decode(cls, key_starts: Sequence[int], totals: Sequence[int]) -> StepLayout:
-        """One new row for each sequence, whose positions 0..totals[i]-1 sit in consecutive slots from
-        key_starts[i]: a batched decode step, built from Python ints, without the per-sequence slot arrays
-        `of` slices (16 sequences: 13 us, against 57 as the engine built it before, through `of`)."""
-        rows = len(totals)
-        write_slots = np.array([start + total - 1 for start, total in zip(key_starts, totals)], np.intp)
+    def decode(cls, slots: Sequence[np.ndarray], key_starts: Sequence[int | None]) -> StepLayout:
+        """One new row for each sequence (a batched decode step): what `of` builds from the same slots and
+        run starts, without its general bookkeeping (16 sequences: 15 against 40-54 us)."""
+        rows = len(slots)
+        write_slots = np.array([sequence_slots[-1] for sequence_slots in slots], np.intp)
         write_start = run_start(write_slots)
-        return cls(list(range(rows)), list(range(1, rows + 1)), list(totals), list(key_starts), [None] * rows,
+        return cls(list(range(rows)), list(range(1, rows + 1)), [len(s) for s in slots], list(key_starts),
+                   [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
                    write_start, None if write_start is not None else write_slots, np.arange(rows))
 
     @classmethod

@@ -322,21 +322,27 @@ def test_the_attention_kernels_exp_is_numpys_to_float32_rounding():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 300)), min_size=1, max_size=20))
-def test_a_decode_layout_built_from_run_starts_equals_the_general_one(runs):
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 300), st.booleans()), min_size=1, max_size=20))
+def test_a_decode_layout_equals_the_general_one(sequences):
     """StepLayout.decode (a batched decode step's shortcut) against StepLayout.of on the same sequences, field by
-    field; and the padded slots broadcast from run starts against those gathered sequence by sequence."""
+    field, some with their slots in one run and some scattered; and the padded slots broadcast from run starts
+    against those gathered sequence by sequence."""
     from minitorch_infer.backends.layout import StepLayout
 
-    starts, totals = [start for start, _ in runs], [total for _, total in runs]
-    slots = [np.arange(start, start + total) for start, total in runs]
-    general = StepLayout.of([1] * len(runs), slots, starts)
-    shortcut = StepLayout.decode(starts, totals)
-    for field in ("row_starts", "row_stops", "totals", "key_starts", "slots", "write_start"):
+    rng = np.random.default_rng(len(sequences))
+    slots = [np.arange(start, start + total) if run else rng.permutation(6000)[:total]
+             for start, total, run in sequences]
+    starts = [start if run else None for start, _, run in sequences]
+    general = StepLayout.of([1] * len(sequences), slots, starts)
+    shortcut = StepLayout.decode(slots, starts)
+    for field in ("row_starts", "row_stops", "totals", "key_starts", "write_start"):
         assert getattr(shortcut, field) == getattr(general, field), field
     for field in ("write_slots", "last_rows"):
         np.testing.assert_array_equal(getattr(shortcut, field), getattr(general, field))
-    gathered = StepLayout.of([1] * len(runs), slots, [None] * len(runs))
+    for found, expected in zip(shortcut.slots, general.slots, strict=True):
+        assert (found is None) == (expected is None)
+        np.testing.assert_array_equal(found, expected)
+    gathered = StepLayout.of([1] * len(sequences), slots, [None] * len(sequences))
     np.testing.assert_array_equal(shortcut.padded_slots(), gathered.padded_slots())
 
 
