@@ -53,27 +53,24 @@ class StepLayout:
         totals = [len(s) for s in slots]
         if any(not 1 <= n <= total for n, total in zip(new_tokens, totals)):
             raise ValueError(f"every sequence needs 1..total new rows, got {list(new_tokens)} for totals {totals}")
-        stops = np.cumsum(new_tokens)
         if key_starts is None:
             key_starts = [run_start(np.asarray(s)) for s in slots]
-        write_slots = np.concatenate([s[total - n:] for s, n, total in zip(slots, new_tokens, totals)])
+        rows = len(new_tokens)
+        if all(n == 1 for n in new_tokens):
+            # A decode step: row i is sequence i, written at its last slot. Python ints, without the cumulative
+            # sums and concatenation the general case needs (16 sequences: 26 against 63-72 us).
+            row_starts, row_stops, last_rows = list(range(rows)), list(range(1, rows + 1)), np.arange(rows)
+            write_slots = np.array([sequence_slots[-1] for sequence_slots in slots], np.intp)
+        else:
+            stops = np.cumsum(new_tokens)
+            row_starts, row_stops = [int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops]
+            last_rows = np.asarray(stops - 1, dtype=np.intp)
+            write_slots = np.concatenate([s[total - n:] for s, n, total in zip(slots, new_tokens, totals)])
         write_start = run_start(write_slots)
-        return cls([int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops], totals,
-                   list(key_starts),
+        return cls(row_starts, row_stops, totals, list(key_starts),
                    [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
                    write_start, None if write_start is not None else write_slots.astype(np.intp, copy=False),
-                   np.asarray(stops - 1, dtype=np.intp))
-
-    @classmethod
-    def decode(cls, slots: Sequence[np.ndarray], key_starts: Sequence[int | None]) -> StepLayout:
-        """One new row for each sequence (a batched decode step): what `of` builds from the same slots and
-        run starts, without its general bookkeeping (16 sequences: 15 against 40-54 us)."""
-        rows = len(slots)
-        write_slots = np.array([sequence_slots[-1] for sequence_slots in slots], np.intp)
-        write_start = run_start(write_slots)
-        return cls(list(range(rows)), list(range(1, rows + 1)), [len(s) for s in slots], list(key_starts),
-                   [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
-                   write_start, None if write_start is not None else write_slots, np.arange(rows))
+                   last_rows)
 
     @classmethod
     def single(cls, new_tokens: int, total: int, first_slot: int = 0) -> StepLayout:

@@ -300,11 +300,8 @@ def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepL
     """The layout of a step in which sequence i (room already reserved) gets new_tokens[i] more positions."""
     if len(sequences) == 1 and sequences[0].run_start is not None:
         return StepLayout.single(new_tokens[0], sequences[0].length + new_tokens[0], sequences[0].run_start)
-    slots = [s.slots(s.length + n) for s, n in zip(sequences, new_tokens)]
-    starts = [s.run_start for s in sequences]
-    if all(n == 1 for n in new_tokens):
-        return StepLayout.decode(slots, starts)
-    return StepLayout.of(new_tokens, slots, starts)
+    return StepLayout.of(new_tokens, [s.slots(s.length + n) for s, n in zip(sequences, new_tokens)],
+                         [s.run_start for s in sequences])
 
 
 def _layout_with_rows(sequences: Sequence[KVSequence], new_tokens: Sequence[int], logit_rows: Sequence[int]

@@ -323,27 +323,32 @@ def test_the_attention_kernels_exp_is_numpys_to_float32_rounding():
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 300), st.booleans()), min_size=1, max_size=20))
-def test_a_decode_layout_equals_the_general_one(sequences):
-    """StepLayout.decode (a batched decode step's shortcut) against StepLayout.of on the same sequences, field by
-    field, some with their slots in one run and some scattered; and the padded slots broadcast from run starts
-    against those gathered sequence by sequence."""
-    from minitorch_infer.backends.layout import StepLayout
+def test_a_decode_layout_is_what_its_sequences_say(sequences):
+    """A decode step's layout (StepLayout.of with one new row per sequence takes a shortcut), field by field
+    against the layout written out plainly, some sequences with their slots in one run and some scattered; and
+    the padded slots broadcast from run starts against those gathered sequence by sequence."""
+    from minitorch_infer.backends.layout import StepLayout, run_start
 
     rng = np.random.default_rng(len(sequences))
     slots = [np.arange(start, start + total) if run else rng.permutation(6000)[:total]
              for start, total, run in sequences]
     starts = [start if run else None for start, _, run in sequences]
-    general = StepLayout.of([1] * len(sequences), slots, starts)
-    shortcut = StepLayout.decode(slots, starts)
-    for field in ("row_starts", "row_stops", "totals", "key_starts", "write_start"):
-        assert getattr(shortcut, field) == getattr(general, field), field
-    for field in ("write_slots", "last_rows"):
-        np.testing.assert_array_equal(getattr(shortcut, field), getattr(general, field))
-    for found, expected in zip(shortcut.slots, general.slots, strict=True):
-        assert (found is None) == (expected is None)
-        np.testing.assert_array_equal(found, expected)
+    layout = StepLayout.of([1] * len(sequences), slots, starts)
+    rows = len(sequences)
+    last_slots = np.array([s[-1] for s in slots])
+    assert layout.row_starts == list(range(rows))
+    assert layout.row_stops == list(range(1, rows + 1))
+    assert layout.totals == [len(s) for s in slots]
+    assert layout.key_starts == starts
+    assert layout.write_start == run_start(last_slots)
+    np.testing.assert_array_equal(layout.write_slots, None if layout.write_start is not None else last_slots)
+    np.testing.assert_array_equal(layout.last_rows, np.arange(rows))
+    for found, sequence_slots, start in zip(layout.slots, slots, starts, strict=True):
+        assert (found is None) == (start is not None)
+        if found is not None:
+            np.testing.assert_array_equal(found, sequence_slots)
     gathered = StepLayout.of([1] * len(sequences), slots, [None] * len(sequences))
-    np.testing.assert_array_equal(shortcut.padded_slots(), gathered.padded_slots())
+    np.testing.assert_array_equal(layout.padded_slots(), gathered.padded_slots())
 
 
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [5, 1, 12, 1], [1] * 12],
