@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..quantized import QuantizedTensor, quantize
+from ..quantized import QuantizedTensor
 
 # Which product runs, by the rows of x (SmolLM2's shapes, 2 threads, measured by benchmarks/kernel_rows.py):
 # one row (decode), the direct kernel; up to TILES_MAX_ROWS (batched decode, short prefill chunks), tiles of
@@ -61,7 +61,7 @@ def warm_up(kinds: set[str]) -> None:
     """Compile (or load from Numba's cache) the kernels these block types use, on tiny arrays of the types and
     layouts a program passes, so that the first step does not pay for it and load-and-compile times count it."""
     for kind in kinds:
-        w = quantize(np.zeros((1, 32), np.float32), kind)
+        w = QuantizedTensor.zeros(kind, (1, 32))
         for rows in (1, 2):                      # the direct kernel, the tiled one
             matmul(np.zeros((rows, 32), np.float32), w, np.zeros((rows, 1), np.float32), None)()
         rows_dequantizer(w)(np.zeros(1, np.int64), np.zeros((1, 32), np.float32))

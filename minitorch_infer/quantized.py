@@ -4,7 +4,8 @@ GGML cuts each row of a [rows, cols] weight into blocks of 32 values, stored as 
 scale (Q4_1 also an offset): Q8_0 keeps `code * d` with int8 codes; Q4_0 `(code - 8) * d` and Q4_1
 `code * d + m` with 4-bit codes, two to a byte (a block's byte j holds value j in its low nibble and value
 j + 16 in its high one). A GGUF tensor of these types is taken as stored; a float weight is quantised with
-the gguf package's own (bit-exact with ggml) quantiser, so both roads give the same blocks.
+ggml's rounding (backends/block_quantizer.py, held byte for byte to the gguf package's quantiser), so both
+roads give the same blocks.
 
 At load the blocks are split into arrays the compiled kernels read directly, with the codes unchanged:
 `codes` [rows, cols] int8 (Q8_0) or [rows, cols / 2] packed nibbles (Q4_x), and the fp16 scales (and
@@ -15,6 +16,7 @@ ggml's 34, 18 and 20, which saves a conversion per block in the innermost loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -47,6 +49,15 @@ class QuantizedTensor:
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         return self.scales, self.offsets, self.codes
+
+    @classmethod
+    def zeros(cls, kind: str, shape: tuple[int, int]) -> QuantizedTensor:
+        """A [rows, cols] weight of `kind` blocks whose codes and scales are all zero (to be filled in)."""
+        rows, cols = _check_shape(kind, shape)
+        code_bytes, has_offset = BLOCK_TYPES[kind]
+        blocks = (rows, cols // BLOCK)
+        return cls(kind, (rows, cols), np.zeros(blocks, np.float32), np.zeros(blocks, np.float32) if has_offset else None,
+                   np.zeros((rows, blocks[1] * code_bytes), np.int8 if kind == "q8_0" else np.uint8))
 
     # --- conversions ---------------------------------------------------------------------------------
     @classmethod
@@ -95,13 +106,41 @@ class QuantizedTensor:
                         for a, b in zip(self._arrays(), other._arrays())))
 
 
-def quantize(values: np.ndarray, kind: str) -> QuantizedTensor:
-    """Quantise a float [rows, cols] weight (cols a multiple of 32) with gguf's quantiser, bit-exact with ggml's."""
-    from gguf import GGMLQuantizationType, quants
+# Rows quantised per call: the float32 rows of a quantised source (re-quantising a GGUF's Q4_1 as Q8_0) are made
+# this many at a time, so no float32 copy of a whole weight (113 MB for SmolLM2's embedding) is ever held.
+QUANTIZE_ROWS = 1024
 
-    shape = _check_shape(kind, values.shape)
-    raw = quants.quantize(np.ascontiguousarray(values, dtype=np.float32), GGMLQuantizationType[kind.upper()])
-    return QuantizedTensor.from_ggml(raw, kind, shape)
+
+def quantize(values: np.ndarray | QuantizedTensor, kind: str) -> QuantizedTensor:
+    """Quantise a [rows, cols] weight (cols a multiple of 32), float or already quantised, into `kind` blocks
+    with ggml's rounding (compiled; the tests hold it to the gguf package's quantiser byte for byte)."""
+    from .backends.block_quantizer import quantize_rows
+
+    out = QuantizedTensor.zeros(kind, values.shape)
+    for picked, part in _float32_rows(values):
+        quantize_rows(part, out.take_rows(picked))
+    for narrowed in (out.scales, out.offsets):          # stored as fp16, as GGUF holds them
+        if narrowed is not None:
+            narrowed[...] = narrowed.astype(np.float16)
+    return out
+
+
+def _float32_rows(values: np.ndarray | QuantizedTensor) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, their float32 values), QUANTIZE_ROWS rows at a time; a quantised weight's are widened in turn
+    into one buffer."""
+    from .backends.quantized import rows_dequantizer
+
+    rows, cols = values.shape
+    if isinstance(values, QuantizedTensor):
+        widen, widened = rows_dequantizer(values), np.empty((min(rows, QUANTIZE_ROWS), cols), np.float32)
+    for start in range(0, rows, QUANTIZE_ROWS):
+        picked = slice(start, min(start + QUANTIZE_ROWS, rows))
+        if isinstance(values, QuantizedTensor):
+            part = widened[:picked.stop - start]
+            widen(np.arange(start, picked.stop), part)
+        else:
+            part = np.ascontiguousarray(values[picked], dtype=np.float32)
+        yield picked, part
 
 
 def stack_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:

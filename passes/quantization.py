@@ -74,8 +74,9 @@ def _wanted_type(target: str, declared: TensorType, stored: str | None, uses: se
 
 
 def _convert(weight: Any, wanted: str) -> Any:
-    values = weight.dequantize() if isinstance(weight, QuantizedTensor) else weight
-    return values if wanted == "f32" else quantize(values, wanted)
+    if wanted == "f32":
+        return weight.dequantize()
+    return quantize(weight, wanted)            # a quantised weight is widened a few rows at a time
 
 
 def _store(weights: Any, name: str, weight: Any) -> None:

@@ -48,6 +48,34 @@ def test_blocks_are_ggmls_bytes_and_values(kind, shape):
     assert ours.nbytes == shape[0] * shape[1] // 32 * {"q8_0": 36, "q4_0": 20, "q4_1": 24}[kind]
 
 
+def halves_and_ties(rows: int) -> np.ndarray:
+    """Blocks whose scale is exactly +-1 for one type each, so that x / d lands on halves, where roundf and
+    trunc(x + 0.5) part ways with other roundings: Q8_0's (largest magnitude 127), Q4_0's twice (extreme -8
+    and 8, in both orders: the first of two tied magnitudes names the scale), Q4_1's (range 0 to 15)."""
+    blocks = [[127, -2.5, 2.5, -0.5, 0.5, 126.5, -126.5, 1.5],
+              [-8, 8, -0.5, 0.5, 1.5, -1.5, 7.5, -7.5],
+              [8, -8, -0.5, 0.5, 1.5, -1.5, 7.5, -7.5],
+              [0, 15, 0.5, 1.5, 14.5, 7.5, 6.5, 3]]
+    row = np.concatenate([np.tile(np.float32(block), 4) for block in blocks])
+    return np.tile(row, (rows, 1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_round_halves_as_ggml_does(kind):
+    values = halves_and_ties(3)
+    raw = quants.quantize(values, GGMLQuantizationType[kind.upper()])
+    np.testing.assert_array_equal(quantize(values, kind).to_ggml(), raw.reshape(-1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantizing_a_quantized_weight_widens_it_a_few_rows_at_a_time(kind, monkeypatch):
+    """Re-quantising (a GGUF's Q4_1 as Q8_0) gives the blocks of its dequantised values, across chunk edges."""
+    monkeypatch.setattr(minitorch_infer.quantized, "QUANTIZE_ROWS", 3)
+    source = quantize(awkward_values(11, 64, seed=2), "q4_1")
+    expected = quants.quantize(source.dequantize(), GGMLQuantizationType[kind.upper()])
+    np.testing.assert_array_equal(quantize(source, kind).to_ggml(), expected.reshape(-1))
+
+
 def test_quantize_refuses_rows_that_are_not_whole_blocks():
     with pytest.raises(MinitorchError, match=r"multiple of 32 columns, not \[4, 48\]"):
         quantize(np.zeros((4, 48), np.float32), "q8_0")
