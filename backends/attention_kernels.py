@@ -75,8 +75,31 @@ def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights)
 
 @njit(inline="always")
 def _scores_of_two(q, k_pool, slots, r, g, h, first, total, scale, scores_h, scores_next):
-    """Query heads h and h + 1 of sequence r against its keys in kv head g."""
-    for t in range(first, total):
+    """Query heads h and h + 1 of sequence r against its keys in kv head g, four positions at a time: a
+    position's sum is a chain of head_dim dependent adds, which LLVM does not vectorise when the head is shorter
+    than its vector loop (16 for the story model), so eight chains side by side keep the adder busy where two
+    waited on each other (story attention 1.1-1.2x; 1.1x for 64-wide heads too)."""
+    t = first
+    while t + 3 < total:
+        s0, s1, s2, s3 = slots[r, t], slots[r, t + 1], slots[r, t + 2], slots[r, t + 3]
+        a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+        b0, b1, b2, b3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+        for d in range(q.shape[2]):
+            qa, qb = q[r, h, d], q[r, h + 1, d]
+            k0, k1, k2, k3 = k_pool[g, s0, d], k_pool[g, s1, d], k_pool[g, s2, d], k_pool[g, s3, d]
+            a0 += qa * k0
+            a1 += qa * k1
+            a2 += qa * k2
+            a3 += qa * k3
+            b0 += qb * k0
+            b1 += qb * k1
+            b2 += qb * k2
+            b3 += qb * k3
+        scores_h[t], scores_h[t + 1], scores_h[t + 2], scores_h[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        scores_next[t], scores_next[t + 1] = b0 * scale, b1 * scale
+        scores_next[t + 2], scores_next[t + 3] = b2 * scale, b3 * scale
+        t += 4
+    for t in range(t, total):
         slot = slots[r, t]
         a, b = np.float32(0), np.float32(0)
         for d in range(q.shape[2]):
@@ -89,7 +112,20 @@ def _scores_of_two(q, k_pool, slots, r, g, h, first, total, scale, scores_h, sco
 
 @njit(inline="always")
 def _scores_of_one(q, k_pool, slots, r, g, h, first, total, scale, scores_h):
-    for t in range(first, total):
+    """Query head h alone (the last of an odd group), four positions at a time as in _scores_of_two."""
+    t = first
+    while t + 3 < total:
+        s0, s1, s2, s3 = slots[r, t], slots[r, t + 1], slots[r, t + 2], slots[r, t + 3]
+        a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
+        for d in range(q.shape[2]):
+            qa = q[r, h, d]
+            a0 += qa * k_pool[g, s0, d]
+            a1 += qa * k_pool[g, s1, d]
+            a2 += qa * k_pool[g, s2, d]
+            a3 += qa * k_pool[g, s3, d]
+        scores_h[t], scores_h[t + 1], scores_h[t + 2], scores_h[t + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        t += 4
+    for t in range(t, total):
         slot = slots[r, t]
         a = np.float32(0)
         for d in range(q.shape[2]):
