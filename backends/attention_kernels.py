@@ -6,7 +6,9 @@ padded array (np.take) and masking the padding: for 16 story-model sequences the
 products cost 40% of the whole step. Here each key and value row is read from its slot in the pool by two
 query heads of its group at once: one pass over the row feeds two sums, which LLVM vectorises along the
 row (per head, or per group of any size, it did not: 1.6x slower for the story model's 16-wide heads).
-The softmax's exp is a polynomial LLVM can vectorise, where each call to libm's would run alone.
+Heads of exactly 16 values are shorter than LLVM's vector loop and take 16-lane vector operations of our own
+instead (vector_lanes): the story model's attention 1.3-1.6x. The softmax's exp is a polynomial LLVM can
+vectorise, where each call to libm's would run alone.
 
 One thread (no `prange`) when the step's products run in OpenBLAS's threads just before and after: a second
 pool of spinning threads would starve them (see quantized_kernels; sharing the sequences out ran a story-model
@@ -22,6 +24,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .vector_lanes import LANES, lane_buffer, multiply_lanes, scale_add_lanes, sums_of_rows
+
 
 @njit(fastmath=True, cache=True, nogil=True)
 def paged_decode_attention(q, k_pool, v_pool, slots, totals, window, scale, out):
@@ -29,10 +33,10 @@ def paged_decode_attention(q, k_pool, v_pool, slots, totals, window, scale, out)
     positions max(0, totals[r] - window) .. totals[r] - 1 (all of them when window is 0), whose keys and
     values sit in slots[r, t] of k_pool and v_pool [kv_heads, slots, head_dim]. Query head h reads kv head
     h // (heads // kv_heads)."""
-    weights = _weights_buffer(q, k_pool, slots)
+    weights, lanes = _buffers(q, k_pool, slots)
     for r in range(q.shape[0]):
         for g in range(k_pool.shape[0]):
-            _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights)
+            _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, lanes)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -42,35 +46,96 @@ def paged_decode_attention_threaded(q, k_pool, v_pool, slots, totals, window, sc
     for the core. Pairs rather than sequences: smaller pieces even out sequences of different lengths."""
     kv_heads = k_pool.shape[0]
     for pair in prange(q.shape[0] * kv_heads):
-        weights = _weights_buffer(q, k_pool, slots)
-        _attend(q, k_pool, v_pool, slots, totals, window, scale, out, pair // kv_heads, pair % kv_heads, weights)
+        weights, lanes = _buffers(q, k_pool, slots)
+        _attend(q, k_pool, v_pool, slots, totals, window, scale, out, pair // kv_heads, pair % kv_heads, weights,
+                lanes)
+
+
+# Two query heads' rows of 16 partial products, 16 positions each (the vector path's scores), on the stack.
+LANE_BUFFER = 2 * LANES * LANES
 
 
 @njit(inline="always")
-def _weights_buffer(q, k_pool, slots):
-    """Scores, then attention weights, of one kv head's group of query heads over a sequence's positions."""
-    return np.empty((q.shape[1] // k_pool.shape[0], slots.shape[1]), np.float32)
+def _buffers(q, k_pool, slots):
+    """Scores, then attention weights, of one kv head's group of query heads over a sequence's positions
+    (16 more than the longest: the vector path stores 16 scores at a time); and the vector path's lanes,
+    zeroed once, so that rows a short last block of positions leaves unwritten hold finite numbers."""
+    weights = np.empty((q.shape[1] // k_pool.shape[0], slots.shape[1] + LANES), np.float32)
+    lanes = lane_buffer(LANE_BUFFER, np.float32)
+    for i in range(LANE_BUFFER):
+        lanes[i] = 0
+    return weights, lanes
 
 
 @njit(inline="always")
-def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights):
-    """Sequence r's query heads of kv head g's group."""
+def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, lanes):
+    """Sequence r's query heads of kv head g's group, two at a time (and a last one alone in an odd group).
+    Heads of 16 values take the vector path (vector_lanes): LLVM's own vector loops cover 32 values (8 lanes,
+    4 interleaved) and left them scalar. Wider heads it vectorises itself, and there the lanes measured no
+    faster (SmolLM2's 64: within the noise, or slower)."""
     group = q.shape[1] // k_pool.shape[0]
     total = totals[r]
     first = max(0, total - window) if window > 0 else 0
     head = g * group
-    for j in range(0, group - 1, 2):
-        _scores_of_two(q, k_pool, slots, r, g, head + j, first, total, scale, weights[j], weights[j + 1])
-    if group % 2:
-        _scores_of_one(q, k_pool, slots, r, g, head + group - 1, first, total, scale, weights[group - 1])
+    sixteen_wide = q.shape[2] == LANES
+    for j in range(0, group, 2):
+        heads = min(2, group - j)
+        if sixteen_wide:
+            _scores_in_blocks(k_pool, slots, r, g, first, total, scale, heads, q[r, head + j],
+                              q[r, head + j + heads - 1], weights[j], weights[j + heads - 1], lanes)
+        elif heads == 2:
+            _scores_of_two(q, k_pool, slots, r, g, head + j, first, total, scale, weights[j], weights[j + 1])
+        else:
+            _scores_of_one(q, k_pool, slots, r, g, head + j, first, total, scale, weights[j])
     for j in range(group):
         _softmax(weights[j, first:total])
-        out[r, head + j] = 0
-    for j in range(0, group - 1, 2):
-        _values_of_two(v_pool, slots, r, g, first, total, weights[j], weights[j + 1], out[r, head + j],
-                       out[r, head + j + 1])
-    if group % 2:
-        _values_of_one(v_pool, slots, r, g, first, total, weights[group - 1], out[r, head + group - 1])
+    for j in range(0, group, 2):
+        heads = min(2, group - j)
+        out_a, out_b = out[r, head + j], out[r, head + j + heads - 1]
+        if sixteen_wide:
+            _values_in_lanes(v_pool, slots, r, g, first, total, heads, weights[j], weights[j + heads - 1], out_a,
+                             out_b, lanes)
+        elif heads == 2:
+            _values_of_two(v_pool, slots, r, g, first, total, weights[j], weights[j + 1], out_a, out_b)
+        else:
+            _values_of_one(v_pool, slots, r, g, first, total, weights[j], out_a)
+
+
+@njit(inline="always")
+def _scores_in_blocks(k_pool, slots, r, g, first, total, scale, heads, q_a, q_b, scores_a, scores_b, lanes):
+    """Query heads q_a (and q_b when heads is 2) of 16 values against sequence r's keys in kv head g, 16
+    positions at a time: each key's products with a query head fill one row of 16 lanes, and sums_of_rows
+    turns 16 rows into 16 scores. 1.2-1.4x the scalar loops' four positions at a time."""
+    keys = k_pool[g]
+    second = LANES * LANES                                   # where q_b's rows start
+    for block in range(first, total, LANES):
+        for i in range(min(LANES, total - block)):
+            slot = slots[r, block + i]
+            multiply_lanes(lanes, LANES * i, q_a, keys, slot)
+            if heads == 2:
+                multiply_lanes(lanes, second + LANES * i, q_b, keys, slot)
+        sums_of_rows(lanes, 0, scale, scores_a, block)
+        if heads == 2:
+            sums_of_rows(lanes, second, scale, scores_b, block)
+
+
+@njit(inline="always")
+def _values_in_lanes(v_pool, slots, r, g, first, total, heads, weights_a, weights_b, out_a, out_b, lanes):
+    """out_a = Σ_t weights_a[t] · value t (and out_b from weights_b when heads is 2) for 16-value heads, each
+    position one vector operation a head: 4x the scalar loops."""
+    values = v_pool[g]
+    for i in range(2 * LANES):
+        lanes[i] = 0
+    for t in range(first, total):
+        slot = slots[r, t]
+        scale_add_lanes(lanes, 0, weights_a[t], values, slot)
+        if heads == 2:
+            scale_add_lanes(lanes, LANES, weights_b[t], values, slot)
+    for i in range(LANES):
+        out_a[i] = lanes[i]
+    if heads == 2:
+        for i in range(LANES):
+            out_b[i] = lanes[LANES + i]
 
 
 @njit(inline="always")
@@ -149,7 +214,9 @@ def _softmax(scores):
 
 @njit(inline="always")
 def _values_of_two(v_pool, slots, r, g, first, total, weights_h, weights_next, out_h, out_next):
-    """out_h += Σ_t weights_h[t] · value t, and likewise for the next head (both start at zero)."""
+    """out_h = Σ_t weights_h[t] · value t, and likewise for the next head (the scalar loops)."""
+    out_h[:] = 0
+    out_next[:] = 0
     for t in range(first, total):
         slot = slots[r, t]
         a, b = weights_h[t], weights_next[t]
@@ -161,6 +228,7 @@ def _values_of_two(v_pool, slots, r, g, first, total, weights_h, weights_next, o
 
 @njit(inline="always")
 def _values_of_one(v_pool, slots, r, g, first, total, weights_h, out_h):
+    out_h[:] = 0
     for t in range(first, total):
         slot = slots[r, t]
         a = weights_h[t]
