@@ -33,6 +33,7 @@ def paged_decode_attention(q, k_pool, v_pool, slots, totals, window, scale, out)
     positions max(0, totals[r] - window) .. totals[r] - 1 (all of them when window is 0), whose keys and
     values sit in slots[r, t] of k_pool and v_pool [kv_heads, slots, head_dim]. Query head h reads kv head
     h // (heads // kv_heads)."""
+    q = np.ascontiguousarray(q)               # the vector path reads query heads as 16 contiguous lanes
     weights, lanes = _buffers(q, k_pool, slots)
     for r in range(q.shape[0]):
         for g in range(k_pool.shape[0]):
@@ -44,6 +45,7 @@ def paged_decode_attention_threaded(q, k_pool, v_pool, slots, totals, window, sc
     """paged_decode_attention with the (sequence, kv head) pairs shared out among Numba's threads: for a step
     whose products run in those same threads (quantised weights), so that no OpenBLAS thread is left spinning
     for the core. Pairs rather than sequences: smaller pieces even out sequences of different lengths."""
+    q = np.ascontiguousarray(q)
     kv_heads = k_pool.shape[0]
     for pair in prange(q.shape[0] * kv_heads):
         weights, lanes = _buffers(q, k_pool, slots)

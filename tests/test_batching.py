@@ -310,6 +310,25 @@ def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, 
             np.testing.assert_allclose(out[r, h], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["paged_decode_attention", "paged_decode_attention_threaded"])
+def test_paged_attention_kernel_takes_a_strided_query(kernel):
+    """A query that is a view into a wider array (a fused q|k|v's columns, as GPT-2's attention gets it) gives
+    what its contiguous copy gives: the 16-wide heads' vector path reads contiguous rows."""
+    from minitorch_infer.backends import attention_kernels
+
+    paged_decode_attention = getattr(attention_kernels, kernel)
+    rng = np.random.default_rng(7)
+    k_pool, v_pool = (rng.standard_normal((2, 64, 16)).astype(np.float32) for _ in range(2))
+    fused = rng.standard_normal((3, 4, 48)).astype(np.float32)
+    q = fused[:, :, :16]
+    slots = rng.permutation(64)[:3 * 20].reshape(3, 20).astype(np.intp)
+    totals = np.array([20, 9, 17], np.intp)
+    out, expected = np.empty((3, 4, 16), np.float32), np.empty((3, 4, 16), np.float32)
+    paged_decode_attention(q, k_pool, v_pool, slots, totals, 0, np.float32(0.25), out)
+    paged_decode_attention(np.ascontiguousarray(q), k_pool, v_pool, slots, totals, 0, np.float32(0.25), expected)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_the_attention_kernels_exp_is_numpys_to_float32_rounding():
     """The paged kernels' own exp (a polynomial LLVM vectorises) over softmax's whole range, x <= 0."""
     from minitorch_infer.backends.attention_kernels import _exp
