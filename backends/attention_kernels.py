@@ -21,10 +21,9 @@ a step of several sequences, so a model that never batches never loads Numba for
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
-from .vector_lanes import LANES, lane_buffer, multiply_lanes, scale_add_lanes, sums_of_rows
+from .vector_lanes import LANES, lane_buffer, multiply_lanes, scale_add_lanes, softmax_lanes, sums_of_rows
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -90,7 +89,7 @@ def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights,
         else:
             _scores_of_one(q, k_pool, slots, r, g, head + j, first, total, scale, weights[j])
     for j in range(group):
-        _softmax(weights[j, first:total])
+        softmax_lanes(weights[j], first, total)
     for j in range(0, group, 2):
         heads = min(2, group - j)
         out_a, out_b = out[r, head + j], out[r, head + j + heads - 1]
@@ -201,20 +200,6 @@ def _scores_of_one(q, k_pool, slots, r, g, h, first, total, scale, scores_h):
 
 
 @njit(inline="always")
-def _softmax(scores):
-    """In place."""
-    largest = scores.max()
-    total = np.float32(0)
-    for t in range(scores.shape[0]):
-        p = _exp(scores[t] - largest)
-        scores[t] = p
-        total += p
-    inverse = 1 / total
-    for t in range(scores.shape[0]):
-        scores[t] *= inverse
-
-
-@njit(inline="always")
 def _values_of_two(v_pool, slots, r, g, first, total, weights_h, weights_next, out_h, out_next):
     """out_h = Σ_t weights_h[t] · value t, and likewise for the next head (the scalar loops)."""
     out_h[:] = 0
@@ -236,33 +221,3 @@ def _values_of_one(v_pool, slots, r, g, first, total, weights_h, out_h):
         a = weights_h[t]
         for d in range(out_h.shape[0]):
             out_h[d] += a * v_pool[g, slot, d]
-
-
-LOG2_E = np.float32(1.4426950408889634)
-LN2_HIGH, LN2_LOW = np.float32(0.693359375), np.float32(-2.12194440e-4)      # ln 2 = high + low, high exact
-
-
-@njit(fastmath=True, inline="always")
-def _exp(x):
-    """e**x for x <= 0 (softmax's shifted scores) to within 3e-7 relative; e**-87 below -87 (where float32's
-    normal numbers end: the weight vanishes beside the largest, which is 1). e**x = 2**n · e**f with
-    |f| <= ln2 / 2; e**f by Cephes' expf polynomial; 2**n built from its exponent bits."""
-    x = max(x, np.float32(-87.0))
-    n = np.float32(np.floor(x * LOG2_E + np.float32(0.5)))
-    f = x - n * LN2_HIGH - n * LN2_LOW
-    p = np.float32(1.9875691500e-4)
-    p = p * f + np.float32(1.3981999507e-3)
-    p = p * f + np.float32(8.3334519073e-3)
-    p = p * f + np.float32(4.1665795894e-2)
-    p = p * f + np.float32(1.6666665459e-1)
-    p = p * f + np.float32(5.0000001201e-1)
-    p = p * f * f + f + np.float32(1)
-    return p * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-
-
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 `bits`."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-    return types.float32(types.int32), codegen

@@ -16,12 +16,18 @@ Numba's disk cache keys a kernel on its own source file only: after editing this
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 16
+# e**x = 2**n · e**f with |f| <= ln 2 / 2: Cephes' expf, as row_kernels._exp
+LOG2_E = 1.4426950408889634
+LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4
+EXP_POLYNOMIAL = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                  5.0000001201e-1)
 _VECTOR = ir.VectorType(ir.FloatType(), LANES)
 _LANE_INDICES = ir.VectorType(ir.IntType(32), LANES)
 
@@ -90,6 +96,98 @@ def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
         builder.store(builder.fmul(rows[0], _splat(builder, args[2]), flags=("fast",)), target, align=4)
         return context.get_dummy_value()
     return types.void(buffer, at, scale, out, out_start), codegen
+
+
+@intrinsic
+def softmax_lanes(typingctx, scores, first, total):
+    """scores[first:total] = softmax(scores[first:total]), 16 values at a time (three passes: the largest, the
+    exps and their sum, the division). The last 16 may reach past total: `scores` must have room for 16
+    values beyond it, where this writes zeros. The exp is _exp's polynomial as a vector (row_kernels)."""
+    if not _contiguous(scores, 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = _data(context, builder, signature.args[0], args[0])
+        first_, total_ = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
+        intp = first_.type
+        chunks = builder.udiv(builder.add(builder.sub(total_, first_), intp(LANES - 1)), intp(LANES))
+        lowest = ir.Constant(_VECTOR, [float(np.finfo(np.float32).min)] * LANES)   # finite: fast-math flags hold
+        zeros = ir.Constant(_VECTOR, [0.0] * LANES)
+
+        def each_chunk(body):
+            with cgutils.for_range(builder, chunks) as loop:
+                start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
+                pointer = builder.bitcast(builder.gep(data, [start]), _VECTOR.as_pointer())
+                inside = builder.icmp_signed("<", builder.add(_splat_int(builder, start), _lane_numbers(intp)),
+                                             _splat_int(builder, total_))
+                body(pointer, inside)
+
+        largest = cgutils.alloca_once_value(builder, lowest)
+        each_chunk(lambda pointer, inside: builder.store(
+            _vector_call(builder, "llvm.maxnum", [builder.load(largest),
+                                                  builder.select(inside, builder.load(pointer, align=4), lowest)]),
+            largest))
+        peak = _splat(builder, _reduce(builder, "llvm.vector.reduce.fmax", builder.load(largest)))
+
+        total_sum = cgutils.alloca_once_value(builder, zeros)
+
+        def exponentiate(pointer, inside):
+            shifted = builder.fsub(builder.load(pointer, align=4), peak, flags=("fast",))
+            weights = builder.select(inside, _exp_lanes(builder, shifted), zeros)
+            builder.store(weights, pointer, align=4)
+            builder.store(builder.fadd(builder.load(total_sum), weights, flags=("fast",)), total_sum)
+        each_chunk(exponentiate)
+        inverse = _splat(builder, builder.fdiv(ir.Constant(ir.FloatType(), 1.0),
+                                               _reduce(builder, "llvm.vector.reduce.fadd", builder.load(total_sum),
+                                                       ir.Constant(ir.FloatType(), -0.0))))
+        each_chunk(lambda pointer, inside: builder.store(
+            builder.fmul(builder.load(pointer, align=4), inverse, flags=("fast",)), pointer, align=4))
+        return context.get_dummy_value()
+    return types.void(scores, first, total), codegen
+
+
+def _exp_lanes(builder, x):
+    """e**x for 16 values x <= 0, as row_kernels._exp computes one (Cephes' expf polynomial times 2**n
+    made from its exponent bits; below -87, e**-87)."""
+    def splat(value):
+        return ir.Constant(_VECTOR, [float(value)] * LANES)
+
+    def fma(a, b, c):
+        return builder.fadd(builder.fmul(a, b, flags=("fast",)), c, flags=("fast",))
+    x = _vector_call(builder, "llvm.maxnum", [x, splat(-87.0)])
+    n = _vector_call(builder, "llvm.floor", [fma(x, splat(LOG2_E), splat(0.5))])
+    f = builder.fsub(builder.fsub(x, builder.fmul(n, splat(LN2_HIGH), flags=("fast",)), flags=("fast",)),
+                     builder.fmul(n, splat(LN2_LOW), flags=("fast",)), flags=("fast",))
+    p = splat(EXP_POLYNOMIAL[0])
+    for coefficient in EXP_POLYNOMIAL[1:]:
+        p = fma(p, f, splat(coefficient))
+    p = fma(builder.fmul(p, f, flags=("fast",)), f, builder.fadd(f, splat(1.0), flags=("fast",)))
+    int_lanes = ir.VectorType(ir.IntType(32), LANES)
+    exponent = builder.add(builder.fptosi(n, int_lanes), ir.Constant(int_lanes, [127] * LANES))
+    two_to_n = builder.bitcast(builder.shl(exponent, ir.Constant(int_lanes, [23] * LANES)), _VECTOR)
+    return builder.fmul(p, two_to_n, flags=("fast",))
+
+
+def _vector_call(builder, name, operands):
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * len(operands)),
+                                              f"{name}.v16f32")
+    return builder.call(function, operands)
+
+
+def _reduce(builder, name, vector, *start):
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()] * len(start) + [_VECTOR]), f"{name}.v16f32")
+    return builder.call(function, [*start, vector])
+
+
+def _splat_int(builder, value):
+    lanes = ir.VectorType(value.type, LANES)
+    one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined), ir.Constant(_LANE_INDICES, [0] * LANES))
+
+
+def _lane_numbers(integer):
+    return ir.Constant(ir.VectorType(integer, LANES), list(range(LANES)))
 
 
 def _halves_added(builder, a, b, width):

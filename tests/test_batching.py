@@ -329,15 +329,27 @@ def test_paged_attention_kernel_takes_a_strided_query(kernel):
     np.testing.assert_array_equal(out, expected)
 
 
-def test_the_attention_kernels_exp_is_numpys_to_float32_rounding():
-    """The paged kernels' own exp (a polynomial LLVM vectorises) over softmax's whole range, x <= 0."""
-    from minitorch_infer.backends.attention_kernels import _exp
+@pytest.mark.parametrize("first, total", [(0, 1), (0, 16), (3, 40), (17, 18), (5, 69)])
+def test_the_sixteen_lane_softmax_is_numpys(first, total):
+    """softmax_lanes over scores[first:total]: a short last chunk, scores spread past exp's clamp at -87, and
+    zeros (not stale numbers) in the lanes it writes past total."""
+    from numba import njit
 
-    x = np.concatenate([-np.linspace(0, 87, 20001), -np.geomspace(1e-8, 1, 50)]).astype(np.float32)
-    got = np.array([_exp(v) for v in x])
-    expected = np.exp(x.astype(np.float64))
-    np.testing.assert_allclose(got, expected, rtol=5e-7, atol=0)
-    assert 0 <= _exp(np.float32(-200)) < 1e-37
+    from minitorch_infer.backends.vector_lanes import softmax_lanes
+
+    @njit
+    def softmax(scores, first, total):
+        softmax_lanes(scores, first, total)
+
+    rng = np.random.default_rng(total)
+    scores = (rng.standard_normal(total + 16) * 40).astype(np.float32)
+    expected = scores.astype(np.float64)[first:total]
+    expected = np.exp(expected - expected.max())
+    expected /= expected.sum()
+    softmax(scores, first, total)
+    np.testing.assert_allclose(scores[first:total], expected, rtol=1e-5, atol=1e-30)   # float32 score - max
+    end = first + -(-(total - first) // 16) * 16
+    assert not scores[total:end].any()
 
 
 @settings(max_examples=50, deadline=None)

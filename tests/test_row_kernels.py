@@ -46,3 +46,13 @@ def test_write_rows_stores_each_row_in_its_slot_of_every_head(contiguous):
     expected[:, slots] = x.transpose(1, 0, 2)
     row_kernels.write_rows(x, pool, slots)
     np.testing.assert_array_equal(pool, expected)
+
+
+def test_the_compiled_exp_is_numpys_to_float32_rounding():
+    """The row kernels' exp (a polynomial LLVM vectorises; swiglu's sigmoid) over its whole range, x <= 0."""
+    _exp = row_kernels._exp
+    x = np.concatenate([-np.linspace(0, 87, 20001), -np.geomspace(1e-8, 1, 50)]).astype(np.float32)
+    got = np.array([_exp(v) for v in x])
+    expected = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got, expected, rtol=5e-7, atol=0)
+    assert 0 <= _exp(np.float32(-200)) < 1e-37
