@@ -7,8 +7,8 @@ products cost 40% of the whole step. Here each key and value row is read from it
 query heads of its group at once: one pass over the row feeds two sums, which LLVM vectorises along the
 row (per head, or per group of any size, it did not: 1.6x slower for the story model's 16-wide heads).
 Heads of exactly 16 values are shorter than LLVM's vector loop and take 16-lane vector operations of our own
-instead (vector_lanes): the story model's attention 1.3-1.6x. The softmax's exp is a polynomial LLVM can
-vectorise, where each call to libm's would run alone.
+instead (vector_lanes): the story model's attention 1.3-1.6x. The softmax is 16 lanes for every head width,
+its exp a polynomial (libm's ran one value at a time): another 1.1-1.3x.
 
 One thread (no `prange`) when the step's products run in OpenBLAS's threads just before and after: a second
 pool of spinning threads would starve them (see quantized_kernels; sharing the sequences out ran a story-model
@@ -59,7 +59,7 @@ LANE_BUFFER = 2 * LANES * LANES
 @njit(inline="always")
 def _buffers(q, k_pool, slots):
     """Scores, then attention weights, of one kv head's group of query heads over a sequence's positions
-    (16 more than the longest: the vector path stores 16 scores at a time); and the vector path's lanes,
+    (16 more than the longest: the lanes store 16 at a time, past the last position too); and the lanes,
     zeroed once, so that rows a short last block of positions leaves unwritten hold finite numbers."""
     weights = np.empty((q.shape[1] // k_pool.shape[0], slots.shape[1] + LANES), np.float32)
     lanes = lane_buffer(LANE_BUFFER, np.float32)
@@ -73,7 +73,7 @@ def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights,
     """Sequence r's query heads of kv head g's group, two at a time (and a last one alone in an odd group).
     Heads of 16 values take the vector path (vector_lanes): LLVM's own vector loops cover 32 values (8 lanes,
     4 interleaved) and left them scalar. Wider heads it vectorises itself, and there the lanes measured no
-    faster (SmolLM2's 64: within the noise, or slower)."""
+    faster for scores and values (SmolLM2's 64: within the noise, or slower); the softmax is lanes for all."""
     group = q.shape[1] // k_pool.shape[0]
     total = totals[r]
     first = max(0, total - window) if window > 0 else 0

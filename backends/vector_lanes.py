@@ -118,8 +118,8 @@ def softmax_lanes(typingctx, scores, first, total):
             with cgutils.for_range(builder, chunks) as loop:
                 start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
                 pointer = builder.bitcast(builder.gep(data, [start]), _VECTOR.as_pointer())
-                inside = builder.icmp_signed("<", builder.add(_splat_int(builder, start), _lane_numbers(intp)),
-                                             _splat_int(builder, total_))
+                inside = builder.icmp_signed("<", builder.add(_splat(builder, start), _lane_numbers(intp)),
+                                             _splat(builder, total_))
                 body(pointer, inside)
 
         largest = cgutils.alloca_once_value(builder, lowest)
@@ -180,12 +180,6 @@ def _reduce(builder, name, vector, *start):
     return builder.call(function, [*start, vector])
 
 
-def _splat_int(builder, value):
-    lanes = ir.VectorType(value.type, LANES)
-    one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined), ir.Constant(_LANE_INDICES, [0] * LANES))
-
-
 def _lane_numbers(integer):
     return ir.Constant(ir.VectorType(integer, LANES), list(range(LANES)))
 
@@ -234,5 +228,7 @@ def _buffer_lanes(context, builder, signature, args):
 
 
 def _splat(builder, value):
-    one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(one, ir.Constant(_VECTOR, ir.Undefined), ir.Constant(_LANE_INDICES, [0] * LANES))
+    """16 lanes of a float or an integer value."""
+    lanes = ir.VectorType(value.type, LANES)
+    one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined), ir.Constant(_LANE_INDICES, [0] * LANES))
