@@ -33,24 +33,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
+from .vector_lanes import lane_buffer
+
 ROWS = 4              # weight rows per iteration
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
 RUNS = 64             # runs of groups of rows the threads share out (matmul_tiles_*)
 ACCUMULATORS = ROWS * LANES
 PREFETCH_ROWS = 16    # how far ahead the direct kernels ask for weight rows
-
-
-@intrinsic
-def _stack_array(typingctx, size, dtype):
-    """A pointer to `size` (a literal) values of `dtype` on the stack: LLVM keeps such a small array in
-    registers across a loop, where it stores an np.empty array back to memory on every iteration (eight
-    stores per block in the direct kernels)."""
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(dtype.dtype), size=size.literal_value)
-    return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
 @intrinsic
@@ -82,7 +71,7 @@ def _prefetch_rows(codes, n, rows, column):
 @njit(inline="always")
 def _accumulators():
     """Four weight rows' 16 accumulators, kept in registers."""
-    return carray(_stack_array(ACCUMULATORS, np.float32), (ROWS, LANES))
+    return carray(lane_buffer(ACCUMULATORS, np.float32), (ROWS, LANES))
 
 
 @njit(inline="always")

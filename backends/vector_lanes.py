@@ -34,7 +34,9 @@ _LANE_INDICES = ir.VectorType(ir.IntType(32), LANES)
 
 @intrinsic
 def lane_buffer(typingctx, size, dtype):
-    """A pointer to `size` (a literal) values of `dtype` on the stack, starting a 64-byte line: a 16-lane
+    """A pointer to `size` (a literal) values of `dtype` on the stack, starting a 64-byte line. LLVM keeps
+    such a small array in registers across a loop where it can (an np.empty one it stored back to memory on
+    every iteration: eight stores per block in the quantised direct kernels), and where it cannot, a 16-lane
     vector that straddled two lines cost a split load, and a store then load of it stalled."""
     if not isinstance(size, types.IntegerLiteral):
         return None
@@ -82,6 +84,7 @@ def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
     reductions take four steps each and use one lane of each result."""
     if not _contiguous(out, 1):
         return None
+
     def codegen(context, builder, signature, args):
         first = builder.bitcast(_buffer_lanes(context, builder, signature, args), ir.FloatType().as_pointer())
         rows = [builder.load(builder.bitcast(builder.gep(first, [ir.IntType(64)(LANES * i)]), _VECTOR.as_pointer()),
