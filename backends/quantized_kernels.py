@@ -27,13 +27,12 @@ NUMBA_CACHE_DIR), so later processes load it in milliseconds.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from .vector_lanes import lane_buffer
+from .vector_lanes import lane_buffer, prefetch_line
 
 ROWS = 4              # weight rows per iteration
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
@@ -44,18 +43,13 @@ PREFETCH_ROWS = 16    # how far ahead the direct kernels ask for weight rows
 
 @intrinsic
 def _prefetch(typingctx, array, row, column):
-    """Ask for the cache line holding array[row, column] (llvm.prefetch: a hint, which never faults)."""
+    """Ask for the cache line holding array[row, column]."""
     def codegen(context, builder, signature, args):
         array_type = signature.args[0]
         indices = [context.cast(builder, value, kind, types.intp) for value, kind in zip(args[1:], signature.args[1:])]
-        pointer = cgutils.get_item_pointer(context, builder, array_type,
-                                           context.make_array(array_type)(context, builder, args[0]), indices)
-        byte_pointer = ir.IntType(8).as_pointer()
-        int32 = ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
-        read, keep_in_all_levels, data = int32(0), int32(3), int32(1)
-        builder.call(prefetch, [builder.bitcast(pointer, byte_pointer), read, keep_in_all_levels, data])
+        prefetch_line(builder, cgutils.get_item_pointer(context, builder, array_type,
+                                                        context.make_array(array_type)(context, builder, args[0]),
+                                                        indices))
         return context.get_dummy_value()
     return types.void(array, row, column), codegen
 

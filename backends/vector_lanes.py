@@ -69,7 +69,7 @@ def scale_add_lanes(typingctx, buffer, at, a, rows, row):
         return None
 
     def codegen(context, builder, signature, args):
-        product = builder.fmul(_splat(builder, args[2]), _row_lanes(context, builder, signature, args, 3),
+        product = builder.fmul(splat(builder, args[2]), _row_lanes(context, builder, signature, args, 3),
                                flags=("fast",))
         target = _buffer_lanes(context, builder, signature, args)
         builder.store(builder.fadd(builder.load(target, align=4), product, flags=("fast",)), target, align=4)
@@ -87,16 +87,12 @@ def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
 
     def codegen(context, builder, signature, args):
         first = builder.bitcast(_buffer_lanes(context, builder, signature, args), ir.FloatType().as_pointer())
-        rows = [builder.load(builder.bitcast(builder.gep(first, [ir.IntType(64)(LANES * i)]), _VECTOR.as_pointer()),
-                             align=4) for i in range(LANES)]
-        width = LANES
-        while len(rows) > 1:
-            rows = [_halves_added(builder, rows[i], rows[i + 1], width) for i in range(0, len(rows), 2)]
-            width //= 2
+        sums = row_sums(builder, [builder.load(builder.bitcast(builder.gep(first, [ir.IntType(64)(LANES * i)]),
+                                                               _VECTOR.as_pointer()), align=4) for i in range(LANES)])
         start = context.cast(builder, args[4], signature.args[4], types.intp)
         target = builder.bitcast(builder.gep(_data(context, builder, signature.args[3], args[3]), [start]),
                                  _VECTOR.as_pointer())
-        builder.store(builder.fmul(rows[0], _splat(builder, args[2]), flags=("fast",)), target, align=4)
+        builder.store(builder.fmul(sums, splat(builder, args[2]), flags=("fast",)), target, align=4)
         return context.get_dummy_value()
     return types.void(buffer, at, scale, out, out_start), codegen
 
@@ -121,8 +117,8 @@ def softmax_lanes(typingctx, scores, first, total):
             with cgutils.for_range(builder, chunks) as loop:
                 start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
                 pointer = builder.bitcast(builder.gep(data, [start]), _VECTOR.as_pointer())
-                inside = builder.icmp_signed("<", builder.add(_splat(builder, start), _lane_numbers(intp)),
-                                             _splat(builder, total_))
+                inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
+                                             splat(builder, total_))
                 body(pointer, inside)
 
         largest = cgutils.alloca_once_value(builder, lowest)
@@ -130,7 +126,7 @@ def softmax_lanes(typingctx, scores, first, total):
             _vector_call(builder, "llvm.maxnum", [builder.load(largest),
                                                   builder.select(inside, builder.load(pointer, align=4), lowest)]),
             largest))
-        peak = _splat(builder, _reduce(builder, "llvm.vector.reduce.fmax", builder.load(largest)))
+        peak = splat(builder, _reduce(builder, "llvm.vector.reduce.fmax", builder.load(largest)))
 
         total_sum = cgutils.alloca_once_value(builder, zeros)
 
@@ -140,7 +136,7 @@ def softmax_lanes(typingctx, scores, first, total):
             builder.store(weights, pointer, align=4)
             builder.store(builder.fadd(builder.load(total_sum), weights, flags=("fast",)), total_sum)
         each_chunk(exponentiate)
-        inverse = _splat(builder, builder.fdiv(ir.Constant(ir.FloatType(), 1.0),
+        inverse = splat(builder, builder.fdiv(ir.Constant(ir.FloatType(), 1.0),
                                                _reduce(builder, "llvm.vector.reduce.fadd", builder.load(total_sum),
                                                        ir.Constant(ir.FloatType(), -0.0))))
         each_chunk(lambda pointer, inside: builder.store(
@@ -152,19 +148,19 @@ def softmax_lanes(typingctx, scores, first, total):
 def _exp_lanes(builder, x):
     """e**x for 16 values x <= 0, as row_kernels._exp computes one (Cephes' expf polynomial times 2**n
     made from its exponent bits; below -87, e**-87)."""
-    def splat(value):
+    def constant(value):
         return ir.Constant(_VECTOR, [float(value)] * LANES)
 
     def fma(a, b, c):
         return builder.fadd(builder.fmul(a, b, flags=("fast",)), c, flags=("fast",))
-    x = _vector_call(builder, "llvm.maxnum", [x, splat(-87.0)])
-    n = _vector_call(builder, "llvm.floor", [fma(x, splat(LOG2_E), splat(0.5))])
-    f = builder.fsub(builder.fsub(x, builder.fmul(n, splat(LN2_HIGH), flags=("fast",)), flags=("fast",)),
-                     builder.fmul(n, splat(LN2_LOW), flags=("fast",)), flags=("fast",))
-    p = splat(EXP_POLYNOMIAL[0])
+    x = _vector_call(builder, "llvm.maxnum", [x, constant(-87.0)])
+    n = _vector_call(builder, "llvm.floor", [fma(x, constant(LOG2_E), constant(0.5))])
+    f = builder.fsub(builder.fsub(x, builder.fmul(n, constant(LN2_HIGH), flags=("fast",)), flags=("fast",)),
+                     builder.fmul(n, constant(LN2_LOW), flags=("fast",)), flags=("fast",))
+    p = constant(EXP_POLYNOMIAL[0])
     for coefficient in EXP_POLYNOMIAL[1:]:
-        p = fma(p, f, splat(coefficient))
-    p = fma(builder.fmul(p, f, flags=("fast",)), f, builder.fadd(f, splat(1.0), flags=("fast",)))
+        p = fma(p, f, constant(coefficient))
+    p = fma(builder.fmul(p, f, flags=("fast",)), f, builder.fadd(f, constant(1.0), flags=("fast",)))
     int_lanes = ir.VectorType(ir.IntType(32), LANES)
     exponent = builder.add(builder.fptosi(n, int_lanes), ir.Constant(int_lanes, [127] * LANES))
     two_to_n = builder.bitcast(builder.shl(exponent, ir.Constant(int_lanes, [23] * LANES)), _VECTOR)
@@ -185,6 +181,26 @@ def _reduce(builder, name, vector, *start):
 
 def _lane_numbers(integer):
     return ir.Constant(ir.VectorType(integer, LANES), list(range(LANES)))
+
+
+def row_sums(builder, rows):
+    """One vector holding, in lane i, the sum of the 16 lanes of rows[i] (16 vectors): a tree of 15
+    shuffle-and-add steps."""
+    width = LANES
+    while len(rows) > 1:
+        rows = [_halves_added(builder, rows[i], rows[i + 1], width) for i in range(0, len(rows), 2)]
+        width //= 2
+    return rows[0]
+
+
+def prefetch_line(builder, pointer):
+    """Ask for the cache line holding *pointer, into every cache level (llvm.prefetch: a hint, never a fault)."""
+    byte_pointer = ir.IntType(8).as_pointer()
+    int32 = ir.IntType(32)
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
+    read, keep_in_all_levels, data = int32(0), int32(3), int32(1)
+    builder.call(prefetch, [builder.bitcast(pointer, byte_pointer), read, keep_in_all_levels, data])
 
 
 def _halves_added(builder, a, b, width):
@@ -230,7 +246,7 @@ def _buffer_lanes(context, builder, signature, args):
     return builder.bitcast(builder.gep(args[0], [at]), _VECTOR.as_pointer())
 
 
-def _splat(builder, value):
+def splat(builder, value):
     """16 lanes of a float or an integer value."""
     lanes = ir.VectorType(value.type, LANES)
     one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.IntType(32)(0))

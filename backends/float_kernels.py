@@ -1,0 +1,219 @@
+"""Compiled products for float32 weights and a few rows of x: the products of a batched decode step.
+
+OpenBLAS multiplies a few rows by a large weight badly. Its gemm packs the weight into its own layout on
+every call and then streams it from memory at ~4 GB/s, where its one-row gemv reaches ~15 GB/s: SmolLM2's
+products at 16 rows ran at 26-35 GFLOP/s, and a 16-sequence step took 3-4 single-sequence steps. These
+kernels read the weight where it lies, once per call, into register tiles written as LLVM vector IR, and ask
+for its cache lines ahead of use (software prefetch): without that, the same kernels reached only BLAS's rate.
+
+- `matmul_rows`: a row-major weight [N, K] (SmolLM2's o and down projections and logits). A tile is 4 weight
+  rows by 4 rows of x: 16 accumulators of 16 lanes along K, each loaded value serving four products, finished
+  by vector_lanes' shuffle tree. Each pass over a tile asks for a share of the weight rows PREFETCH_ROWS on.
+- `matmul_columns`: a column-major weight, read as wᵀ [K, N] (the packed q|k|v and gate|up). Four rows of wᵀ
+  at a time multiply 16 columns by 16 rows of x, each value of x broadcast to the 16 lanes. The partial sums
+  of a stripe of STRIPE columns stay in L1 while the stripe's rows of wᵀ stream past, each row read along its
+  length (reading whole columns of 16 instead, page after page, ran at BLAS's rate with prefetch or without).
+
+Both share rows of the weight among Numba's threads (`prange`). They need K a multiple of 16 (rows) or 4
+(columns) and N a multiple of 16 (columns); `fits` says whether a weight qualifies. Checked against NumPy in
+tests/test_float_kernels.py. Numba compiles them on first use and keeps the machine code in its cache.
+
+The tiles hold 16 or 17 vectors of 16 lanes: on a machine with AVX-512, 32 registers of 16 lanes. Without it
+LLVM splits each vector in two and spills, so the NumPy backend uses these only where AVX-512 is present.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding, ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .vector_lanes import LANES, lane_buffer, prefetch_line, row_sums, splat
+
+TILE = 4                 # weight rows and rows of x in a matmul_rows tile
+RUNS = 64                # runs of tiles the threads share out (matmul_rows)
+PREFETCH_ROWS = 16       # how far ahead matmul_rows asks for weight rows
+STEP = 4                 # rows of wᵀ in one step of matmul_columns
+BLOCK_ROWS = LANES       # rows of x that one matmul_columns block multiplies (4 or 8 when x has no more)
+STRIPE = 512             # columns whose partial sums one matmul_columns run keeps (32 KiB for 16 rows)
+MIN_STRIPES = 4          # runs matmul_columns shares out at least, where there are columns enough
+PREFETCH_STEPS = 4       # how far ahead matmul_columns asks for rows of wᵀ
+
+AVAILABLE = "avx512f" in binding.get_host_cpu_features()
+_VECTOR = ir.VectorType(ir.FloatType(), LANES)
+
+
+def fits(w: np.ndarray) -> bool:
+    """Whether a 2-D float32 weight [N, K] has a layout and shape one of the kernels takes."""
+    rows, width = w.shape
+    if w.flags.c_contiguous:
+        return width % LANES == 0 and rows >= TILE
+    return w.flags.f_contiguous and rows % LANES == 0 and width % STEP == 0
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_rows(w, x, y, accumulate):
+    """y (+)= x · wᵀ for a row-major w [N, K]: K a multiple of 16, N at least 4."""
+    n_rows = w.shape[0]
+    x_tiles = _padded_rows(x, TILE)
+    passes = x_tiles.shape[0] // TILE
+    share = max(1, TILE // passes)        # weight rows each pass asks for, so that a tile's passes ask for 4
+    groups = (n_rows + TILE - 1) // TILE
+    runs = min(groups, RUNS)
+    for run in prange(runs):
+        sums = lane_buffer(LANES, np.float32)
+        for group in range(run * groups // runs, (run + 1) * groups // runs):
+            first = TILE * group
+            n = min(first, n_rows - TILE)             # a short last tile ends at row N - 1, and skips rows done
+            for p in range(passes):
+                ahead = min(n + PREFETCH_ROWS + p * share, n_rows - 1)
+                _dot_tile(w, n, ahead, min(ahead + share - 1, n_rows - 1), x_tiles, TILE * p, sums)
+                for i in range(TILE):
+                    m = TILE * p + i
+                    if m < x.shape[0]:
+                        for j in range(first - n, TILE):
+                            if accumulate:
+                                y[m, n + j] += sums[TILE * i + j]
+                            else:
+                                y[m, n + j] = sums[TILE * i + j]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def matmul_columns(w_t, x, y, accumulate):
+    """y (+)= x · w_t for w_t [K, N] row-major (a column-major weight's transpose): K a multiple of 4, N of 16."""
+    width, columns = w_t.shape
+    rows = x.shape[0]
+    block_rows = 4 if rows <= 4 else 8 if rows <= 8 else BLOCK_ROWS     # the fewest lanes of x that hold them
+    blocks = (rows + block_rows - 1) // block_rows
+    x_t = np.zeros((blocks, width, block_rows), np.float32)
+    for m in range(rows):
+        for k in range(width):
+            x_t[m // block_rows, k, m % block_rows] = x[m, k]
+    stripe = min(STRIPE, (columns // LANES + MIN_STRIPES - 1) // MIN_STRIPES * LANES)
+    stripes = (columns + stripe - 1) // stripe
+    for s in prange(stripes):
+        first = s * stripe
+        last = min(columns, first + stripe)
+        partial = np.zeros((blocks, block_rows, stripe), np.float32)
+        for k in range(0, width, STEP):
+            for n in range(first, last, LANES):
+                for b in range(blocks):
+                    if block_rows == 4:                   # the rows are a literal of the generated code
+                        _broadcast_step(w_t, k, n, x_t, b, partial, n - first, 4)
+                    elif block_rows == 8:
+                        _broadcast_step(w_t, k, n, x_t, b, partial, n - first, 8)
+                    else:
+                        _broadcast_step(w_t, k, n, x_t, b, partial, n - first, BLOCK_ROWS)
+        for m in range(rows):
+            for n in range(first, last):
+                if accumulate:
+                    y[m, n] += partial[m // block_rows, m % block_rows, n - first]
+                else:
+                    y[m, n] = partial[m // block_rows, m % block_rows, n - first]
+
+
+@njit(inline="always")
+def _padded_rows(x, multiple):
+    """x's rows, followed by zero rows up to a multiple of `multiple`."""
+    padded = np.zeros(((x.shape[0] + multiple - 1) // multiple * multiple, x.shape[1]), np.float32)
+    padded[:x.shape[0]] = x
+    return padded
+
+
+@intrinsic
+def _dot_tile(typingctx, w, n, prefetch_first, prefetch_last, x, m, sums):
+    """sums[4i + j] = x[m + i] · w[n + j] for i, j < 4; asks for rows prefetch_first..prefetch_last of w on
+    the way, a line of each per 16 values."""
+    if not (_contiguous(w, 2) and _contiguous(x, 2)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        w_data, (_, width) = _array(context, builder, signature.args[0], args[0])
+        x_data, _ = _array(context, builder, signature.args[4], args[4])
+        n_, first, last, m_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 5))
+        intp = width.type
+
+        def row(data, index):
+            return builder.gep(data, [builder.mul(index, width)])
+        w_rows = [row(w_data, builder.add(n_, intp(j))) for j in range(TILE)]
+        x_rows = [row(x_data, builder.add(m_, intp(i))) for i in range(TILE)]
+        ahead = [row(w_data, _smaller(builder, builder.add(first, intp(j)), last)) for j in range(TILE)]
+        accumulators = [[cgutils.alloca_once_value(builder, ir.Constant(_VECTOR, [0.0] * LANES))
+                         for _ in range(TILE)] for _ in range(TILE)]
+        with cgutils.for_range(builder, builder.udiv(width, intp(LANES))) as loop:
+            at = builder.mul(loop.index, intp(LANES))
+            ws = [_load(builder, builder.gep(p, [at])) for p in w_rows]
+            xs = [_load(builder, builder.gep(p, [at])) for p in x_rows]
+            for p in ahead:
+                prefetch_line(builder, builder.gep(p, [at]))
+            for i in range(TILE):
+                for j in range(TILE):
+                    _accumulate(builder, accumulators[i][j], xs[i], ws[j])
+        sums_ = row_sums(builder, [builder.load(a) for line in accumulators for a in line])
+        builder.store(sums_, builder.bitcast(args[6], _VECTOR.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(w, n, prefetch_first, prefetch_last, x, m, sums), codegen
+
+
+@intrinsic
+def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
+    """partial[block, r, column : column + 16] += Σ_{k <= j < k + 4} x_t[block, j, r] · w_t[j, n : n + 16] for
+    r < rows (a literal: x_t and partial hold that many rows a block); asks for the same columns of w_t
+    PREFETCH_STEPS steps on."""
+    if not (_contiguous(w_t, 2) and _contiguous(x_t, 3) and _contiguous(partial, 3)
+            and isinstance(rows, types.IntegerLiteral)):
+        return None
+    block_rows = rows.literal_value
+
+    def codegen(context, builder, signature, args):
+        w_data, (height, width) = _array(context, builder, signature.args[0], args[0])
+        x_data, _ = _array(context, builder, signature.args[3], args[3])
+        partial_data, (_, _, stripe) = _array(context, builder, signature.args[5], args[5])
+        k_, n_, block_, column_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 4, 6))
+        intp = width.type
+        x_block = builder.gep(x_data, [builder.mul(block_, builder.mul(height, intp(block_rows)))])
+        partial_block = builder.gep(partial_data, [builder.mul(block_, builder.mul(stripe, intp(block_rows)))])
+        targets = [builder.gep(partial_block, [builder.add(builder.mul(intp(r), stripe), column_)])
+                   for r in range(block_rows)]
+        sums = [_load(builder, t) for t in targets]
+        last = builder.sub(height, intp(1))
+        for j in range(STEP):
+            row = builder.add(k_, intp(j))
+            lanes = _load(builder, builder.gep(w_data, [builder.add(builder.mul(row, width), n_)]))
+            ahead = _smaller(builder, builder.add(row, intp(PREFETCH_STEPS * STEP)), last)
+            prefetch_line(builder, builder.gep(w_data, [builder.add(builder.mul(ahead, width), n_)]))
+            x_row = builder.gep(x_block, [builder.mul(row, intp(block_rows))])
+            for r in range(block_rows):
+                value = splat(builder, builder.load(builder.gep(x_row, [intp(r)])))
+                sums[r] = builder.fadd(builder.fmul(value, lanes, flags=("fast",)), sums[r], flags=("fast",))
+        for target, total in zip(targets, sums):
+            builder.store(total, builder.bitcast(target, _VECTOR.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(w_t, k, n, x_t, block, partial, column, rows), codegen
+
+
+def _contiguous(array, ndim: int) -> bool:
+    return (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"
+            and array.dtype == types.float32)
+
+
+def _array(context, builder, array_type, array):
+    """(pointer to the first value, the shape's values) of an array argument."""
+    structure = context.make_array(array_type)(context, builder, array)
+    return structure.data, cgutils.unpack_tuple(builder, structure.shape, array_type.ndim)
+
+
+def _load(builder, pointer):
+    return builder.load(builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+
+
+def _accumulate(builder, accumulator, a, b):
+    """*accumulator += a · b (an alloca'd vector, which LLVM keeps in a register)."""
+    product = builder.fmul(a, b, flags=("fast",))
+    builder.store(builder.fadd(builder.load(accumulator), product, flags=("fast",)), accumulator)
+
+
+def _smaller(builder, a, b):
+    return builder.select(builder.icmp_signed("<", a, b), a, b)

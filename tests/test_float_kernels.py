@@ -1,0 +1,93 @@
+"""The compiled float32 products (backends/float_kernels.py) against x · wᵀ in float64, and the NumPy backend's
+use of them in a batched step."""
+
+import numpy as np
+import pytest
+
+from minitorch_infer.backends import float_kernels
+from minitorch_infer.backends import numpy as numpy_backend
+
+ROWS = [1, 2, 3, 4, 5, 8, 9, 16, 17, 33]
+
+
+def _weight(rng, shape, order, writeable=True, offset=0):
+    """A float32 weight whose first value sits `offset` floats past a 64-byte line (model weights land anywhere)."""
+    size = shape[0] * shape[1]
+    buffer = np.empty(size + 32, np.float32)
+    start = (-buffer.ctypes.data % 64) // 4 + offset
+    weight = buffer[start:start + size].reshape(shape, order=order)
+    weight[...] = rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 1e3], size=(shape[0], 1))
+    weight.flags.writeable = writeable
+    return weight
+
+
+def _check(kernel, w, rng, rows):
+    x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.T.astype(np.float64))   # bounds each sum's rounding
+    for accumulate in (False, True):
+        y = rng.standard_normal((rows, w.shape[0])).astype(np.float32)
+        before = y.astype(np.float64)
+        kernel(x, y, accumulate)
+        wanted = expected + before if accumulate else expected
+        assert np.all(np.abs(y - wanted) <= 1e-5 * (scale + np.abs(before))), (rows, accumulate)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out_features, in_features", [(4, 16), (7, 48), (130, 576), (49, 1536)])
+def test_matmul_rows_equals_x_times_w_transposed(rows, out_features, in_features):
+    """Row-major weights, with N not a multiple of 4 (a short last tile that must not add twice)."""
+    rng = np.random.default_rng(rows * out_features)
+    w = _weight(rng, (out_features, in_features), "C", writeable=rows % 2 == 0, offset=rows % 16)
+    assert float_kernels.fits(w)
+    _check(lambda x, y, accumulate: float_kernels.matmul_rows(w, x, y, accumulate), w, rng, rows)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out_features, in_features", [(16, 4), (48, 20), (80, 128), (960, 576)])
+def test_matmul_columns_equals_x_times_w_transposed(rows, out_features, in_features):
+    """Column-major weights, read as wᵀ: stripes of uneven width, and more rows of x than one block holds."""
+    rng = np.random.default_rng(rows * out_features + 1)
+    w = _weight(rng, (out_features, in_features), "F", writeable=rows % 2 == 1, offset=rows % 16)
+    assert float_kernels.fits(w)
+    _check(lambda x, y, accumulate: float_kernels.matmul_columns(w.T, x, y, accumulate), w, rng, rows)
+
+
+def test_fits_names_the_shapes_the_kernels_take():
+    assert float_kernels.fits(np.zeros((4, 32), np.float32))
+    assert not float_kernels.fits(np.zeros((4, 24), np.float32))              # K not a multiple of 16
+    assert not float_kernels.fits(np.zeros((3, 32), np.float32))              # fewer than one tile of rows
+    assert float_kernels.fits(np.zeros((32, 12), np.float32, order="F"))
+    assert not float_kernels.fits(np.zeros((24, 12), np.float32, order="F"))  # N not a multiple of 16
+    assert not float_kernels.fits(np.zeros((32, 10), np.float32, order="F"))  # K not a multiple of 4
+    assert not float_kernels.fits(np.zeros((32, 64), np.float32)[:, ::2])     # neither layout
+
+
+@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the float kernels only with AVX-512")
+def test_a_batched_step_runs_its_float_products_in_the_kernels(story_model, monkeypatch):
+    """A decode step of several sequences multiplies by every float32 weight in float_kernels (the story model's
+    weights all fit), and one sequence alone does not."""
+    used = []
+    for name in ("matmul_rows", "matmul_columns"):
+        kernel = getattr(float_kernels, name)
+
+        def counted(w, *args, kernel=kernel, name=name):
+            if w.shape != (16, 16):                      # not the engine's warm-up
+                used.append(name)
+            kernel(w, *args)
+        monkeypatch.setattr(float_kernels, name, counted)
+    program = story_model.program
+    program._bound.clear()
+    weights = {node.inputs[1].name for node in program.graph.nodes
+               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"}
+    prompts = [[1, 400 + i, 20] for i in range(3)]
+    story_model.generate_batch(prompts, max_new_tokens=3, greedy=True)
+    columns = sum(not story_model.weights[name].flags.c_contiguous for name in weights)
+    assert 0 < columns < len(weights)
+    steps = used.count("matmul_columns") // columns       # every step of several sequences, each weight once
+    assert steps >= 3 and used.count("matmul_columns") == steps * columns
+    assert used.count("matmul_rows") == steps * (len(weights) - columns)
+    used.clear()
+    program._bound.clear()
+    story_model.generate(prompts[0], max_new_tokens=3, greedy=True)
+    assert used == []
