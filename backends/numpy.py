@@ -177,9 +177,9 @@ class Program:
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised program, or by the paged attention a batched step runs.
-        self.step.float_products_compiled = compiles_float_products(seq, sequences)
+        self.step.float_products_compiled = self.float_products_compiled(seq, sequences)
         self.step.products_in_numba = seq <= quantized.TILES_MAX_ROWS and (
-            self._quantized_products or (self.step.float_products_compiled and self._float_kernels_take_every()))
+            self._quantized_products or self.step.float_products_compiled)
         self.step.row_ops_compiled = self._quantized_products or sequences > 1
         calls = []
         for node in self.graph.nodes:
@@ -210,12 +210,18 @@ class Program:
                 entries.append((node, ins, outs, calls[-1]))
         return calls, [arrays[id(v)] for v in self.graph.outputs]
 
-    def _float_kernels_take_every(self) -> bool:
-        """Whether every float32 product weight fits the compiled kernels (then a step that runs them runs no
-        BLAS call, and its attention may share out Numba's threads)."""
+    def float_products_compiled(self, rows: int, sequences: int) -> bool:
+        """Whether a step of `rows` new tokens from `sequences` sequences runs its float32 products in
+        float_kernels: a batched step (which loads Numba for its attention anyway) of a few rows, on a machine
+        with AVX-512, in a program whose float32 weights the kernels all fit and are each too large to gain
+        from BLAS's handling of cached weights. All or none: a BLAS call leaves OpenBLAS's threads spinning,
+        which starves the kernels' threads that follow."""
+        if not (sequences > 1 and 1 < rows <= FLOAT_KERNEL_MAX_ROWS):
+            return False
         if self._float_kernels_take_all is None:
-            fits = _float_kernels().fits
-            self._float_kernels_take_all = bool(self._float_weights) and all(fits(w) for w in self._float_weights)
+            kernels = _float_kernels()
+            self._float_kernels_take_all = kernels.AVAILABLE and bool(self._float_weights) and all(
+                kernels.fits(w) and w.nbytes > FLOAT_KERNEL_MIN_BYTES for w in self._float_weights)
         return self._float_kernels_take_all
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -270,9 +276,9 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
                   compiled: bool = False) -> Kernel:
     """A call computing y = x · wᵀ for a float32 weight, the BLAS calls chosen by x's rows and w's layout and
     size; scratch (the matmul's workspace) holds the transposed operands of the few-row products. With
-    `compiled` (a batched step of a few rows), the compiled kernels take every weight they fit."""
+    `compiled` (Program.float_products_compiled), float_kernels instead."""
     rows = x.shape[0]
-    if compiled and _float_kernels().fits(w):
+    if compiled:
         return compiled_float_product(x, w, y)
     if rows == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
@@ -311,16 +317,13 @@ def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumula
     return lambda: kernels.matmul_columns(w_t, x, y, accumulate)
 
 
-def compiles_float_products(rows: int, sequences: int) -> bool:
-    """Whether a step of `rows` new tokens from `sequences` sequences runs its float32 products in float_kernels:
-    a batched step (which loads Numba for its attention anyway) of a few rows, on a machine with AVX-512."""
-    return sequences > 1 and 1 < rows <= FLOAT_KERNEL_MAX_ROWS and _float_kernels().AVAILABLE
-
-
-# Up to this many rows (a batched decode step's), float32 products run in float_kernels: SmolLM2's products at
-# 4 / 8 / 16 rows 1.6 / 2.0 / 1.9x BLAS's time, the story model's 1.2-1.5x (min of five turns, one process).
-# At 32 rows they were 0.84x.
+# Up to this many rows (a batched decode step's), float32 products run in float_kernels, for weights of more
+# than FLOAT_KERNEL_MIN_BYTES: SmolLM2's chain of products at 2 / 4 / 8 / 16 rows 1.8 / 2.2 / 2.7 / 2.2x
+# faster than by BLAS (min of five turns, one process). The story model's weights (1 MiB and less) stay in
+# cache, where BLAS was as fast or faster at 16 rows (30 against 17 us for q|k|v, 43 against 14 for o), and
+# in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.6x.
 FLOAT_KERNEL_MAX_ROWS = 16
+FLOAT_KERNEL_MIN_BYTES = 1 << 20
 
 
 # A product on a weight larger than a core's L2 cache (STREAMED_WEIGHT_BYTES: one that comes from memory or
@@ -357,7 +360,7 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w, c = ins
     (y,) = outs
     rows, k = x.shape
-    if isinstance(w, QuantizedTensor) or (step.float_products_compiled and _float_kernels().fits(w)):
+    if isinstance(w, QuantizedTensor) or step.float_products_compiled:
         if isinstance(w, QuantizedTensor):
             product = quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True)
         else:

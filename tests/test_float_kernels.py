@@ -64,30 +64,42 @@ def test_fits_names_the_shapes_the_kernels_take():
 
 
 @pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the float kernels only with AVX-512")
-def test_a_batched_step_runs_its_float_products_in_the_kernels(story_model, monkeypatch):
-    """A decode step of several sequences multiplies by every float32 weight in float_kernels (the story model's
-    weights all fit), and one sequence alone does not."""
+def test_a_batched_step_of_large_weights_runs_its_float_products_in_the_kernels(monkeypatch):
+    """A step of several sequences multiplies by every float32 weight in float_kernels when every weight fits
+    them and is larger than FLOAT_KERNEL_MIN_BYTES (the story model's, with the bar lowered), and equals the
+    same step by BLAS; one sequence alone, or a program with a small weight, runs BLAS."""
+    import minitorch_infer
+    from tests.conftest import require_model
+
     used = []
     for name in ("matmul_rows", "matmul_columns"):
         kernel = getattr(float_kernels, name)
 
-        def counted(w, *args, kernel=kernel, name=name):
-            if w.shape != (16, 16):                      # not the engine's warm-up
-                used.append(name)
-            kernel(w, *args)
+        def counted(*args, kernel=kernel, name=name):
+            used.append(name)
+            kernel(*args)
         monkeypatch.setattr(float_kernels, name, counted)
-    program = story_model.program
-    program._bound.clear()
-    weights = {node.inputs[1].name for node in program.graph.nodes
-               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"}
-    prompts = [[1, 400 + i, 20] for i in range(3)]
-    story_model.generate_batch(prompts, max_new_tokens=3, greedy=True)
-    columns = sum(not story_model.weights[name].flags.c_contiguous for name in weights)
+    model = minitorch_infer.load(require_model("story"))
+    weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
+               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
+    columns = sum(not w.flags.c_contiguous for w in weights)
     assert 0 < columns < len(weights)
-    steps = used.count("matmul_columns") // columns       # every step of several sequences, each weight once
-    assert steps >= 3 and used.count("matmul_columns") == steps * columns
-    assert used.count("matmul_rows") == steps * (len(weights) - columns)
-    used.clear()
-    program._bound.clear()
-    story_model.generate(prompts[0], max_new_tokens=3, greedy=True)
-    assert used == []
+
+    def logits_of_a_batched_step():
+        sequences = [model.kv_cache.open() for _ in range(3)]
+        try:
+            for s in sequences:
+                s.reserve(2)
+            return model.step(sequences, [[5, 6], [7, 8], [9, 10]]).copy()
+        finally:
+            for s in sequences:
+                s.close()
+
+    by_blas = logits_of_a_batched_step()
+    assert used == []                                     # the story model's weights are all 1 MiB or less
+    monkeypatch.setattr(numpy_backend, "FLOAT_KERNEL_MIN_BYTES", 0)
+    model.program._float_kernels_take_all = None
+    model.program._bound.clear()
+    by_kernels = logits_of_a_batched_step()
+    assert used.count("matmul_columns") == columns and used.count("matmul_rows") == len(weights) - columns
+    np.testing.assert_allclose(by_kernels, by_blas, rtol=1e-4, atol=1e-4)

@@ -101,7 +101,7 @@ def products_bound(model, rows: int, steps: int = 8) -> float:
     step of that many sequences runs (the compiled float kernels, or BLAS) allow it."""
     weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
-    calls = [_product(np.ones((rows, w.shape[1]), np.float32), w, np.empty((rows, w.shape[0]), np.float32))
+    calls = [_product(model, np.ones((rows, w.shape[1]), np.float32), w, np.empty((rows, w.shape[0]), np.float32))
              for w in weights]
     times = []
     for _ in range(steps):
@@ -112,13 +112,13 @@ def products_bound(model, rows: int, steps: int = 8) -> float:
     return rows / statistics.median(times)
 
 
-def _product(x: np.ndarray, w, y: np.ndarray):
+def _product(model, x: np.ndarray, w, y: np.ndarray):
     """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
     rows, k = x.shape
     return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32),
-                                       numpy_backend.compiles_float_products(rows, sequences=rows))
+                                       model.program.float_products_compiled(rows, sequences=rows))
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:
