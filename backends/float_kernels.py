@@ -10,9 +10,10 @@ for its cache lines ahead of use (software prefetch): without that, the same ker
   rows by 4 rows of x: 16 accumulators of 16 lanes along K, each loaded value serving four products, finished
   by vector_lanes' shuffle tree. Each pass over a tile asks for a share of the weight rows PREFETCH_ROWS on.
 - `matmul_columns`: a column-major weight, read as wᵀ [K, N] (the packed q|k|v and gate|up). Four rows of wᵀ
-  at a time multiply 16 columns by 16 rows of x, each value of x broadcast to the 16 lanes. The partial sums
-  of a stripe of STRIPE columns stay in L1 while the stripe's rows of wᵀ stream past, each row read along its
-  length (reading whole columns of 16 instead, page after page, ran at BLAS's rate with prefetch or without).
+  at a time multiply 16 columns by up to 16 rows of x (4 or 8 when x has no more), each value of x broadcast
+  to the 16 lanes. The partial sums of a stripe of columns (STRIPE_VALUES of them) stay in L1 while the
+  stripe's rows of wᵀ stream past, each read along its length: reading whole columns of 16 instead, page
+  after page, ran at BLAS's rate with prefetch or without.
 
 Both share rows of the weight among Numba's threads (`prange`). They need K a multiple of 16 (rows) or 4
 (columns) and N a multiple of 16 (columns); `fits` says whether a weight qualifies. Checked against NumPy in
@@ -37,7 +38,7 @@ RUNS = 64                # runs of tiles the threads share out (matmul_rows)
 PREFETCH_ROWS = 16       # how far ahead matmul_rows asks for weight rows
 STEP = 4                 # rows of wᵀ in one step of matmul_columns
 BLOCK_ROWS = LANES       # rows of x that one matmul_columns block multiplies (4 or 8 when x has no more)
-STRIPE = 512             # columns whose partial sums one matmul_columns run keeps (32 KiB for 16 rows)
+STRIPE_VALUES = 8192     # partial sums one matmul_columns run keeps (32 KiB: 512 columns of 16 rows)
 MIN_STRIPES = 4          # runs matmul_columns shares out at least, where there are columns enough
 PREFETCH_STEPS = 4       # how far ahead matmul_columns asks for rows of wᵀ
 
@@ -91,7 +92,8 @@ def matmul_columns(w_t, x, y, accumulate):
     for m in range(rows):
         for k in range(width):
             x_t[m // block_rows, k, m % block_rows] = x[m, k]
-    stripe = min(STRIPE, (columns // LANES + MIN_STRIPES - 1) // MIN_STRIPES * LANES)
+    stripe = min(STRIPE_VALUES // (blocks * block_rows * LANES) * LANES,
+                 (columns // LANES + MIN_STRIPES - 1) // MIN_STRIPES * LANES)
     stripes = (columns + stripe - 1) // stripe
     for s in prange(stripes):
         first = s * stripe

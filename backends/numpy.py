@@ -317,12 +317,13 @@ def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumula
     return lambda: kernels.matmul_columns(w_t, x, y, accumulate)
 
 
-# Up to this many rows (a batched decode step's), float32 products run in float_kernels, for weights of more
-# than FLOAT_KERNEL_MIN_BYTES: SmolLM2's chain of products at 2 / 4 / 8 / 16 rows 1.8 / 2.2 / 2.7 / 2.2x
-# faster than by BLAS (min of five turns, one process). The story model's weights (1 MiB and less) stay in
+# Up to this many rows (a batched decode step's, up to the default max_batch), float32 products run in
+# float_kernels, for weights of more than FLOAT_KERNEL_MIN_BYTES: SmolLM2's chain of products at 2 / 4 / 8 /
+# 16 / 24 / 32 rows 1.8 / 2.2 / 2.7 / 2.2 / 2.2 / 1.7x faster than by BLAS (min of five turns, one process;
+# at 64 rows, before the stripes narrowed for them, 0.95x). The story model's weights (1 MiB and less) stay in
 # cache, where BLAS was as fast or faster at 16 rows (30 against 17 us for q|k|v, 43 against 14 for o), and
 # in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.6x.
-FLOAT_KERNEL_MAX_ROWS = 16
+FLOAT_KERNEL_MAX_ROWS = 32
 FLOAT_KERNEL_MIN_BYTES = 1 << 20
 
 
