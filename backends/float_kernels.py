@@ -9,13 +9,13 @@ for its cache lines ahead of use (software prefetch): without that, the same ker
 - `matmul_rows`: a row-major weight [N, K] (SmolLM2's o and down projections and logits). A tile is 4 weight
   rows by 4 rows of x: 16 accumulators of 16 lanes along K, each loaded value serving four products, finished
   by vector_lanes' shuffle tree. Each pass over a tile asks for a share of the weight rows PREFETCH_ROWS on.
-- `matmul_columns`: a column-major weight, read as wᵀ [K, N] (the packed q|k|v and gate|up). Four rows of wᵀ
+- `matmul_columns`: a column-major weight, read as wᵀ [K, N] (the packed q|k|v and gate|up). Eight rows of wᵀ
   at a time multiply 16 columns by up to 16 rows of x (4 or 8 when x has no more), each value of x broadcast
   to the 16 lanes. The partial sums of a stripe of columns (STRIPE_VALUES of them) stay in L1 while the
   stripe's rows of wᵀ stream past, each read along its length: reading whole columns of 16 instead, page
   after page, ran at BLAS's rate with prefetch or without.
 
-Both share rows of the weight among Numba's threads (`prange`). They need K a multiple of 16 (rows) or 4
+Both share rows of the weight among Numba's threads (`prange`). They need K a multiple of 16 (rows) or 8
 (columns) and N a multiple of 16 (columns); `fits` says whether a weight qualifies. Checked against NumPy in
 tests/test_float_kernels.py. Numba compiles them on first use and keeps the machine code in its cache.
 
@@ -36,11 +36,11 @@ from .vector_lanes import LANES, lane_buffer, prefetch_line, row_sums, splat
 TILE = 4                 # weight rows and rows of x in a matmul_rows tile
 RUNS = 64                # runs of tiles the threads share out (matmul_rows)
 PREFETCH_ROWS = 16       # how far ahead matmul_rows asks for weight rows
-STEP = 4                 # rows of wᵀ in one step of matmul_columns
+STEP = 8                 # rows of wᵀ in one step of matmul_columns
 BLOCK_ROWS = LANES       # rows of x that one matmul_columns block multiplies (4 or 8 when x has no more)
 STRIPE_VALUES = 8192     # partial sums one matmul_columns run keeps (32 KiB: 512 columns of 16 rows)
 MIN_STRIPES = 4          # runs matmul_columns shares out at least, where there are columns enough
-PREFETCH_STEPS = 4       # how far ahead matmul_columns asks for rows of wᵀ
+PREFETCH_STEPS = 1       # how many steps ahead matmul_columns asks for rows of wᵀ
 
 AVAILABLE = "avx512f" in binding.get_host_cpu_features()
 _VECTOR = ir.VectorType(ir.FloatType(), LANES)
@@ -83,7 +83,7 @@ def matmul_rows(w, x, y, accumulate):
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def matmul_columns(w_t, x, y, accumulate):
-    """y (+)= x · w_t for w_t [K, N] row-major (a column-major weight's transpose): K a multiple of 4, N of 16."""
+    """y (+)= x · w_t for w_t [K, N] row-major (a column-major weight's transpose): K a multiple of 8, N of 16."""
     width, columns = w_t.shape
     rows = x.shape[0]
     block_rows = 4 if rows <= 4 else 8 if rows <= 8 else BLOCK_ROWS     # the fewest lanes of x that hold them
@@ -161,7 +161,7 @@ def _dot_tile(typingctx, w, n, prefetch_first, prefetch_last, x, m, sums):
 
 @intrinsic
 def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
-    """partial[block, r, column : column + 16] += Σ_{k <= j < k + 4} x_t[block, j, r] · w_t[j, n : n + 16] for
+    """partial[block, r, column : column + 16] += Σ_{k <= j < k + STEP} x_t[block, j, r] · w_t[j, n : n + 16] for
     r < rows (a literal: x_t and partial hold that many rows a block); asks for the same columns of w_t
     PREFETCH_STEPS steps on."""
     if not (_contiguous(w_t, 2) and _contiguous(x_t, 3) and _contiguous(partial, 3)

@@ -44,7 +44,7 @@ def test_matmul_rows_equals_x_times_w_transposed(rows, out_features, in_features
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("out_features, in_features", [(16, 4), (48, 20), (80, 128), (960, 576)])
+@pytest.mark.parametrize("out_features, in_features", [(16, 8), (48, 24), (80, 128), (960, 576)])
 def test_matmul_columns_equals_x_times_w_transposed(rows, out_features, in_features):
     """Column-major weights, read as wᵀ: stripes of uneven width, and more rows of x than one block holds."""
     rng = np.random.default_rng(rows * out_features + 1)
@@ -57,9 +57,9 @@ def test_fits_names_the_shapes_the_kernels_take():
     assert float_kernels.fits(np.zeros((4, 32), np.float32))
     assert not float_kernels.fits(np.zeros((4, 24), np.float32))              # K not a multiple of 16
     assert not float_kernels.fits(np.zeros((3, 32), np.float32))              # fewer than one tile of rows
-    assert float_kernels.fits(np.zeros((32, 12), np.float32, order="F"))
-    assert not float_kernels.fits(np.zeros((24, 12), np.float32, order="F"))  # N not a multiple of 16
-    assert not float_kernels.fits(np.zeros((32, 10), np.float32, order="F"))  # K not a multiple of 4
+    assert float_kernels.fits(np.zeros((32, 24), np.float32, order="F"))
+    assert not float_kernels.fits(np.zeros((24, 24), np.float32, order="F"))  # N not a multiple of 16
+    assert not float_kernels.fits(np.zeros((32, 12), np.float32, order="F"))  # K not a multiple of 8
     assert not float_kernels.fits(np.zeros((32, 64), np.float32)[:, ::2])     # neither layout
 
 
