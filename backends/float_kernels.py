@@ -58,7 +58,7 @@ def fits(w: np.ndarray) -> bool:
 def matmul_rows(w, x, y, accumulate):
     """y (+)= x · wᵀ for a row-major w [N, K]: K a multiple of 16, N at least 4."""
     n_rows = w.shape[0]
-    x_tiles = _padded_rows(x, TILE)
+    x_tiles = padded_rows(x)
     passes = x_tiles.shape[0] // TILE
     share = max(1, TILE // passes)        # weight rows each pass asks for, so that a tile's passes ask for 4
     groups = (n_rows + TILE - 1) // TILE
@@ -70,15 +70,12 @@ def matmul_rows(w, x, y, accumulate):
             n = min(first, n_rows - TILE)             # a short last tile ends at row N - 1, and skips rows done
             for p in range(passes):
                 ahead = min(n + PREFETCH_ROWS + p * share, n_rows - 1)
-                _dot_tile(w, n, ahead, min(ahead + share - 1, n_rows - 1), x_tiles, TILE * p, sums)
-                for i in range(TILE):
-                    m = TILE * p + i
-                    if m < x.shape[0]:
-                        for j in range(first - n, TILE):
-                            if accumulate:
-                                y[m, n + j] += sums[TILE * i + j]
-                            else:
-                                y[m, n + j] = sums[TILE * i + j]
+                last = min(ahead + share - 1, n_rows - 1)
+                if x.shape[0] <= 2:                   # half the products (x_rows is a literal of the code)
+                    dot_tile(w, n, x_tiles, 0, sums, ahead, last, TILE, 2)
+                else:
+                    dot_tile(w, n, x_tiles, TILE * p, sums, ahead, last, TILE, TILE)
+                store_tile(y, sums, TILE * p, n, first - n, accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -117,46 +114,64 @@ def matmul_columns(w_t, x, y, accumulate):
 
 
 @njit(inline="always")
-def _padded_rows(x, multiple):
-    """x's rows, followed by zero rows up to a multiple of `multiple`."""
-    padded = np.zeros(((x.shape[0] + multiple - 1) // multiple * multiple, x.shape[1]), np.float32)
+def padded_rows(x):
+    """x's rows, followed by zero rows up to a whole number of tiles (for dot_tile)."""
+    padded = np.zeros(((x.shape[0] + TILE - 1) // TILE * TILE, x.shape[1]), np.float32)
     padded[:x.shape[0]] = x
     return padded
 
 
+@njit(inline="always")
+def store_tile(y, sums, m, n, skip, accumulate):
+    """y[m + i, n + j] (+)= sums[4i + j] for the rows and columns y has, from column n + skip on."""
+    for i in range(TILE):
+        if m + i < y.shape[0]:
+            for j in range(skip, TILE):
+                if n + j < y.shape[1]:
+                    if accumulate:
+                        y[m + i, n + j] += sums[TILE * i + j]
+                    else:
+                        y[m + i, n + j] = sums[TILE * i + j]
+
+
 @intrinsic
-def _dot_tile(typingctx, w, n, prefetch_first, prefetch_last, x, m, sums):
-    """sums[4i + j] = x[m + i] · w[n + j] for i, j < 4; asks for rows prefetch_first..prefetch_last of w on
-    the way, a line of each per 16 values."""
-    if not (_contiguous(w, 2) and _contiguous(x, 2)):
+def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x_rows):
+    """sums[4i + j] = x[m + i] · w[n + j] for i < x_rows, j < 4 (x_rows a literal, 2 or 4; the other lanes of sums
+    are 0): an accumulator of 16 lanes per product along the rows (whose length must be a multiple of 16),
+    finished by the shuffle tree. On the way it asks for ahead_rows (a literal, 0 to 4) rows of w from
+    ahead_first on, none past ahead_last, a line of each per 16 values."""
+    if not (_contiguous(w, 2) and _contiguous(x, 2) and isinstance(ahead_rows, types.IntegerLiteral)
+            and isinstance(x_rows, types.IntegerLiteral)):
         return None
+    asked, products = ahead_rows.literal_value, x_rows.literal_value
 
     def codegen(context, builder, signature, args):
         w_data, (_, width) = _array(context, builder, signature.args[0], args[0])
-        x_data, _ = _array(context, builder, signature.args[4], args[4])
-        n_, first, last, m_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 5))
+        x_data, _ = _array(context, builder, signature.args[2], args[2])
+        n_, m_, first, last = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 5, 6))
         intp = width.type
 
         def row(data, index):
             return builder.gep(data, [builder.mul(index, width)])
         w_rows = [row(w_data, builder.add(n_, intp(j))) for j in range(TILE)]
-        x_rows = [row(x_data, builder.add(m_, intp(i))) for i in range(TILE)]
-        ahead = [row(w_data, _smaller(builder, builder.add(first, intp(j)), last)) for j in range(TILE)]
-        accumulators = [[cgutils.alloca_once_value(builder, ir.Constant(_VECTOR, [0.0] * LANES))
-                         for _ in range(TILE)] for _ in range(TILE)]
+        x_rows_ = [row(x_data, builder.add(m_, intp(i))) for i in range(products)]
+        ahead = [row(w_data, _smaller(builder, builder.add(first, intp(j)), last)) for j in range(asked)]
+        zero = ir.Constant(_VECTOR, [0.0] * LANES)
+        accumulators = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE)] for _ in range(products)]
         with cgutils.for_range(builder, builder.udiv(width, intp(LANES))) as loop:
             at = builder.mul(loop.index, intp(LANES))
             ws = [_load(builder, builder.gep(p, [at])) for p in w_rows]
-            xs = [_load(builder, builder.gep(p, [at])) for p in x_rows]
+            xs = [_load(builder, builder.gep(p, [at])) for p in x_rows_]
             for p in ahead:
                 prefetch_line(builder, builder.gep(p, [at]))
-            for i in range(TILE):
+            for i in range(products):
                 for j in range(TILE):
                     _accumulate(builder, accumulators[i][j], xs[i], ws[j])
-        sums_ = row_sums(builder, [builder.load(a) for line in accumulators for a in line])
-        builder.store(sums_, builder.bitcast(args[6], _VECTOR.as_pointer()), align=4)
+        totals = [builder.load(a) for line in accumulators for a in line]
+        sums_ = row_sums(builder, totals + [zero] * (LANES - len(totals)))
+        builder.store(sums_, builder.bitcast(args[4], _VECTOR.as_pointer()), align=4)
         return context.get_dummy_value()
-    return types.void(w, n, prefetch_first, prefetch_last, x, m, sums), codegen
+    return types.void(w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x_rows), codegen
 
 
 @intrinsic

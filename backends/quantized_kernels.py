@@ -32,9 +32,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
+from .float_kernels import TILE, dot_tile, padded_rows, store_tile
 from .vector_lanes import lane_buffer, prefetch_line
 
-ROWS = 4              # weight rows per iteration
+ROWS = TILE           # weight rows per iteration (a float_kernels tile's, in the tiled kernels)
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
 RUNS = 64             # runs of groups of rows the threads share out (matmul_tiles_*)
 ACCUMULATORS = ROWS * LANES
@@ -194,46 +195,15 @@ def _block_sums(x, blocks):
 
 
 @njit(inline="always")
-def _products_of_tile(tile, x, y, n, accumulate):
-    """y[:, n:n+4] (+)= x · tileᵀ for a tile of four dequantised weight rows, two rows of x at a time: each
-    value loaded serves two or four products, and each product is one sum over the whole row, vectorised."""
-    width = tile.shape[1]
-    m = 0
-    while m + 1 < x.shape[0]:
-        a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
-        b0, b1, b2, b3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
-        for k in range(width):
-            u, v = x[m, k], x[m + 1, k]
-            t0, t1, t2, t3 = tile[0, k], tile[1, k], tile[2, k], tile[3, k]
-            a0 += t0 * u
-            a1 += t1 * u
-            a2 += t2 * u
-            a3 += t3 * u
-            b0 += t0 * v
-            b1 += t1 * v
-            b2 += t2 * v
-            b3 += t3 * v
-        _store(y, m, n, a0, accumulate)
-        _store(y, m, n + 1, a1, accumulate)
-        _store(y, m, n + 2, a2, accumulate)
-        _store(y, m, n + 3, a3, accumulate)
-        _store(y, m + 1, n, b0, accumulate)
-        _store(y, m + 1, n + 1, b1, accumulate)
-        _store(y, m + 1, n + 2, b2, accumulate)
-        _store(y, m + 1, n + 3, b3, accumulate)
-        m += 2
-    if m < x.shape[0]:
-        a0, a1, a2, a3 = np.float32(0), np.float32(0), np.float32(0), np.float32(0)
-        for k in range(width):
-            u = x[m, k]
-            a0 += tile[0, k] * u
-            a1 += tile[1, k] * u
-            a2 += tile[2, k] * u
-            a3 += tile[3, k] * u
-        _store(y, m, n, a0, accumulate)
-        _store(y, m, n + 1, a1, accumulate)
-        _store(y, m, n + 2, a2, accumulate)
-        _store(y, m, n + 3, a3, accumulate)
+def _products_of_tile(tile, x_tiles, y, n, sums, accumulate):
+    """y[:, n:n+4] (+)= x · tileᵀ for a tile of four dequantised weight rows (in L1: nothing to ask ahead for),
+    by float_kernels' register tiles, four rows of x (padded to whole tiles) at a time."""
+    for m in range(0, x_tiles.shape[0], ROWS):
+        if y.shape[0] <= 2:                         # half the products (x_rows is a literal of the code)
+            dot_tile(tile, 0, x_tiles, m, sums, 0, 0, 0, 2)
+        else:
+            dot_tile(tile, 0, x_tiles, m, sums, 0, 0, 0, ROWS)
+        store_tile(y, sums, m, n, 0, accumulate)
 
 
 @njit(inline="always")
@@ -250,13 +220,15 @@ def matmul_tiles_q8(codes, scales, x, y, accumulate):
     tile (in L1) once, and every row of x is multiplied by the tile."""
     rows, blocks = scales.shape
     groups, runs = _group_ranges(rows)
+    x_tiles = padded_rows(x)
     for run in prange(runs):
         tile = np.empty((ROWS, 32 * blocks), np.float32)
+        sums = lane_buffer(LANES, np.float32)
         for group in range(run * groups // runs, (run + 1) * groups // runs):
             n = group * ROWS
             for r in range(ROWS):
                 _dequantize_row_q8(codes, scales, _row(n + r, rows), tile[r])
-            _products_of_tile(tile, x, y, n, accumulate)
+            _products_of_tile(tile, x_tiles, y, n, sums, accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -265,13 +237,15 @@ def matmul_tiles_q4(codes, scales, offsets, x, y, accumulate):
     does not cache on disk a kernel that takes the dequantiser as an argument."""
     rows, blocks = scales.shape
     groups, runs = _group_ranges(rows)
+    x_tiles = padded_rows(x)
     for run in prange(runs):
         tile = np.empty((ROWS, 32 * blocks), np.float32)
+        sums = lane_buffer(LANES, np.float32)
         for group in range(run * groups // runs, (run + 1) * groups // runs):
             n = group * ROWS
             for r in range(ROWS):
                 _dequantize_row_q4(codes, scales, offsets, _row(n + r, rows), tile[r])
-            _products_of_tile(tile, x, y, n, accumulate)
+            _products_of_tile(tile, x_tiles, y, n, sums, accumulate)
 
 
 @njit(inline="always")
