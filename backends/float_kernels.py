@@ -31,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .vector_lanes import LANES, lane_buffer, prefetch_line, row_sums, splat
+from .vector_lanes import LANES, VECTOR, lane_buffer, prefetch_line, row_sums, splat
 
 TILE = 4                 # weight rows and rows of x in a matmul_rows tile
 RUNS = 64                # runs of tiles the threads share out (matmul_rows)
@@ -43,7 +43,6 @@ MIN_STRIPES = 4          # runs matmul_columns shares out at least, where there 
 PREFETCH_STEPS = 1       # how many steps ahead matmul_columns asks for rows of wᵀ
 
 AVAILABLE = "avx512f" in binding.get_host_cpu_features()
-_VECTOR = ir.VectorType(ir.FloatType(), LANES)
 
 
 def fits(w: np.ndarray) -> bool:
@@ -156,7 +155,7 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
         w_rows = [row(w_data, builder.add(n_, intp(j))) for j in range(TILE)]
         x_rows_ = [row(x_data, builder.add(m_, intp(i))) for i in range(products)]
         ahead = [row(w_data, _smaller(builder, builder.add(first, intp(j)), last)) for j in range(asked)]
-        zero = ir.Constant(_VECTOR, [0.0] * LANES)
+        zero = ir.Constant(VECTOR, [0.0] * LANES)
         accumulators = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE)] for _ in range(products)]
         with cgutils.for_range(builder, builder.udiv(width, intp(LANES))) as loop:
             at = builder.mul(loop.index, intp(LANES))
@@ -169,7 +168,7 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
                     _accumulate(builder, accumulators[i][j], xs[i], ws[j])
         totals = [builder.load(a) for line in accumulators for a in line]
         sums_ = row_sums(builder, totals + [zero] * (LANES - len(totals)))
-        builder.store(sums_, builder.bitcast(args[4], _VECTOR.as_pointer()), align=4)
+        builder.store(sums_, builder.bitcast(args[4], VECTOR.as_pointer()), align=4)
         return context.get_dummy_value()
     return types.void(w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x_rows), codegen
 
@@ -206,7 +205,7 @@ def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
                 value = splat(builder, builder.load(builder.gep(x_row, [intp(r)])))
                 sums[r] = builder.fadd(builder.fmul(value, lanes, flags=("fast",)), sums[r], flags=("fast",))
         for target, total in zip(targets, sums):
-            builder.store(total, builder.bitcast(target, _VECTOR.as_pointer()), align=4)
+            builder.store(total, builder.bitcast(target, VECTOR.as_pointer()), align=4)
         return context.get_dummy_value()
     return types.void(w_t, k, n, x_t, block, partial, column, rows), codegen
 
@@ -223,7 +222,7 @@ def _array(context, builder, array_type, array):
 
 
 def _load(builder, pointer):
-    return builder.load(builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+    return builder.load(builder.bitcast(pointer, VECTOR.as_pointer()), align=4)
 
 
 def _accumulate(builder, accumulator, a, b):

@@ -27,13 +27,14 @@ NUMBA_CACHE_DIR), so later processes load it in milliseconds.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
 from .float_kernels import TILE, dot_tile, padded_rows, store_tile
-from .vector_lanes import lane_buffer, prefetch_line
+from .vector_lanes import VECTOR, lane_buffer, prefetch_line, splat, store_lanes
 
 ROWS = TILE           # weight rows per iteration (a float_kernels tile's, in the tiled kernels)
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
@@ -250,33 +251,75 @@ def matmul_tiles_q4(codes, scales, offsets, x, y, accumulate):
 
 @njit(inline="always")
 def _dequantize_row_q8(codes, scales, n, out):
-    """out[:] = weight row n as float32.
-
-    The block length comes from the arrays' shapes, not a constant: LLVM unrolls a loop of constant 32 fully,
-    and the unrolled stores stay scalar (it cannot rule out that `out` overlaps the codes), while a loop of
-    unknown length is vectorised with a runtime overlap check (2.5x faster)."""
-    block = codes.shape[1] // scales.shape[1]
+    """out[:] = weight row n as float32, a block of 32 values at a time in vector lanes (_widened_q8). LLVM's
+    own loop over a block is scalar: 32 values is no more than one pass of its vector loop."""
     for b in range(scales.shape[1]):
-        d = scales[n, b]
-        base = block * b
-        for i in range(block):
-            out[base + i] = np.float32(codes[n, base + i]) * d
+        _widened_q8(codes, n, 32 * b, scales[n, b], out)
 
 
 @njit(inline="always")
 def _dequantize_row_q4(codes, scales, offsets, n, out):
-    """As _dequantize_row_q8 (the block's byte count from the shapes, for the same reason), for 4-bit codes
-    (offsets None: Q4_0); nibbles split in float32 as in matmul_rows_q4."""
-    sixteenth, sixteen = np.float32(0.0625), np.float32(16)
-    half = codes.shape[1] // scales.shape[1]
+    """As _dequantize_row_q8, for 4-bit codes (offsets None: Q4_0, whose m is -8d); _widened_q4."""
     for b in range(scales.shape[1]):
         d = scales[n, b]
-        m = np.float32(-8) * d if offsets is None else offsets[n, b]
-        for j in range(half):
-            byte = np.float32(codes[n, half * b + j])
-            high = np.floor(byte * sixteenth)
-            out[2 * half * b + j] = (byte - sixteen * high) * d + m
-            out[2 * half * b + half + j] = high * d + m
+        _widened_q4(codes, n, 16 * b, d, np.float32(-8) * d if offsets is None else offsets[n, b], out)
+
+
+@intrinsic
+def _widened_q8(typingctx, codes, n, start, d, out):
+    """out[start : start + 32] = d · codes[n, start : start + 32] (int8 codes), as two vectors of 16 lanes."""
+    if not _block_arrays(codes, out):
+        return None
+
+    def codegen(context, builder, signature, args):
+        first, target = _block_pointers(context, builder, signature, args, 4)
+        scale = splat(builder, args[3])
+        bytes_ = ir.VectorType(ir.IntType(8), LANES)
+        for half in range(2):
+            at = builder.gep(first, [ir.IntType(64)(LANES * half)])
+            values = builder.sitofp(builder.load(builder.bitcast(at, bytes_.as_pointer()), align=1), VECTOR)
+            store_lanes(builder, builder.fmul(values, scale, flags=("fast",)), target, LANES * half)
+        return context.get_dummy_value()
+    return types.void(codes, n, start, d, out), codegen
+
+
+@intrinsic
+def _widened_q4(typingctx, codes, n, start, d, m, out):
+    """out[2 start : 2 start + 32] = codes · d + m for the 32 nibbles of codes[n, start : start + 16]: byte i
+    holds value i in its low four bits and value i + 16 in its high four."""
+    if not _block_arrays(codes, out):
+        return None
+
+    def codegen(context, builder, signature, args):
+        first, target = _block_pointers(context, builder, signature, args, 5, out_start=2)
+        scale, offset = splat(builder, args[3]), splat(builder, args[4])
+        bytes_, words = ir.VectorType(ir.IntType(8), LANES), ir.VectorType(ir.IntType(32), LANES)
+        wide = builder.zext(builder.load(builder.bitcast(first, bytes_.as_pointer()), align=1), words)
+        low = builder.and_(wide, ir.Constant(words, [15] * LANES))
+        high = builder.lshr(wide, ir.Constant(words, [4] * LANES))
+        for half, nibbles in enumerate((low, high)):
+            values = builder.uitofp(nibbles, VECTOR)
+            store_lanes(builder, builder.fadd(builder.fmul(values, scale, flags=("fast",)), offset, flags=("fast",)),
+                        target, LANES * half)
+        return context.get_dummy_value()
+    return types.void(codes, n, start, d, m, out), codegen
+
+
+def _block_arrays(codes, out) -> bool:
+    """Whether codes and out are the C-contiguous arrays the widening intrinsics address directly."""
+    return (isinstance(codes, types.Array) and codes.ndim == 2 and codes.layout == "C" and isinstance(out, types.Array)
+            and out.ndim == 1 and out.layout == "C" and out.dtype == types.float32)
+
+
+def _block_pointers(context, builder, signature, args, out_position, out_start=1):
+    """Pointers to codes[n, start] and to out[out_start · start], for the (codes, n, start, ..., out) arguments."""
+    codes_type, out_type = signature.args[0], signature.args[out_position]
+    n, start = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2))
+    codes = context.make_array(codes_type)(context, builder, args[0])
+    first = cgutils.get_item_pointer(context, builder, codes_type, codes, [n, start], wraparound=False)
+    out = context.make_array(out_type)(context, builder, args[out_position])
+    target = builder.gep(out.data, [builder.mul(start, start.type(out_start))])
+    return first, target
 
 
 @njit(fastmath=True, cache=True, nogil=True)

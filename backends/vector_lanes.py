@@ -28,7 +28,7 @@ LOG2_E = 1.4426950408889634
 LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4
 EXP_POLYNOMIAL = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
                   5.0000001201e-1)
-_VECTOR = ir.VectorType(ir.FloatType(), LANES)
+VECTOR = ir.VectorType(ir.FloatType(), LANES)
 _LANE_INDICES = ir.VectorType(ir.IntType(32), LANES)
 
 
@@ -88,10 +88,10 @@ def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
     def codegen(context, builder, signature, args):
         first = builder.bitcast(_buffer_lanes(context, builder, signature, args), ir.FloatType().as_pointer())
         sums = row_sums(builder, [builder.load(builder.bitcast(builder.gep(first, [ir.IntType(64)(LANES * i)]),
-                                                               _VECTOR.as_pointer()), align=4) for i in range(LANES)])
+                                                               VECTOR.as_pointer()), align=4) for i in range(LANES)])
         start = context.cast(builder, args[4], signature.args[4], types.intp)
         target = builder.bitcast(builder.gep(_data(context, builder, signature.args[3], args[3]), [start]),
-                                 _VECTOR.as_pointer())
+                                 VECTOR.as_pointer())
         builder.store(builder.fmul(sums, splat(builder, args[2]), flags=("fast",)), target, align=4)
         return context.get_dummy_value()
     return types.void(buffer, at, scale, out, out_start), codegen
@@ -110,13 +110,13 @@ def softmax_lanes(typingctx, scores, first, total):
         first_, total_ = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
         intp = first_.type
         chunks = builder.udiv(builder.add(builder.sub(total_, first_), intp(LANES - 1)), intp(LANES))
-        lowest = ir.Constant(_VECTOR, [float(np.finfo(np.float32).min)] * LANES)   # finite: fast-math flags hold
-        zeros = ir.Constant(_VECTOR, [0.0] * LANES)
+        lowest = ir.Constant(VECTOR, [float(np.finfo(np.float32).min)] * LANES)   # finite: fast-math flags hold
+        zeros = ir.Constant(VECTOR, [0.0] * LANES)
 
         def each_chunk(body):
             with cgutils.for_range(builder, chunks) as loop:
                 start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
-                pointer = builder.bitcast(builder.gep(data, [start]), _VECTOR.as_pointer())
+                pointer = builder.bitcast(builder.gep(data, [start]), VECTOR.as_pointer())
                 inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
                                              splat(builder, total_))
                 body(pointer, inside)
@@ -149,7 +149,7 @@ def _exp_lanes(builder, x):
     """e**x for 16 values x <= 0, as row_kernels._exp computes one (Cephes' expf polynomial times 2**n
     made from its exponent bits; below -87, e**-87)."""
     def constant(value):
-        return ir.Constant(_VECTOR, [float(value)] * LANES)
+        return ir.Constant(VECTOR, [float(value)] * LANES)
 
     def fma(a, b, c):
         return builder.fadd(builder.fmul(a, b, flags=("fast",)), c, flags=("fast",))
@@ -163,19 +163,19 @@ def _exp_lanes(builder, x):
     p = fma(builder.fmul(p, f, flags=("fast",)), f, builder.fadd(f, constant(1.0), flags=("fast",)))
     int_lanes = ir.VectorType(ir.IntType(32), LANES)
     exponent = builder.add(builder.fptosi(n, int_lanes), ir.Constant(int_lanes, [127] * LANES))
-    two_to_n = builder.bitcast(builder.shl(exponent, ir.Constant(int_lanes, [23] * LANES)), _VECTOR)
+    two_to_n = builder.bitcast(builder.shl(exponent, ir.Constant(int_lanes, [23] * LANES)), VECTOR)
     return builder.fmul(p, two_to_n, flags=("fast",))
 
 
 def _vector_call(builder, name, operands):
-    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * len(operands)),
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VECTOR, [VECTOR] * len(operands)),
                                               f"{name}.v16f32")
     return builder.call(function, operands)
 
 
 def _reduce(builder, name, vector, *start):
     function = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()] * len(start) + [_VECTOR]), f"{name}.v16f32")
+        builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()] * len(start) + [VECTOR]), f"{name}.v16f32")
     return builder.call(function, [*start, vector])
 
 
@@ -191,6 +191,12 @@ def row_sums(builder, rows):
         rows = [_halves_added(builder, rows[i], rows[i + 1], width) for i in range(0, len(rows), 2)]
         width //= 2
     return rows[0]
+
+
+def store_lanes(builder, lanes, pointer, offset=0):
+    """Store 16 lanes at pointer + offset (float values)."""
+    builder.store(lanes, builder.bitcast(builder.gep(pointer, [ir.IntType(64)(offset)]), VECTOR.as_pointer()),
+                  align=4)
 
 
 def prefetch_line(builder, pointer):
@@ -226,7 +232,7 @@ def _data(context, builder, array_type, array):
 
 def _first_lanes(context, builder, array_type, array):
     """The first 16 values of a 1-D array."""
-    return builder.load(builder.bitcast(_data(context, builder, array_type, array), _VECTOR.as_pointer()), align=4)
+    return builder.load(builder.bitcast(_data(context, builder, array_type, array), VECTOR.as_pointer()), align=4)
 
 
 def _row_lanes(context, builder, signature, args, position):
@@ -237,13 +243,13 @@ def _row_lanes(context, builder, signature, args, position):
     array = context.make_array(array_type)(context, builder, args[position])
     row = context.cast(builder, args[position + 1], signature.args[position + 1], types.intp)
     pointer = cgutils.get_item_pointer(context, builder, array_type, array, [row, row.type(0)], wraparound=False)
-    return builder.load(builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+    return builder.load(builder.bitcast(pointer, VECTOR.as_pointer()), align=4)
 
 
 def _buffer_lanes(context, builder, signature, args):
     """Pointer to buffer[at : at + 16] for the (buffer, at) arguments first."""
     at = context.cast(builder, args[1], signature.args[1], types.intp)
-    return builder.bitcast(builder.gep(args[0], [at]), _VECTOR.as_pointer())
+    return builder.bitcast(builder.gep(args[0], [at]), VECTOR.as_pointer())
 
 
 def splat(builder, value):
