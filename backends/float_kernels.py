@@ -31,7 +31,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .vector_lanes import LANES, VECTOR, lane_buffer, prefetch_line, row_sums, splat
+from .vector_lanes import (LANES, VECTOR, float32_rows, lane_buffer, load_lanes, prefetch_line, row_sums, splat,
+                           store_lanes)
 
 TILE = 4                 # weight rows and rows of x in a matmul_rows tile
 RUNS = 64                # runs of tiles the threads share out (matmul_rows)
@@ -139,7 +140,7 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
     are 0): an accumulator of 16 lanes per product along the rows (whose length must be a multiple of 16),
     finished by the shuffle tree. On the way it asks for ahead_rows (a literal, 0 to 4) rows of w from
     ahead_first on, none past ahead_last, a line of each per 16 values."""
-    if not (_contiguous(w, 2) and _contiguous(x, 2) and isinstance(ahead_rows, types.IntegerLiteral)
+    if not (float32_rows(w, 2) and float32_rows(x, 2) and isinstance(ahead_rows, types.IntegerLiteral)
             and isinstance(x_rows, types.IntegerLiteral)):
         return None
     asked, products = ahead_rows.literal_value, x_rows.literal_value
@@ -159,8 +160,8 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
         accumulators = [[cgutils.alloca_once_value(builder, zero) for _ in range(TILE)] for _ in range(products)]
         with cgutils.for_range(builder, builder.udiv(width, intp(LANES))) as loop:
             at = builder.mul(loop.index, intp(LANES))
-            ws = [_load(builder, builder.gep(p, [at])) for p in w_rows]
-            xs = [_load(builder, builder.gep(p, [at])) for p in x_rows_]
+            ws = [load_lanes(builder, builder.gep(p, [at])) for p in w_rows]
+            xs = [load_lanes(builder, builder.gep(p, [at])) for p in x_rows_]
             for p in ahead:
                 prefetch_line(builder, builder.gep(p, [at]))
             for i in range(products):
@@ -168,7 +169,7 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
                     _accumulate(builder, accumulators[i][j], xs[i], ws[j])
         totals = [builder.load(a) for line in accumulators for a in line]
         sums_ = row_sums(builder, totals + [zero] * (LANES - len(totals)))
-        builder.store(sums_, builder.bitcast(args[4], VECTOR.as_pointer()), align=4)
+        store_lanes(builder, sums_, args[4])
         return context.get_dummy_value()
     return types.void(w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x_rows), codegen
 
@@ -178,7 +179,7 @@ def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
     """partial[block, r, column : column + 16] += Σ_{k <= j < k + STEP} x_t[block, j, r] · w_t[j, n : n + 16] for
     r < rows (a literal: x_t and partial hold that many rows a block); asks for the same columns of w_t
     PREFETCH_STEPS steps on."""
-    if not (_contiguous(w_t, 2) and _contiguous(x_t, 3) and _contiguous(partial, 3)
+    if not (float32_rows(w_t, 2) and float32_rows(x_t, 3) and float32_rows(partial, 3)
             and isinstance(rows, types.IntegerLiteral)):
         return None
     block_rows = rows.literal_value
@@ -193,11 +194,11 @@ def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
         partial_block = builder.gep(partial_data, [builder.mul(block_, builder.mul(stripe, intp(block_rows)))])
         targets = [builder.gep(partial_block, [builder.add(builder.mul(intp(r), stripe), column_)])
                    for r in range(block_rows)]
-        sums = [_load(builder, t) for t in targets]
+        sums = [load_lanes(builder, t) for t in targets]
         last = builder.sub(height, intp(1))
         for j in range(STEP):
             row = builder.add(k_, intp(j))
-            lanes = _load(builder, builder.gep(w_data, [builder.add(builder.mul(row, width), n_)]))
+            lanes = load_lanes(builder, builder.gep(w_data, [builder.add(builder.mul(row, width), n_)]))
             ahead = _smaller(builder, builder.add(row, intp(PREFETCH_STEPS * STEP)), last)
             prefetch_line(builder, builder.gep(w_data, [builder.add(builder.mul(ahead, width), n_)]))
             x_row = builder.gep(x_block, [builder.mul(row, intp(block_rows))])
@@ -205,24 +206,15 @@ def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
                 value = splat(builder, builder.load(builder.gep(x_row, [intp(r)])))
                 sums[r] = builder.fadd(builder.fmul(value, lanes, flags=("fast",)), sums[r], flags=("fast",))
         for target, total in zip(targets, sums):
-            builder.store(total, builder.bitcast(target, VECTOR.as_pointer()), align=4)
+            store_lanes(builder, total, target)
         return context.get_dummy_value()
     return types.void(w_t, k, n, x_t, block, partial, column, rows), codegen
-
-
-def _contiguous(array, ndim: int) -> bool:
-    return (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"
-            and array.dtype == types.float32)
 
 
 def _array(context, builder, array_type, array):
     """(pointer to the first value, the shape's values) of an array argument."""
     structure = context.make_array(array_type)(context, builder, array)
     return structure.data, cgutils.unpack_tuple(builder, structure.shape, array_type.ndim)
-
-
-def _load(builder, pointer):
-    return builder.load(builder.bitcast(pointer, VECTOR.as_pointer()), align=4)
 
 
 def _accumulate(builder, accumulator, a, b):

@@ -51,7 +51,7 @@ def lane_buffer(typingctx, size, dtype):
 @intrinsic
 def multiply_lanes(typingctx, buffer, at, x, rows, row):
     """buffer[at : at + 16] = x[0 : 16] · rows[row, 0 : 16]."""
-    if not (_contiguous(x, 1) and _contiguous(rows, 2)):
+    if not (float32_rows(x, 1) and float32_rows(rows, 2)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -65,7 +65,7 @@ def multiply_lanes(typingctx, buffer, at, x, rows, row):
 @intrinsic
 def scale_add_lanes(typingctx, buffer, at, a, rows, row):
     """buffer[at : at + 16] += a · rows[row, 0 : 16]."""
-    if not _contiguous(rows, 2):
+    if not float32_rows(rows, 2):
         return None
 
     def codegen(context, builder, signature, args):
@@ -82,7 +82,7 @@ def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
     """out[out_start : +16] = scale · (the sum of row i) for the 16 rows of 16 values in buffer[at : at + 256]:
     sixteen dot products finished at once by a tree of 15 shuffle-and-add steps, where sixteen separate
     reductions take four steps each and use one lane of each result."""
-    if not _contiguous(out, 1):
+    if not float32_rows(out, 1):
         return None
 
     def codegen(context, builder, signature, args):
@@ -102,7 +102,7 @@ def softmax_lanes(typingctx, scores, first, total):
     """scores[first:total] = softmax(scores[first:total]), 16 values at a time (three passes: the largest, the
     exps and their sum, the division). The last 16 may reach past total: `scores` must have room for 16
     values beyond it, where this writes zeros. The exp is _exp's polynomial as a vector (row_kernels)."""
-    if not _contiguous(scores, 1):
+    if not float32_rows(scores, 1):
         return None
 
     def codegen(context, builder, signature, args):
@@ -193,6 +193,11 @@ def row_sums(builder, rows):
     return rows[0]
 
 
+def load_lanes(builder, pointer):
+    """The 16 float values from pointer on."""
+    return builder.load(builder.bitcast(pointer, VECTOR.as_pointer()), align=4)
+
+
 def store_lanes(builder, lanes, pointer, offset=0):
     """Store 16 lanes at pointer + offset (float values)."""
     builder.store(lanes, builder.bitcast(builder.gep(pointer, [ir.IntType(64)(offset)]), VECTOR.as_pointer()),
@@ -220,7 +225,7 @@ def _halves_added(builder, a, b, width):
                         builder.shuffle_vector(a, b, ir.Constant(_LANE_INDICES, second_halves)), flags=("fast",))
 
 
-def _contiguous(array, ndim: int) -> bool:
+def float32_rows(array, ndim: int) -> bool:
     """Whether `array` is a C-contiguous float32 array of `ndim` axes, the only kind these read as lanes."""
     return (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"
             and array.dtype == types.float32)
