@@ -310,11 +310,11 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
 
 def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumulate: bool = False) -> Kernel:
     """y = x · wᵀ (or y += x · wᵀ) by float_kernels, for a weight they fit."""
-    kernels = _float_kernels()
+    kernels, limit_threads = _float_kernels(), quantized.limit_numba_threads      # --threads
     if w.flags.c_contiguous:
-        return lambda: kernels.matmul_rows(w, x, y, accumulate)
+        return lambda: (limit_threads(), kernels.matmul_rows(w, x, y, accumulate))
     w_t = w.T
-    return lambda: kernels.matmul_columns(w_t, x, y, accumulate)
+    return lambda: (limit_threads(), kernels.matmul_columns(w_t, x, y, accumulate))
 
 
 # Up to this many rows (a batched decode step's, up to the default max_batch), float32 products run in

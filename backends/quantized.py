@@ -49,12 +49,18 @@ def _kernels():
         from . import quantized_kernels
 
         _kernel_module = quantized_kernels
+    limit_numba_threads()
+    return _kernel_module
+
+
+def limit_numba_threads() -> None:
+    """Apply limit_threads to the calling thread, once per thread (for every kernel that runs in Numba's threads:
+    these, and the float kernels of a batched step)."""
     if _thread_limit and threading.get_ident() not in _limited_threads:
         import numba
 
         numba.set_num_threads(min(_thread_limit, numba.config.NUMBA_NUM_THREADS))
         _limited_threads.add(threading.get_ident())
-    return _kernel_module
 
 
 def warm_up(kinds: set[str]) -> None:

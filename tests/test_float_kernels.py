@@ -103,3 +103,30 @@ def test_a_batched_step_of_large_weights_runs_its_float_products_in_the_kernels(
     by_kernels = logits_of_a_batched_step()
     assert used.count("matmul_columns") == columns and used.count("matmul_rows") == len(weights) - columns
     np.testing.assert_allclose(by_kernels, by_blas, rtol=1e-4, atol=1e-4)
+
+
+def test_the_thread_limit_applies_to_the_float_kernels():
+    """--threads reaches the float kernels as it reaches the quantised ones: in whichever thread calls them."""
+    import threading
+
+    import numba
+
+    from minitorch_infer.backends import quantized
+
+    w = np.ones((8, 64), np.float32)
+    x, y = np.ones((3, 64), np.float32), np.empty((3, 8), np.float32)
+    seen = []
+
+    def call():
+        numpy_backend.compiled_float_product(x, w, y)()
+        seen.append(numba.get_num_threads())
+
+    quantized.limit_threads(1)
+    try:
+        worker = threading.Thread(target=call)
+        worker.start()
+        worker.join()
+    finally:
+        quantized.limit_threads(0)
+    assert seen == [1]
+    np.testing.assert_array_equal(y, np.full((3, 8), 64, np.float32))
