@@ -47,7 +47,9 @@ AVAILABLE = "avx512f" in binding.get_host_cpu_features()
 
 
 def fits(w: np.ndarray) -> bool:
-    """Whether a 2-D float32 weight [N, K] has a layout and shape one of the kernels takes."""
+    """Whether a weight [N, K] is float32 in a layout and shape one of the kernels takes."""
+    if w.dtype != np.float32 or w.ndim != 2:
+        return False
     rows, width = w.shape
     if w.flags.c_contiguous:
         return width % LANES == 0 and rows >= TILE

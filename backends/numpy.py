@@ -278,7 +278,7 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
     size; scratch (the matmul's workspace) holds the transposed operands of the few-row products. With
     `compiled` (Program.float_products_compiled), float_kernels instead."""
     rows = x.shape[0]
-    if compiled:
+    if compiled and _float_kernels().fits(w):         # a weight the program checked (or an operand that fits)
         return compiled_float_product(x, w, y)
     if rows == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
@@ -361,7 +361,7 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w, c = ins
     (y,) = outs
     rows, k = x.shape
-    if isinstance(w, QuantizedTensor) or step.float_products_compiled:
+    if isinstance(w, QuantizedTensor) or (step.float_products_compiled and _float_kernels().fits(w)):
         if isinstance(w, QuantizedTensor):
             product = quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True)
         else:

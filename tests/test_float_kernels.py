@@ -61,6 +61,8 @@ def test_fits_names_the_shapes_the_kernels_take():
     assert not float_kernels.fits(np.zeros((24, 24), np.float32, order="F"))  # N not a multiple of 16
     assert not float_kernels.fits(np.zeros((32, 12), np.float32, order="F"))  # K not a multiple of 8
     assert not float_kernels.fits(np.zeros((32, 64), np.float32)[:, ::2])     # neither layout
+    assert not float_kernels.fits(np.zeros((4, 32), np.float64))              # not float32
+    assert not float_kernels.fits(np.zeros((2, 4, 32), np.float32))           # not a matrix
 
 
 @pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the float kernels only with AVX-512")
