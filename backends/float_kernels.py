@@ -56,6 +56,17 @@ def fits(w: np.ndarray) -> bool:
     return w.flags.f_contiguous and rows % LANES == 0 and width % STEP == 0
 
 
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) both kernels for the types a program passes, so that the first
+    batched step does not pay for it: weights writeable, or read-only as mapped from a file."""
+    for writeable in (True, False):
+        w = np.zeros((16, 16), np.float32)
+        w.flags.writeable = writeable
+        x, y = np.zeros((2, 16), np.float32), np.zeros((2, 16), np.float32)
+        matmul_rows(w, x, y, False)
+        matmul_columns(w, x, y, False)           # w as the transpose of a column-major weight
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def matmul_rows(w, x, y, accumulate):
     """y (+)= x · wᵀ for a row-major w [N, K]: K a multiple of 16, N at least 4."""

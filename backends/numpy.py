@@ -224,6 +224,14 @@ class Program:
                 kernels.fits(w) and w.nbytes > FLOAT_KERNEL_MIN_BYTES for w in self._float_weights)
         return self._float_kernels_take_all
 
+    def warm_up_batched_steps(self) -> None:
+        """Compile (or load from Numba's cache) what a step of several sequences runs: the paged attention and
+        row kernels, and the float kernels when this program's products run there (20 s cold, which a model
+        whose products stay with BLAS does not pay)."""
+        warm_up_step_kernels()
+        if self.float_products_compiled(rows=2, sequences=2):
+            _float_kernels().warm_up()
+
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         count = int(np.prod(shape))
         return np.frombuffer(self.arena, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -769,14 +777,6 @@ def warm_up_step_kernels() -> None:
     kernels = _attention_kernels()
     for paged_attention in (kernels.paged_decode_attention, kernels.paged_decode_attention_threaded):
         paged_attention(q, pool, pool, np.zeros((2, 1), np.intp), np.ones(2, np.intp), 0, np.float32(1), q.copy())
-    floats = _float_kernels()
-    if floats.AVAILABLE:
-        for writeable in (True, False):                  # weights mapped from a file are read-only
-            w = np.zeros((16, 16), np.float32)
-            w.flags.writeable = writeable
-            x, y = np.zeros((2, 16), np.float32), np.zeros((2, 16), np.float32)
-            floats.matmul_rows(w, x, y, False)
-            floats.matmul_columns(w, x, y, False)        # w as the transpose of a column-major weight
     rows = _row_kernels()
     x, weight = np.zeros((1, 2), np.float32), np.zeros(2, np.float32)
     rows.rms_norm(x, weight, np.float32(1), x)

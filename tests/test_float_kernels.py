@@ -132,3 +132,20 @@ def test_the_thread_limit_applies_to_the_float_kernels():
         quantized.limit_threads(0)
     assert seen == [1]
     np.testing.assert_array_equal(y, np.full((3, 8), 64, np.float32))
+
+
+@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the float kernels only with AVX-512")
+def test_an_engine_warms_up_the_float_kernels_only_for_a_program_that_runs_them(monkeypatch):
+    """Their first compile takes ~20 s: a model whose products stay with BLAS (the story model's) never pays."""
+    import minitorch_infer
+    from tests.conftest import require_model
+
+    warmed = []
+    monkeypatch.setattr(float_kernels, "warm_up", lambda: warmed.append(True))
+    model = minitorch_infer.load(require_model("story"))
+    model.engine()
+    assert warmed == []
+    monkeypatch.setattr(numpy_backend, "FLOAT_KERNEL_MIN_BYTES", 0)
+    model.program._float_kernels_take_all = None
+    model.engine()
+    assert warmed == [True]

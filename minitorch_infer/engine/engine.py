@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-from ..backends import numpy as numpy_backend
 from ..backends.rope import is_position_dependent
 from ..errors import KVCacheFullError, MinitorchError, SamplingError
 from ..generation.loop import (Decoder, GenerationResult, GenerationStats, check_max_new_tokens, check_prompt,
@@ -118,7 +117,7 @@ class Engine:
             # step would change each other's rotations, so each step runs one sequence.
             sequences = 1
         if sequences > 1:
-            numpy_backend.warm_up_step_kernels()
+            model.program.warm_up_batched_steps()
         self.scheduler = Scheduler(model.kv_cache, self.max_batch_tokens, sequences)
         self._handles: dict[Request, RequestHandle] = {}
         # Called as finish_observer(request, result) when a request ends (e.g. a server's metrics).
