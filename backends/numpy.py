@@ -328,9 +328,9 @@ def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumula
 # Up to this many rows (a batched decode step's, up to the default max_batch), float32 products run in
 # float_kernels, for weights of more than FLOAT_KERNEL_MIN_BYTES: SmolLM2's chain of products at 2 / 4 / 8 /
 # 16 / 24 / 32 rows 1.54 / 2.28 / 2.88 / 2.04 / 1.82 / 1.50x faster than by BLAS, at one row and at 64 0.93x
-# and 0.94x (benchmarks/float_rows.py, medians of five turns). The story model's weights (1 MiB and less) stay in
-# cache, where BLAS was as fast or faster at 16 rows (30 against 17 us for q|k|v, 43 against 14 for o), and
-# in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.6x.
+# and 0.94x (benchmarks/float_rows.py, medians of five turns). The story model's weights (1 MiB and less)
+# stay in cache, where BLAS was as fast or faster at 16 rows (30 against 17 us for q|k|v, 43 against 14 for
+# o), and in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.6x.
 FLOAT_KERNEL_MAX_ROWS = 32
 FLOAT_KERNEL_MIN_BYTES = 1 << 20
 
@@ -364,19 +364,22 @@ def _transposed_product(x: np.ndarray, w: np.ndarray, scratch: np.ndarray) -> tu
 TRANSPOSED_MAX_ROWS = 64
 
 
+def _added_to(c: np.ndarray, y: np.ndarray, add_product: Kernel) -> Kernel:
+    """y = c + x · wᵀ from a call that adds the product into y as it stands."""
+    if y is c or np.shares_memory(y, c):
+        return add_product
+    return lambda: (np.copyto(y, c), add_product())
+
+
 @kernel("matmul_add")
 def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w, c = ins
     (y,) = outs
     rows, k = x.shape
-    if isinstance(w, QuantizedTensor) or (step.float_products_compiled and _float_kernels().fits(w)):
-        if isinstance(w, QuantizedTensor):
-            product = quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True)
-        else:
-            product = compiled_float_product(x, w, y, accumulate=True)
-        if y is c or np.shares_memory(y, c):
-            return product
-        return lambda: (np.copyto(y, c), product())
+    if isinstance(w, QuantizedTensor):
+        return _added_to(c, y, quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True))
+    if step.float_products_compiled and _float_kernels().fits(w):
+        return _added_to(c, y, compiled_float_product(x, w, y, accumulate=True))
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:
         product, product_t = _transposed_product(x, w, scratch)
         return lambda: (product(), np.add(c, product_t.T, out=y))

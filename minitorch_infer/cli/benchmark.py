@@ -101,8 +101,8 @@ def products_bound(model, rows: int, steps: int = 8) -> float:
     step of that many sequences runs (the compiled float kernels, or BLAS) allow it."""
     weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
-    calls = [_product(model, np.ones((rows, w.shape[1]), np.float32), w, np.empty((rows, w.shape[0]), np.float32))
-             for w in weights]
+    calls = [_product(model, np.ones((rows, w.shape[1]), np.float32), w,
+                      np.empty((rows, w.shape[0]), np.float32)) for w in weights]
     times = []
     for _ in range(steps):
         began = time.perf_counter()
