@@ -330,7 +330,7 @@ def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumula
 # 16 / 24 / 32 rows 1.54 / 2.28 / 2.88 / 2.04 / 1.82 / 1.50x faster than by BLAS, at one row and at 64 0.93x
 # and 0.94x (benchmarks/float_rows.py, medians of five turns). The story model's weights (1 MiB and less)
 # stay in cache, where BLAS was as fast or faster at 16 rows (30 against 17 us for q|k|v, 43 against 14 for
-# o), and in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.6x.
+# o), and in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.5-0.7x.
 FLOAT_KERNEL_MAX_ROWS = 32
 FLOAT_KERNEL_MIN_BYTES = 1 << 20
 
