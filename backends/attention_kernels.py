@@ -8,12 +8,15 @@ query heads of its group at once: one pass over the row feeds two sums, which LL
 row (per head, or per group of any size, it did not: 1.6x slower for the story model's 16-wide heads).
 Heads of exactly 16 values are shorter than LLVM's vector loop and take 16-lane vector operations of our own
 instead (vector_lanes): the story model's attention 1.3-1.6x. The softmax is 16 lanes for every head width,
-its exp a polynomial (libm's ran one value at a time): another 1.1-1.3x.
+its exp a polynomial (libm's ran one value at a time): another 1.1-1.3x. The weighted sum of the values keeps
+its sums in registers across positions for heads of 16, 32, 64 or 128 values (`weighted_values`), where a
+loop summing into the output loaded and stored it at every position: the kernel on SmolLM2's shape 1.3-1.5x
+(1.9x threaded at 190 positions), on the story model's 0.96-1.1x (min of 15 turns, one process).
 
 One thread (no `prange`) when the step's products run in OpenBLAS's threads just before and after: a second
 pool of spinning threads would starve them (see quantized_kernels; sharing the sequences out ran a story-model
-step 5x slower). When the products run in Numba's own threads (quantised weights),
-`paged_decode_attention_threaded` shares out the (sequence, kv head) pairs. Numba compiles these on first use
+step 5x slower). When the products run in Numba's own threads (quantised weights, or float32 batches in
+float_kernels), `paged_decode_attention_threaded` shares out the (sequence, kv head) pairs. Numba compiles these on first use
 and keeps the machine code in its cache, as for the quantised kernels; the NumPy backend imports them only for
 a step of several sequences, so a model that never batches never loads Numba for them.
 """
@@ -23,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .vector_lanes import LANES, lane_buffer, multiply_lanes, scale_add_lanes, softmax_lanes, sums_of_rows
+from .vector_lanes import (LANES, VALUE_WIDTHS, lane_buffer, multiply_lanes, softmax_lanes, sums_of_rows,
+                           weighted_values)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -71,9 +75,10 @@ def _buffers(q, k_pool, slots):
 @njit(inline="always")
 def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, lanes):
     """Sequence r's query heads of kv head g's group, two at a time (and a last one alone in an odd group).
-    Heads of 16 values take the vector path (vector_lanes): LLVM's own vector loops cover 32 values (8 lanes,
-    4 interleaved) and left them scalar. Wider heads it vectorises itself, and there the lanes measured no
-    faster for scores and values (SmolLM2's 64: within the noise, or slower); the softmax is lanes for all."""
+    Scores of 16-value heads take the vector path (vector_lanes): LLVM's own vector loops cover 32 values (8
+    lanes, 4 interleaved) and left them scalar. Wider heads it vectorises itself, and there the lanes measured
+    no faster for scores (SmolLM2's 64: within the noise, or slower). The softmax is lanes for all widths, and
+    so are the values for the widths weighted_values takes."""
     group = q.shape[1] // k_pool.shape[0]
     total = totals[r]
     first = max(0, total - window) if window > 0 else 0
@@ -93,9 +98,9 @@ def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights,
     for j in range(0, group, 2):
         heads = min(2, group - j)
         out_a, out_b = out[r, head + j], out[r, head + j + heads - 1]
-        if sixteen_wide:
-            _values_in_lanes(v_pool, slots, r, g, first, total, heads, weights[j], weights[j + heads - 1], out_a,
-                             out_b, lanes)
+        if q.shape[2] in VALUE_WIDTHS:
+            weighted_values(v_pool[g], slots, r, first, total, weights[j], weights[j + heads - 1], heads, out_a,
+                            out_b)
         elif heads == 2:
             _values_of_two(v_pool, slots, r, g, first, total, weights[j], weights[j + 1], out_a, out_b)
         else:
@@ -118,25 +123,6 @@ def _scores_in_blocks(k_pool, slots, r, g, first, total, scale, heads, q_a, q_b,
         sums_of_rows(lanes, 0, scale, scores_a, block)
         if heads == 2:
             sums_of_rows(lanes, second, scale, scores_b, block)
-
-
-@njit(inline="always")
-def _values_in_lanes(v_pool, slots, r, g, first, total, heads, weights_a, weights_b, out_a, out_b, lanes):
-    """out_a = Σ_t weights_a[t] · value t (and out_b from weights_b when heads is 2) for 16-value heads, each
-    position one vector operation a head: 4x the scalar loops."""
-    values = v_pool[g]
-    for i in range(2 * LANES):
-        lanes[i] = 0
-    for t in range(first, total):
-        slot = slots[r, t]
-        scale_add_lanes(lanes, 0, weights_a[t], values, slot)
-        if heads == 2:
-            scale_add_lanes(lanes, LANES, weights_b[t], values, slot)
-    for i in range(LANES):
-        out_a[i] = lanes[i]
-    if heads == 2:
-        for i in range(LANES):
-            out_b[i] = lanes[LANES + i]
 
 
 @njit(inline="always")

@@ -62,19 +62,55 @@ def multiply_lanes(typingctx, buffer, at, x, rows, row):
     return types.void(buffer, at, x, rows, row), codegen
 
 
+# Head widths weighted_values takes: 1, 2, 4 or 8 vectors of 16 lanes.
+VALUE_WIDTHS = (16, 32, 64, 128)
+
+
 @intrinsic
-def scale_add_lanes(typingctx, buffer, at, a, rows, row):
-    """buffer[at : at + 16] += a · rows[row, 0 : 16]."""
-    if not float32_rows(rows, 2):
+def weighted_values(typingctx, values, slots, r, first, total, weights_a, weights_b, heads, out_a, out_b):
+    """out_a = Σ_t weights_a[t] · values[slots[r, t]] over positions first..total-1 (and out_b from weights_b when
+    heads is 2; heads may be 1 or 2), for rows of a width in VALUE_WIDTHS: the sums stay in registers, one
+    vector per 16 values and head, across every position. Summed into the output arrays instead, each position
+    loaded and stored them again, and waited on the stores: two thirds of SmolLM2's attention."""
+    if not (float32_rows(values, 2) and float32_rows(weights_a, 1) and float32_rows(weights_b, 1)
+            and float32_rows(out_a, 1) and float32_rows(out_b, 1) and isinstance(slots, types.Array)
+            and slots.ndim == 2 and slots.layout == "C" and slots.dtype == types.intp):
         return None
 
     def codegen(context, builder, signature, args):
-        product = builder.fmul(splat(builder, args[2]), _row_lanes(context, builder, signature, args, 3),
-                               flags=("fast",))
-        target = _buffer_lanes(context, builder, signature, args)
-        builder.store(builder.fadd(builder.load(target, align=4), product, flags=("fast",)), target, align=4)
+        values_data, width = _data(context, builder, signature.args[0], args[0]), _shape(
+            context, builder, signature.args[0], args[0])[1]
+        slots_data, slot_columns = _data(context, builder, signature.args[1], args[1]), _shape(
+            context, builder, signature.args[1], args[1])[1]
+        r, first, total, heads_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3, 4, 7))
+        weights = [_data(context, builder, signature.args[i], args[i]) for i in (5, 6)]
+        outs = [_data(context, builder, signature.args[i], args[i]) for i in (8, 9)]
+        intp = width.type
+        slot_row = builder.gep(slots_data, [builder.mul(r, slot_columns)])
+        for heads_wanted in (1, 2):
+            for head_width in VALUE_WIDTHS:
+                chunks = head_width // LANES
+                wanted = builder.and_(builder.icmp_signed("==", heads_, intp(heads_wanted)),
+                                      builder.icmp_signed("==", width, intp(head_width)))
+                with builder.if_then(wanted):
+                    sums = [[cgutils.alloca_once_value(builder, ir.Constant(VECTOR, [0.0] * LANES))
+                             for _ in range(chunks)] for _ in range(heads_wanted)]
+                    with cgutils.for_range(builder, builder.sub(total, first)) as loop:
+                        t = builder.add(first, loop.index)
+                        row = builder.gep(values_data, [builder.mul(builder.load(builder.gep(slot_row, [t])), width)])
+                        scales = [splat(builder, builder.load(builder.gep(weights[h], [t])))
+                                  for h in range(heads_wanted)]
+                        for c in range(chunks):
+                            lanes = load_lanes(builder, builder.gep(row, [intp(LANES * c)]))
+                            for h in range(heads_wanted):
+                                total_ = builder.fadd(builder.load(sums[h][c]),
+                                                      builder.fmul(scales[h], lanes, flags=("fast",)), flags=("fast",))
+                                builder.store(total_, sums[h][c])
+                    for h in range(heads_wanted):
+                        for c in range(chunks):
+                            store_lanes(builder, builder.load(sums[h][c]), outs[h], LANES * c)
         return context.get_dummy_value()
-    return types.void(buffer, at, a, rows, row), codegen
+    return types.void(values, slots, r, first, total, weights_a, weights_b, heads, out_a, out_b), codegen
 
 
 @intrinsic
@@ -233,6 +269,11 @@ def float32_rows(array, ndim: int) -> bool:
 
 def _data(context, builder, array_type, array):
     return context.make_array(array_type)(context, builder, array).data
+
+
+def _shape(context, builder, array_type, array):
+    return cgutils.unpack_tuple(builder, context.make_array(array_type)(context, builder, array).shape,
+                                array_type.ndim)
 
 
 def _first_lanes(context, builder, array_type, array):

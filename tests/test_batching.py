@@ -278,7 +278,7 @@ def test_an_engine_refuses_to_run_after_the_model_is_recompiled():
 @pytest.mark.parametrize("kernel", ["paged_decode_attention", "paged_decode_attention_threaded"])
 @pytest.mark.parametrize("heads, kv_heads, window, head_dim, scale",
                          [(4, 4, 0, 16, 0.25), (6, 2, 0, 24, 0.25), (4, 1, 5, 16, 0.25), (8, 4, 1, 16, 0.25),
-                          (9, 3, 0, 64, 4.0)])
+                          (9, 3, 0, 64, 4.0), (4, 2, 0, 32, 0.25), (3, 3, 6, 128, 0.1)])
 def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, kv_heads, window, head_dim,
                                                                  scale):
     """The compiled paged kernels (one thread, and the sequences shared out among threads) against
