@@ -19,8 +19,9 @@ Both share rows of the weight among Numba's threads (`prange`). They need K a mu
 (columns) and N a multiple of 16 (columns); `fits` says whether a weight qualifies. Checked against NumPy in
 tests/test_float_kernels.py. Numba compiles them on first use and keeps the machine code in its cache.
 
-The tiles hold 16 or 17 vectors of 16 lanes: on a machine with AVX-512, 32 registers of 16 lanes. Without it
-LLVM splits each vector in two and spills, so the NumPy backend uses these only where AVX-512 is present.
+A tile keeps 16 accumulators of 16 lanes in registers, with up to 8 more vectors loaded beside them: 24 of
+AVX-512's 32 registers. Without AVX-512 LLVM splits each vector in two, over 16 registers, and spills, so the
+NumPy backend uses these only where AVX-512 is present.
 """
 
 from __future__ import annotations
