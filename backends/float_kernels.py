@@ -32,8 +32,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .vector_lanes import (LANES, VECTOR, float32_rows, lane_buffer, load_lanes, prefetch_line, row_sums, splat,
-                           store_lanes)
+from .vector_lanes import (LANES, VECTOR, accumulate_lanes, data_and_shape, float32_rows, lane_buffer, load_lanes,
+                           prefetch_line, row_sums, splat, store_lanes)
 
 TILE = 4                 # weight rows and rows of x in a matmul_rows tile
 RUNS = 64                # runs of tiles the threads share out (matmul_rows)
@@ -160,8 +160,8 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
     asked, products = ahead_rows.literal_value, x_rows.literal_value
 
     def codegen(context, builder, signature, args):
-        w_data, (_, width) = _array(context, builder, signature.args[0], args[0])
-        x_data, _ = _array(context, builder, signature.args[2], args[2])
+        w_data, (_, width) = data_and_shape(context, builder, signature.args[0], args[0])
+        x_data, _ = data_and_shape(context, builder, signature.args[2], args[2])
         n_, m_, first, last = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 5, 6))
         intp = width.type
 
@@ -180,7 +180,7 @@ def dot_tile(typingctx, w, n, x, m, sums, ahead_first, ahead_last, ahead_rows, x
                 prefetch_line(builder, builder.gep(p, [at]))
             for i in range(products):
                 for j in range(TILE):
-                    _accumulate(builder, accumulators[i][j], xs[i], ws[j])
+                    accumulate_lanes(builder, accumulators[i][j], xs[i], ws[j])
         totals = [builder.load(a) for line in accumulators for a in line]
         sums_ = row_sums(builder, totals + [zero] * (LANES - len(totals)))
         store_lanes(builder, sums_, args[4])
@@ -199,9 +199,9 @@ def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
     block_rows = rows.literal_value
 
     def codegen(context, builder, signature, args):
-        w_data, (height, width) = _array(context, builder, signature.args[0], args[0])
-        x_data, _ = _array(context, builder, signature.args[3], args[3])
-        partial_data, (_, _, stripe) = _array(context, builder, signature.args[5], args[5])
+        w_data, (height, width) = data_and_shape(context, builder, signature.args[0], args[0])
+        x_data, _ = data_and_shape(context, builder, signature.args[3], args[3])
+        partial_data, (_, _, stripe) = data_and_shape(context, builder, signature.args[5], args[5])
         k_, n_, block_, column_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 4, 6))
         intp = width.type
         x_block = builder.gep(x_data, [builder.mul(block_, builder.mul(height, intp(block_rows)))])
@@ -223,18 +223,6 @@ def _broadcast_step(typingctx, w_t, k, n, x_t, block, partial, column, rows):
             store_lanes(builder, total, target)
         return context.get_dummy_value()
     return types.void(w_t, k, n, x_t, block, partial, column, rows), codegen
-
-
-def _array(context, builder, array_type, array):
-    """(pointer to the first value, the shape's values) of an array argument."""
-    structure = context.make_array(array_type)(context, builder, array)
-    return structure.data, cgutils.unpack_tuple(builder, structure.shape, array_type.ndim)
-
-
-def _accumulate(builder, accumulator, a, b):
-    """*accumulator += a · b (an alloca'd vector, which LLVM keeps in a register)."""
-    product = builder.fmul(a, b, flags=("fast",))
-    builder.store(builder.fadd(builder.load(accumulator), product, flags=("fast",)), accumulator)
 
 
 def _smaller(builder, a, b):

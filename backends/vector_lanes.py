@@ -78,10 +78,8 @@ def weighted_values(typingctx, values, slots, r, first, total, weights_a, weight
         return None
 
     def codegen(context, builder, signature, args):
-        values_data, width = _data(context, builder, signature.args[0], args[0]), _shape(
-            context, builder, signature.args[0], args[0])[1]
-        slots_data, slot_columns = _data(context, builder, signature.args[1], args[1]), _shape(
-            context, builder, signature.args[1], args[1])[1]
+        values_data, (_, width) = data_and_shape(context, builder, signature.args[0], args[0])
+        slots_data, (_, slot_columns) = data_and_shape(context, builder, signature.args[1], args[1])
         r, first, total, heads_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3, 4, 7))
         weights = [_data(context, builder, signature.args[i], args[i]) for i in (5, 6)]
         outs = [_data(context, builder, signature.args[i], args[i]) for i in (8, 9)]
@@ -103,9 +101,7 @@ def weighted_values(typingctx, values, slots, r, first, total, weights_a, weight
                         for c in range(chunks):
                             lanes = load_lanes(builder, builder.gep(row, [intp(LANES * c)]))
                             for h in range(heads_wanted):
-                                total_ = builder.fadd(builder.load(sums[h][c]),
-                                                      builder.fmul(scales[h], lanes, flags=("fast",)), flags=("fast",))
-                                builder.store(total_, sums[h][c])
+                                accumulate_lanes(builder, sums[h][c], scales[h], lanes)
                     for h in range(heads_wanted):
                         for c in range(chunks):
                             store_lanes(builder, builder.load(sums[h][c]), outs[h], LANES * c)
@@ -123,8 +119,8 @@ def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
 
     def codegen(context, builder, signature, args):
         first = builder.bitcast(_buffer_lanes(context, builder, signature, args), ir.FloatType().as_pointer())
-        sums = row_sums(builder, [builder.load(builder.bitcast(builder.gep(first, [ir.IntType(64)(LANES * i)]),
-                                                               VECTOR.as_pointer()), align=4) for i in range(LANES)])
+        sums = row_sums(builder, [load_lanes(builder, builder.gep(first, [ir.IntType(64)(LANES * i)]))
+                                  for i in range(LANES)])
         start = context.cast(builder, args[4], signature.args[4], types.intp)
         target = builder.bitcast(builder.gep(_data(context, builder, signature.args[3], args[3]), [start]),
                                  VECTOR.as_pointer())
@@ -271,9 +267,16 @@ def _data(context, builder, array_type, array):
     return context.make_array(array_type)(context, builder, array).data
 
 
-def _shape(context, builder, array_type, array):
-    return cgutils.unpack_tuple(builder, context.make_array(array_type)(context, builder, array).shape,
-                                array_type.ndim)
+def data_and_shape(context, builder, array_type, array):
+    """(pointer to the first value, the shape's values) of an array argument."""
+    structure = context.make_array(array_type)(context, builder, array)
+    return structure.data, cgutils.unpack_tuple(builder, structure.shape, array_type.ndim)
+
+
+def accumulate_lanes(builder, accumulator, a, b):
+    """*accumulator += a · b for an alloca'd vector, which LLVM keeps in a register across a loop."""
+    product = builder.fmul(a, b, flags=("fast",))
+    builder.store(builder.fadd(builder.load(accumulator), product, flags=("fast",)), accumulator)
 
 
 def _first_lanes(context, builder, array_type, array):

@@ -56,3 +56,28 @@ def smollm2_model():
 @pytest.fixture(scope="session")
 def smollm2_reference():
     return reference("smollm2")
+
+
+def numba_threads_under_a_limit_of_one(call) -> list[int]:
+    """Run call() in a new thread with `--threads 1` in force (quantized.limit_threads) and return the Numba
+    thread count that thread has afterwards: the limit belongs to each calling thread, set on its first kernel."""
+    import threading
+
+    import numba
+
+    from minitorch_infer.backends import quantized
+
+    seen = []
+
+    def in_thread():
+        call()
+        seen.append(numba.get_num_threads())
+
+    quantized.limit_threads(1)
+    try:
+        worker = threading.Thread(target=in_thread)
+        worker.start()
+        worker.join()
+    finally:
+        quantized.limit_threads(0)
+    return seen

@@ -109,28 +109,11 @@ def test_a_batched_step_of_large_weights_runs_its_float_products_in_the_kernels(
 
 def test_the_thread_limit_applies_to_the_float_kernels():
     """--threads reaches the float kernels as it reaches the quantised ones: in whichever thread calls them."""
-    import threading
-
-    import numba
-
-    from minitorch_infer.backends import quantized
+    from tests.conftest import numba_threads_under_a_limit_of_one
 
     w = np.ones((8, 64), np.float32)
     x, y = np.ones((3, 64), np.float32), np.empty((3, 8), np.float32)
-    seen = []
-
-    def call():
-        numpy_backend.compiled_float_product(x, w, y)()
-        seen.append(numba.get_num_threads())
-
-    quantized.limit_threads(1)
-    try:
-        worker = threading.Thread(target=call)
-        worker.start()
-        worker.join()
-    finally:
-        quantized.limit_threads(0)
-    assert seen == [1]
+    assert numba_threads_under_a_limit_of_one(numpy_backend.compiled_float_product(x, w, y)) == [1]
     np.testing.assert_array_equal(y, np.full((3, 8), 64, np.float32))
 
 

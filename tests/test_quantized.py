@@ -212,23 +212,8 @@ def test_graph_text_shows_weight_types():
 
 def test_the_thread_limit_applies_in_each_calling_thread():
     """--threads: Numba's limit belongs to a thread, so it is set in whichever thread calls a kernel."""
-    import threading
-
-    import numba
+    from tests.conftest import numba_threads_under_a_limit_of_one
 
     w = quantize(awkward_values(8, 64, seed=1), "q8_0")
     x, y = np.ones((1, 64), np.float32), np.empty((1, 8), np.float32)
-    seen = []
-
-    def call():
-        quantized.matmul(x, w, y, None)()
-        seen.append(numba.get_num_threads())
-
-    quantized.limit_threads(1)
-    try:
-        worker = threading.Thread(target=call)
-        worker.start()
-        worker.join()
-    finally:
-        quantized.limit_threads(0)
-    assert seen == [1]
+    assert numba_threads_under_a_limit_of_one(quantized.matmul(x, w, y, None)) == [1]
