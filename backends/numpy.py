@@ -21,7 +21,7 @@ from ..ir import Graph, Node, op_def
 from ..ir.ops import TRANSPOSED_PRODUCT_ROWS
 from ..passes.memory_plan import MemoryPlan, workspace_key
 from ..quantized import QuantizedTensor, weight_type
-from . import quantized
+from . import blas_threads, quantized
 from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
 
@@ -117,7 +117,9 @@ class Program:
         for name, array in inputs.items():
             self.input_buffers[name][:seq] = array
         self.step.layout = layout
-        calls, outputs = self._bound_for(seq, len(layout.totals), state)
+        calls, outputs, products_in_numba = self._bound_for(seq, len(layout.totals), state)
+        if products_in_numba:
+            blas_threads.stop_spinning()        # Numba's parallel kernels want the cores OpenBLAS's spin on
         for call in calls:
             call()
         return outputs
@@ -128,7 +130,7 @@ class Program:
         that made it: "matmul (fuse_gate_up)"."""
         import time
 
-        calls, _ = self._bound_for(layout.row_stops[-1], len(layout.totals), state)
+        calls, _, _ = self._bound_for(layout.row_stops[-1], len(layout.totals), state)
         ops = [f"{node.op} ({node.meta['pass']})" if "pass" in node.meta else node.op
                for node in self.graph.nodes if node.op not in VIEWS]
         seconds = dict.fromkeys(ops, 0.0)
@@ -154,8 +156,9 @@ class Program:
         return entries
 
     def _bound_for(self, seq: int, sequences: int, state: Mapping[str, np.ndarray]
-                   ) -> tuple[list[Kernel], list[np.ndarray]]:
-        """The kernel calls bound for S = seq, R = sequences and this KV pool, binding them when first asked for."""
+                   ) -> tuple[list[Kernel], list[np.ndarray], bool]:
+        """The kernel calls bound for S = seq, R = sequences and this KV pool, binding them when first asked for;
+        then the outputs, and whether the step's products run in Numba's threads."""
         key = (seq, sequences, id(state))
         if key in self._bound:
             self._bound.move_to_end(key)
@@ -166,7 +169,7 @@ class Program:
         return bound
 
     def _bind(self, seq: int, sequences: int, state: Mapping[str, np.ndarray], entries: list | None = None
-              ) -> tuple[list[Kernel], list[np.ndarray]]:
+              ) -> tuple[list[Kernel], list[np.ndarray], bool]:
         bindings = {"S": seq, "R": sequences, "T": self.graph.symbols["T"].max if "T" in self.graph.symbols else 0}
         arrays: dict[int, np.ndarray] = {}
         for value in self.graph.inputs:
@@ -208,7 +211,7 @@ class Program:
             calls.append(KERNELS[node.op](node, ins, outs, scratch, self.step))
             if entries is not None:
                 entries.append((node, ins, outs, calls[-1]))
-        return calls, [arrays[id(v)] for v in self.graph.outputs]
+        return calls, [arrays[id(v)] for v in self.graph.outputs], self.step.products_in_numba
 
     def float_products_compiled(self, rows: int, sequences: int) -> bool:
         """Whether a step of `rows` new tokens from `sequences` sequences runs its float32 products in
@@ -233,8 +236,8 @@ class Program:
             _float_kernels().warm_up()
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        count = int(np.prod(shape))
-        return np.frombuffer(self.arena, dtype=dtype, count=count, offset=offset).reshape(shape)
+        # math.prod: a program binds hundreds of these for each new (S, R), and np.prod costs a few µs each.
+        return np.frombuffer(self.arena, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
 
 
 def compile(graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]) -> Program:
