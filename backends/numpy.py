@@ -58,13 +58,14 @@ class StepState:
     float32 products run compiled (float_kernels) and whether its row-wise ops do (row_kernels): in steps that
     run Numba already."""
 
-    __slots__ = ("layout", "products_in_numba", "float_products_compiled", "row_ops_compiled")
+    __slots__ = ("layout", "products_in_numba", "float_products_compiled", "row_ops_compiled", "panels")
 
     def __init__(self):
         self.layout: StepLayout | None = None
         self.products_in_numba = False
         self.float_products_compiled = False
         self.row_ops_compiled = False
+        self.panels: dict[int, np.ndarray] = {}     # id(weight) -> its panels, for weights panel_kernels take
 
 
 class Program:
@@ -93,7 +94,8 @@ class Program:
         self._float_weights = [self.params[node.inputs[1].name] for node in graph.nodes
                                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
                                and not node.inputs[1].type.is_quantized]
-        self._float_kernels_take_all: bool | None = None     # asked when a batched step is first bound
+        self._compiled_kernels_take_all: bool | None = None  # asked when a batched step is first bound
+        self._panels: dict[int, np.ndarray] | None = None
         if self._quantized_products:
             warm_up_step_kernels()
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
@@ -181,6 +183,7 @@ class Program:
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised program, or by the paged attention a batched step runs.
         self.step.float_products_compiled = self.float_products_compiled(seq, sequences)
+        self.step.panels = self._weight_panels() if self.step.float_products_compiled else {}
         self.step.products_in_numba = seq <= quantized.TILES_MAX_ROWS and (
             self._quantized_products or self.step.float_products_compiled)
         self.step.row_ops_compiled = self._quantized_products or sequences > 1
@@ -214,26 +217,34 @@ class Program:
         return calls, [arrays[id(v)] for v in self.graph.outputs], self.step.products_in_numba
 
     def float_products_compiled(self, rows: int, sequences: int) -> bool:
-        """Whether a step of `rows` new tokens from `sequences` sequences runs its float32 products in
-        float_kernels: a batched step (which loads Numba for its attention anyway) of a few rows, on a machine
-        with AVX-512, in a program whose float32 weights the kernels all fit and are each too large to gain
-        from BLAS's handling of cached weights. All or none: a BLAS call leaves OpenBLAS's threads spinning,
-        which starves the kernels' threads that follow."""
+        """Whether a step of `rows` new tokens from `sequences` sequences runs its float32 products in compiled
+        kernels: a batched step (which loads Numba for its attention anyway) of a few rows, on a machine with
+        AVX-512, in a program whose float32 weights the kernels all take (see _compiled_kernels_take). All or
+        none: a BLAS call leaves OpenBLAS's threads spinning, which starves the kernels' threads that follow."""
         if not (sequences > 1 and 1 < rows <= FLOAT_KERNEL_MAX_ROWS):
             return False
-        if self._float_kernels_take_all is None:
-            kernels = _float_kernels()
-            self._float_kernels_take_all = kernels.AVAILABLE and bool(self._float_weights) and all(
-                kernels.fits(w) and w.nbytes > FLOAT_KERNEL_MIN_BYTES for w in self._float_weights)
-        return self._float_kernels_take_all
+        if self._compiled_kernels_take_all is None:
+            self._compiled_kernels_take_all = (_float_kernels().AVAILABLE and bool(self._float_weights)
+                                               and all(map(_compiled_kernels_take, self._float_weights)))
+        return self._compiled_kernels_take_all
+
+    def _weight_panels(self) -> dict[int, np.ndarray]:
+        """The panels of every weight small enough for panel_kernels, made on first use (a copy of each)."""
+        if self._panels is None:
+            self._panels = {id(w): _panel_kernels().panels(w) for w in self._float_weights
+                            if w.nbytes <= FLOAT_KERNEL_MIN_BYTES}
+        return self._panels
 
     def warm_up_batched_steps(self) -> None:
         """Compile (or load from Numba's cache) what a step of several sequences runs: the paged attention and
-        row kernels, and the float kernels when this program's products run there (20 s cold, which a model
-        whose products stay with BLAS does not pay)."""
+        row kernels, and the compiled products when this program's products run there (float_kernels: 20 s
+        cold, which only a program with weights for them pays)."""
         warm_up_step_kernels()
         if self.float_products_compiled(rows=2, sequences=2):
-            _float_kernels().warm_up()
+            if self._weight_panels():
+                _panel_kernels().warm_up()
+            if len(self._weight_panels()) < len(self._float_weights):
+                _float_kernels().warm_up()
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         # math.prod: a program binds hundreds of these for each new (S, R), and np.prod costs a few µs each.
@@ -280,6 +291,8 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, scratch)
+    if id(w) in step.panels:
+        return panel_product(x, step.panels[id(w)], y)
     return float_product(x, w, y, scratch, step.float_products_compiled)
 
 
@@ -319,6 +332,12 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
     return lambda: np.matmul(x, w_t, out=y)
 
 
+def panel_product(x: np.ndarray, w_panels: np.ndarray, y: np.ndarray, accumulate: bool = False) -> Kernel:
+    """y = x · wᵀ (or y += x · wᵀ) by panel_kernels, from the weight's panels."""
+    kernel, limit_threads = _panel_kernels().product(x, w_panels), quantized.limit_numba_threads      # --threads
+    return lambda: (limit_threads(), kernel(w_panels, x, y, accumulate))
+
+
 def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumulate: bool = False) -> Kernel:
     """y = x · wᵀ (or y += x · wᵀ) by float_kernels, for a weight they fit."""
     kernels, limit_threads = _float_kernels(), quantized.limit_numba_threads      # --threads
@@ -328,14 +347,22 @@ def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumula
     return lambda: (limit_threads(), kernels.matmul_columns(w_t, x, y, accumulate))
 
 
-# Up to this many rows (a batched decode step's, up to the default max_batch), float32 products run in
-# float_kernels, for weights of more than FLOAT_KERNEL_MIN_BYTES: SmolLM2's chain of products at 2 / 4 / 8 /
+# Up to this many rows (a batched decode step's, up to the default max_batch), float32 products run compiled:
+# in float_kernels for weights of more than FLOAT_KERNEL_MIN_BYTES (SmolLM2's chain of products at 2 / 4 / 8 /
 # 16 / 24 / 32 rows 1.54 / 2.28 / 2.88 / 2.04 / 1.82 / 1.50x faster than by BLAS, at one row and at 64 0.93x
-# and 0.94x (benchmarks/float_rows.py, medians of five turns). The story model's weights (1 MiB and less)
-# stay in cache, where BLAS was as fast or faster at 16 rows (30 against 17 us for q|k|v, 43 against 14 for
-# o), and in its steps the kernels' threads lost more to the small numpy ops around them: 16 streams 0.5-0.7x.
+# and 0.94x: benchmarks/float_rows.py, medians of five turns), in panel_kernels for smaller ones, which stay
+# in cache (float_kernels lost to BLAS there: q|k|v 30 against 17 µs, o 43 against 14).
 FLOAT_KERNEL_MAX_ROWS = 32
 FLOAT_KERNEL_MIN_BYTES = 1 << 20
+
+
+def _compiled_kernels_take(w: np.ndarray) -> bool:
+    """Whether a batched step's compiled products take this float32 weight: one over FLOAT_KERNEL_MIN_BYTES comes
+    from memory, through float_kernels; a smaller one stays in cache, where panel_kernels multiply a copy of it
+    laid out in panels (the story model's 16-stream step: 1.3x, its products 410 -> 250 µs)."""
+    if w.nbytes > FLOAT_KERNEL_MIN_BYTES:
+        return _float_kernels().fits(w)
+    return _panel_kernels().fits(w)
 
 
 # A product on a weight larger than a core's L2 cache (STREAMED_WEIGHT_BYTES: one that comes from memory or
@@ -381,6 +408,8 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     rows, k = x.shape
     if isinstance(w, QuantizedTensor):
         return _added_to(c, y, quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True))
+    if id(w) in step.panels:
+        return _added_to(c, y, panel_product(x, step.panels[id(w)], y, accumulate=True))
     if step.float_products_compiled and _float_kernels().fits(w):
         return _added_to(c, y, compiled_float_product(x, w, y, accumulate=True))
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:
@@ -759,6 +788,19 @@ def _float_kernels():
 
         _float_kernel_module = float_kernels
     return _float_kernel_module
+
+
+_panel_kernel_module = None
+
+
+def _panel_kernels():
+    # Imported as the float kernels are: when a batched step is first bound.
+    global _panel_kernel_module
+    if _panel_kernel_module is None:
+        from . import panel_kernels
+
+        _panel_kernel_module = panel_kernels
+    return _panel_kernel_module
 
 
 _row_kernel_module = None

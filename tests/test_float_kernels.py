@@ -65,22 +65,23 @@ def test_fits_names_the_shapes_the_kernels_take():
     assert not float_kernels.fits(np.zeros((2, 4, 32), np.float32))           # not a matrix
 
 
-@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the float kernels only with AVX-512")
-def test_a_batched_step_of_large_weights_runs_its_float_products_in_the_kernels(monkeypatch):
-    """A step of several sequences multiplies by every float32 weight in float_kernels when every weight fits
-    them and is larger than FLOAT_KERNEL_MIN_BYTES (the story model's, with the bar lowered), and equals the
-    same step by BLAS; one sequence alone, or a program with a small weight, runs BLAS."""
+@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the compiled products only with AVX-512")
+def test_a_batched_step_runs_every_float_product_compiled_and_equals_blas(monkeypatch):
+    """A step of several sequences multiplies by every float32 weight in compiled kernels: the story model's
+    (1 MiB and less) in panel_kernels, and with the bar for float_kernels lowered to nothing, there. Both equal
+    the same step by BLAS, which runs when a weight fits neither."""
     import minitorch_infer
+    from minitorch_infer.backends import panel_kernels
     from tests.conftest import require_model
 
     used = []
-    for name in ("matmul_rows", "matmul_columns"):
-        kernel = getattr(float_kernels, name)
-
-        def counted(*args, kernel=kernel, name=name):
-            used.append(name)
-            kernel(*args)
-        monkeypatch.setattr(float_kernels, name, counted)
+    for module, names in ((float_kernels, ("matmul_rows", "matmul_columns")),
+                          (panel_kernels, ("matmul_panels", "matmul_panels_threaded"))):
+        for name in names:
+            def counted(*args, kernel=getattr(module, name), name=name):
+                used.append(name)
+                kernel(*args)
+            monkeypatch.setattr(module, name, counted)
     model = minitorch_infer.load(require_model("story"))
     weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
@@ -88,6 +89,9 @@ def test_a_batched_step_of_large_weights_runs_its_float_products_in_the_kernels(
     assert 0 < columns < len(weights)
 
     def logits_of_a_batched_step():
+        model.program._compiled_kernels_take_all = model.program._panels = None     # decide again
+        model.program._bound.clear()
+        used.clear()
         sequences = [model.kv_cache.open() for _ in range(3)]
         try:
             for s in sequences:
@@ -97,14 +101,16 @@ def test_a_batched_step_of_large_weights_runs_its_float_products_in_the_kernels(
             for s in sequences:
                 s.close()
 
-    by_blas = logits_of_a_batched_step()
-    assert used == []                                     # the story model's weights are all 1 MiB or less
+    by_panels = logits_of_a_batched_step()
+    assert sorted(set(used)) == ["matmul_panels"] and len(used) == len(weights)   # small products: one thread
     monkeypatch.setattr(numpy_backend, "FLOAT_KERNEL_MIN_BYTES", 0)
-    model.program._float_kernels_take_all = None
-    model.program._bound.clear()
-    by_kernels = logits_of_a_batched_step()
+    by_float_kernels = logits_of_a_batched_step()
     assert used.count("matmul_columns") == columns and used.count("matmul_rows") == len(weights) - columns
-    np.testing.assert_allclose(by_kernels, by_blas, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(numpy_backend, "_compiled_kernels_take", lambda w: False)
+    by_blas = logits_of_a_batched_step()
+    assert used == []
+    np.testing.assert_allclose(by_panels, by_blas, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(by_float_kernels, by_blas, rtol=1e-4, atol=1e-4)
 
 
 def test_the_thread_limit_applies_to_the_float_kernels():
@@ -117,18 +123,21 @@ def test_the_thread_limit_applies_to_the_float_kernels():
     np.testing.assert_array_equal(y, np.full((3, 8), 64, np.float32))
 
 
-@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the float kernels only with AVX-512")
+@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the compiled products only with AVX-512")
 def test_an_engine_warms_up_the_float_kernels_only_for_a_program_that_runs_them(monkeypatch):
-    """Their first compile takes ~20 s: a model whose products stay with BLAS (the story model's) never pays."""
+    """Their first compile takes ~20 s: a model whose weights all go to panel_kernels (the story model's) never
+    pays it, and warms up those instead."""
     import minitorch_infer
+    from minitorch_infer.backends import panel_kernels
     from tests.conftest import require_model
 
     warmed = []
-    monkeypatch.setattr(float_kernels, "warm_up", lambda: warmed.append(True))
+    monkeypatch.setattr(float_kernels, "warm_up", lambda: warmed.append("float_kernels"))
+    monkeypatch.setattr(panel_kernels, "warm_up", lambda: warmed.append("panel_kernels"))
     model = minitorch_infer.load(require_model("story"))
     model.engine()
-    assert warmed == []
+    assert warmed == ["panel_kernels"]
     monkeypatch.setattr(numpy_backend, "FLOAT_KERNEL_MIN_BYTES", 0)
-    model.program._float_kernels_take_all = None
+    model = minitorch_infer.load(require_model("story"))
     model.engine()
-    assert warmed == [True]
+    assert warmed == ["panel_kernels", "float_kernels"]

@@ -1,0 +1,42 @@
+"""The compiled products for small float32 weights (backends/panel_kernels.py) against x · wᵀ in float64."""
+
+import numpy as np
+import pytest
+
+from minitorch_infer.backends import panel_kernels
+from tests.test_float_kernels import ROWS, _check, _weight
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out_features, in_features, order", [(16, 8, "C"), (48, 24, "F"), (128, 384, "C"),
+                                                              (256, 7, "F")])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_matmul_panels_equals_x_times_w_transposed(rows, out_features, in_features, order, threaded):
+    """Blocks of 16, 8 and 4 rows of x, and rows left over in the last block that must not be stored."""
+    rng = np.random.default_rng(rows * out_features + threaded)
+    w = _weight(rng, (out_features, in_features), order, writeable=rows % 2 == 0, offset=rows % 16)
+    assert panel_kernels.fits(w)
+    kernel = panel_kernels.matmul_panels_threaded if threaded else panel_kernels.matmul_panels
+    w_panels = panel_kernels.panels(w)
+    _check(lambda x, y, accumulate: kernel(w_panels, x, y, accumulate), w, rng, rows)
+
+
+def test_panels_hold_sixteen_columns_of_w_transposed_each():
+    w = np.arange(32 * 5, dtype=np.float32).reshape(32, 5)
+    w_panels = panel_kernels.panels(np.asfortranarray(w))
+    assert w_panels.shape == (2, 5, 16) and w_panels.flags.c_contiguous
+    np.testing.assert_array_equal(w_panels[1, 3], w[16:32, 3])
+
+
+def test_fits_and_which_kernel_a_product_takes():
+    assert panel_kernels.fits(np.zeros((16, 3), np.float32))
+    assert panel_kernels.fits(np.zeros((32, 8), np.float32, order="F"))
+    assert not panel_kernels.fits(np.zeros((24, 8), np.float32))               # N not a multiple of 16
+    assert not panel_kernels.fits(np.zeros((32, 16), np.float32)[:, ::2])      # neither layout
+    assert not panel_kernels.fits(np.zeros((16, 8), np.float64))
+    logits = panel_kernels.panels(np.zeros((2048, 128), np.float32))          # the story model's
+    gate_up = panel_kernels.panels(np.zeros((768, 128), np.float32))
+    x = np.zeros((16, 128), np.float32)
+    assert panel_kernels.product(x, logits) is panel_kernels.matmul_panels_threaded
+    assert panel_kernels.product(x, gate_up) is panel_kernels.matmul_panels
+    assert panel_kernels.product(x[:4], logits) is panel_kernels.matmul_panels
