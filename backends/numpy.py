@@ -21,7 +21,7 @@ from ..ir import Graph, Node, op_def
 from ..ir.ops import TRANSPOSED_PRODUCT_ROWS
 from ..passes.memory_plan import MemoryPlan, workspace_key
 from ..quantized import QuantizedTensor, weight_type
-from . import blas_threads, quantized
+from . import quantized, thread_handover
 from .layout import StepLayout
 from .rope import is_position_dependent, rope_frequencies
 
@@ -120,8 +120,11 @@ class Program:
             self.input_buffers[name][:seq] = array
         self.step.layout = layout
         calls, outputs, products_in_numba = self._bound_for(seq, len(layout.totals), state)
+        # The cores go to the threads of whichever library runs the step's products (see thread_handover).
         if products_in_numba:
-            blas_threads.stop_spinning()        # Numba's parallel kernels want the cores OpenBLAS's spin on
+            thread_handover.before_numba_step()
+        else:
+            thread_handover.before_blas_step()
         for call in calls:
             call()
         return outputs

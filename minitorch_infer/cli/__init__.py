@@ -11,7 +11,7 @@ import sys
 
 from threadpoolctl import threadpool_limits
 
-from ..backends import blas_threads, quantized
+from ..backends import quantized, thread_handover
 from ..errors import MinitorchError
 from ..plugins import load_plugins
 from . import batch, bench, chat, evaluate, generate, graph, models, serve
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         threads = getattr(args, "threads", 0)
         quantized.limit_threads(threads)
         # Only the thread that steps models calls BLAS here (a server's other threads parse and stream), so
-        # OpenBLAS's idle workers may be stopped before Numba's steps (backends/blas_threads.py).
-        with threadpool_limits(limits=threads or None), blas_threads.claimed():
+        # OpenBLAS's idle workers may be stopped before Numba's steps (backends/thread_handover.py).
+        with threadpool_limits(limits=threads or None), thread_handover.claimed():
             return args.run(args) or 0
     except MinitorchError as error:
         print(f"minitorch-infer: error: {error}", file=sys.stderr)
