@@ -55,8 +55,8 @@ def view(op: str):
 class StepState:
     """What changes every step without changing any buffer: the step's layout; and, while a shape is being
     bound, whether its products run in Numba's threads (then its attention may use them too), whether its
-    float32 products run compiled (float_kernels) and whether its row-wise ops do (row_kernels): in steps that
-    run Numba already."""
+    float32 products run compiled (float_kernels, or panel_kernels from the panels of small weights) and
+    whether its row-wise ops do (row_kernels): in steps that run Numba already."""
 
     __slots__ = ("layout", "products_in_numba", "float_products_compiled", "row_ops_compiled", "panels")
 
@@ -186,7 +186,7 @@ class Program:
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised program, or by the paged attention a batched step runs.
         self.step.float_products_compiled = self.float_products_compiled(seq, sequences)
-        self.step.panels = self._weight_panels() if self.step.float_products_compiled else {}
+        self.step.panels = self.weight_panels() if self.step.float_products_compiled else {}
         self.step.products_in_numba = seq <= quantized.TILES_MAX_ROWS and (
             self._quantized_products or self.step.float_products_compiled)
         self.step.row_ops_compiled = self._quantized_products or sequences > 1
@@ -231,7 +231,7 @@ class Program:
                                                and all(map(_compiled_kernels_take, self._float_weights)))
         return self._compiled_kernels_take_all
 
-    def _weight_panels(self) -> dict[int, np.ndarray]:
+    def weight_panels(self) -> dict[int, np.ndarray]:
         """The panels of every weight small enough for panel_kernels, made on first use (a copy of each)."""
         if self._panels is None:
             self._panels = {id(w): _panel_kernels().panels(w) for w in self._float_weights
@@ -244,9 +244,9 @@ class Program:
         cold, which only a program with weights for them pays)."""
         warm_up_step_kernels()
         if self.float_products_compiled(rows=2, sequences=2):
-            if self._weight_panels():
+            if self.weight_panels():
                 _panel_kernels().warm_up()
-            if len(self._weight_panels()) < len(self._float_weights):
+            if any(w.nbytes > FLOAT_KERNEL_MIN_BYTES for w in self._float_weights):
                 _float_kernels().warm_up()
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from minitorch_infer.backends import panel_kernels
+from minitorch_infer.backends import float_kernels, panel_kernels
 from tests.test_float_kernels import ROWS, _check, _weight
 
 
@@ -40,3 +40,17 @@ def test_fits_and_which_kernel_a_product_takes():
     assert panel_kernels.product(x, logits) is panel_kernels.matmul_panels_threaded
     assert panel_kernels.product(x, gate_up) is panel_kernels.matmul_panels
     assert panel_kernels.product(x[:4], logits) is panel_kernels.matmul_panels
+
+
+@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the compiled products only with AVX-512")
+def test_the_bench_s_products_bound_runs_the_products_a_batched_step_runs(monkeypatch, story_model):
+    from minitorch_infer.cli.benchmark import products_bound
+
+    used = []
+    for name in ("matmul_panels", "matmul_panels_threaded"):
+        def counted(*args, kernel=getattr(panel_kernels, name)):
+            used.append(kernel)
+            kernel(*args)
+        monkeypatch.setattr(panel_kernels, name, counted)
+    products_bound(story_model, rows=16, steps=1)
+    assert len(used) == sum(node.op in ("matmul", "matmul_add") for node in story_model.graph.nodes)

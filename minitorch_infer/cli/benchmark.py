@@ -98,7 +98,7 @@ def matvec_bound(model, steps: int = 8) -> float:
 def products_bound(model, rows: int, steps: int = 8) -> float:
     """Tokens per second of a bare chain of one step's matrix products with `rows` rows (the step's weights in
     their layouts, nothing else). One row is the decode bound above; with more, what the products a batched
-    step of that many sequences runs (the compiled float kernels, or BLAS) allow it."""
+    step of that many sequences runs (the compiled float or panel kernels, or BLAS) allow it."""
     weights = [model.weights[node.inputs[1].name] for node in model.graph.nodes
                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
     calls = [_product(model, np.ones((rows, w.shape[1]), np.float32), w,
@@ -117,8 +117,10 @@ def _product(model, x: np.ndarray, w, y: np.ndarray):
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
     rows, k = x.shape
-    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32),
-                                       model.program.float_products_compiled(rows, sequences=rows))
+    compiled = model.program.float_products_compiled(rows, sequences=rows)
+    if compiled and id(w) in model.program.weight_panels():
+        return numpy_backend.panel_product(x, model.program.weight_panels()[id(w)], y)
+    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32), compiled)
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:
