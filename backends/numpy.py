@@ -630,6 +630,9 @@ def _rope_table(node: Node, ins, outs, scratch, step) -> Kernel:
 def _rope(node: Node, ins, outs, scratch, step) -> Kernel:
     x, table = ins
     (y,) = outs
+    if step.row_ops_compiled:
+        rope = _row_kernels().rope
+        return lambda: rope(x, table, y)
     # Adjacent float32 pairs are complex64 numbers: rotating them all is one complex multiplication.
     x_complex, y_complex = x.view(np.complex64), y.view(np.complex64)
     rotation = table.view(np.complex64)[:, None, :]
@@ -834,6 +837,9 @@ def warm_up_step_kernels() -> None:
     weight.flags.writeable = False                   # weights mapped from a file are read-only
     rows.rms_norm(x, weight, np.float32(1), x)
     rows.swiglu(x, np.zeros((1, 1), np.float32))
+    heads = np.zeros((1, 2, 2), np.float32)
+    rows.rope(heads, x, heads)
+    rows.rope(np.zeros((1, 3, 2), np.float32)[:, :2], x, heads)      # q or k: a strided view of q|k|v
     rows.write_rows(q, pool, np.zeros(2, np.intp))
     rows.write_rows(np.zeros((2, 1, 2), np.float32)[:, :, :1], pool, np.zeros(2, np.intp))   # a strided view
 

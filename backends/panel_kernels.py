@@ -1,12 +1,13 @@
 """Compiled products for small float32 weights, which stay in the caches, and a few rows of x: the story
 model's batched decode steps.
 
-OpenBLAS's products of 16 rows by such weights run at a third to a half of what a core can do: for the story
-model's 16-sequence step, 410 µs of products where these take 250. Each weight is copied once into panels of 16
-columns, [N / 16, K, 16], so that one panel is K lines read in order, and a panel's 16 columns times up to 16
-rows of x stay in 16 registers for the whole of K: per step of K, one load of the panel and 16 values of x
-broadcast, 16 FMAs, nothing stored until the end. The kernels that stream large weights (float_kernels) keep
-partial sums in memory instead; on small cached weights their overheads lost to BLAS.
+On such small products OpenBLAS's fixed costs show: the story model's 16-sequence step spent 410 µs in its
+products, where these take 250 (q|k|v 14 against 12 µs, gate|up 68 against 36, o 12 against 8, down 28
+against 20, logits 166 against 97; one process, taking turns with pauses). Each weight is copied once into
+panels of 16 columns, [N / 16, K, 16], so that one panel is K lines read in order, and a panel's 16 columns
+times up to 16 rows of x stay in 16 registers for the whole of K: per step of K, one load of the panel and 16
+values of x broadcast, 16 FMAs, nothing stored until the end. The kernels that stream large weights
+(float_kernels) keep partial sums in memory instead; on small cached weights their overheads lost to BLAS.
 
 Small products run on the calling thread: on two cores, sharing out a product of the story model's gate|up
 (768 x 128, 16 rows) took 48 µs against 36 on one thread. Those with at least PARALLEL_PRODUCTS
@@ -25,7 +26,6 @@ from numba.extending import intrinsic
 from .vector_lanes import LANES, VECTOR, data_and_shape, float32_rows, load_lanes, splat, store_lanes
 
 PARALLEL_PRODUCTS = 1 << 21       # rows × N × K from which a product shares its panels among threads
-PAD = 4                           # x is padded to a multiple of this many rows (the smallest block)
 
 
 def fits(w: np.ndarray) -> bool:
@@ -56,49 +56,47 @@ def warm_up() -> None:
 @njit(fastmath=True, cache=True, nogil=True)
 def matmul_panels(w_panels, x, y, accumulate):
     """y (+)= x · wᵀ from w's panels (see panels), on the calling thread."""
-    padded = _padded(x)
+    x = np.ascontiguousarray(x)               # the blocks read rows of x as runs of K values
     for panel in range(w_panels.shape[0]):
-        _panel_rows(w_panels, panel, padded, y, x.shape[0], accumulate)
+        _panel_rows(w_panels, panel, x, y, accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def matmul_panels_threaded(w_panels, x, y, accumulate):
     """matmul_panels with the panels shared out among Numba's threads."""
-    padded = _padded(x)
+    x = np.ascontiguousarray(x)
     for panel in prange(w_panels.shape[0]):
-        _panel_rows(w_panels, panel, padded, y, x.shape[0], accumulate)
+        _panel_rows(w_panels, panel, x, y, accumulate)
 
 
 @njit(inline="always")
-def _padded(x):
-    """x's rows followed by zero rows up to a multiple of PAD: a block reads whole blocks of rows."""
-    padded = np.zeros(((x.shape[0] + PAD - 1) // PAD * PAD, x.shape[1]), np.float32)
-    padded[:x.shape[0]] = x
-    return padded
-
-
-@njit(inline="always")
-def _panel_rows(w_panels, panel, x, y, rows, accumulate):
-    """Every row of x against one panel, 16 rows at a time (8 or 4 for the last few: the block's rows are
-    literals of the generated code)."""
-    first = 0
+def _panel_rows(w_panels, panel, x, y, accumulate):
+    """Every row of x against one panel, in blocks of 16 rows, then 8, 4, 2 and 1 for what is left: a block's
+    rows are a literal of the generated code, and a block never reads past the last row."""
+    first, rows = 0, x.shape[0]
     while first < rows:
         left = rows - first
-        if left > 8:
-            _panel_block(w_panels, panel, x, first, y, left, 16, accumulate)
+        if left >= 16:
+            _panel_block(w_panels, panel, x, first, y, 16, accumulate)
             first += 16
-        elif left > 4:
-            _panel_block(w_panels, panel, x, first, y, left, 8, accumulate)
+        elif left >= 8:
+            _panel_block(w_panels, panel, x, first, y, 8, accumulate)
             first += 8
-        else:
-            _panel_block(w_panels, panel, x, first, y, left, 4, accumulate)
+        elif left >= 4:
+            _panel_block(w_panels, panel, x, first, y, 4, accumulate)
             first += 4
+        elif left >= 2:
+            _panel_block(w_panels, panel, x, first, y, 2, accumulate)
+            first += 2
+        else:
+            _panel_block(w_panels, panel, x, first, y, 1, accumulate)
+            first += 1
 
 
 @intrinsic
-def _panel_block(typingctx, w_panels, panel, x, first, y, left, rows, accumulate):
-    """y[first + m, 16 panel : + 16] (+)= Σ_k x[first + m, k] · w_panels[panel, k] for m < rows (a literal) and
-    m < left: one accumulator of 16 lanes per row of x, kept in a register across K."""
+def _panel_block(typingctx, w_panels, panel, x, first, y, rows, accumulate):
+    """y[first + m, 16 panel : + 16] (+)= Σ_k x[first + m, k] · w_panels[panel, k] for m < rows (a literal): one
+    accumulator of 16 lanes per row of x, kept in a register across K."""
     if not (float32_rows(w_panels, 3) and float32_rows(x, 2) and float32_rows(y, 2)
             and isinstance(rows, types.IntegerLiteral)):
         return None
@@ -108,8 +106,8 @@ def _panel_block(typingctx, w_panels, panel, x, first, y, left, rows, accumulate
         panels_data, (_, width, _) = data_and_shape(context, builder, signature.args[0], args[0])
         x_data, (_, x_width) = data_and_shape(context, builder, signature.args[2], args[2])
         y_data, (_, y_width) = data_and_shape(context, builder, signature.args[4], args[4])
-        panel_, first_, left_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 5))
-        add = context.cast(builder, args[7], signature.args[7], types.boolean)
+        panel_, first_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3))
+        add = context.cast(builder, args[6], signature.args[6], types.boolean)
         intp = width.type
         panel_start = builder.gep(panels_data, [builder.mul(panel_, builder.mul(width, intp(LANES)))])
         x_rows = [builder.gep(x_data, [builder.mul(builder.add(first_, intp(m)), x_width)]) for m in range(count)]
@@ -123,13 +121,12 @@ def _panel_block(typingctx, w_panels, panel, x, first, y, left, rows, accumulate
                 builder.store(builder.fadd(builder.load(sums[m]), product_, flags=("fast",)), sums[m])
         column = builder.mul(panel_, intp(LANES))
         for m in range(count):
-            with builder.if_then(builder.icmp_signed("<", intp(m), left_)):
-                target = builder.gep(y_data, [builder.add(builder.mul(builder.add(first_, intp(m)), y_width), column)])
-                total = builder.load(sums[m])
-                with builder.if_else(add) as (adding, storing):
-                    with adding:
-                        store_lanes(builder, builder.fadd(load_lanes(builder, target), total, flags=("fast",)), target)
-                    with storing:
-                        store_lanes(builder, total, target)
+            target = builder.gep(y_data, [builder.add(builder.mul(builder.add(first_, intp(m)), y_width), column)])
+            total = builder.load(sums[m])
+            with builder.if_else(add) as (adding, storing):
+                with adding:
+                    store_lanes(builder, builder.fadd(load_lanes(builder, target), total, flags=("fast",)), target)
+                with storing:
+                    store_lanes(builder, total, target)
         return context.get_dummy_value()
-    return types.void(w_panels, panel, x, first, y, left, rows, accumulate), codegen
+    return types.void(w_panels, panel, x, first, y, rows, accumulate), codegen

@@ -54,3 +54,13 @@ def test_the_bench_s_products_bound_runs_the_products_a_batched_step_runs(monkey
         monkeypatch.setattr(panel_kernels, name, counted)
     products_bound(story_model, rows=16, steps=1)
     assert len(used) == sum(node.op in ("matmul", "matmul_add") for node in story_model.graph.nodes)
+
+
+def test_x_may_be_a_strided_view():
+    """Rows of x taken from a wider array (as a plugin's graph may hand them over) are copied, not misread."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((32, 12)).astype(np.float32)
+    x = rng.standard_normal((6, 24)).astype(np.float32)[:, ::2]
+    y = np.empty((6, 32), np.float32)
+    panel_kernels.matmul_panels(panel_kernels.panels(w), x, y, False)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)

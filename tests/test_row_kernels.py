@@ -56,3 +56,25 @@ def test_the_compiled_exp_is_numpys_to_float32_rounding():
     expected = np.exp(x.astype(np.float64))
     np.testing.assert_allclose(got, expected, rtol=5e-7, atol=0)
     assert 0 <= _exp(np.float32(-200)) < 1e-37
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_rope_rotates_each_adjacent_pair_as_the_complex_product_does(strided):
+    """Against NumPy's complex product (the backend's other path), on rows of q taken from a q|k|v row as the
+    graph hands them over, and in place."""
+    rng = np.random.default_rng(11)
+    rows, heads, head_dim = 5, 3, 8
+    qkv = rng.standard_normal((rows, 2 * heads * head_dim)).astype(np.float32)
+    x = qkv[:, :heads * head_dim].reshape(rows, heads, head_dim) if strided else \
+        np.ascontiguousarray(qkv[:, :heads * head_dim]).reshape(rows, heads, head_dim)
+    angles = rng.uniform(-10, 10, size=(rows, head_dim // 2))
+    table = np.stack([np.cos(angles), np.sin(angles)], axis=-1).reshape(rows, head_dim).astype(np.float32)
+    wide = x.astype(np.float64).reshape(rows, heads, head_dim // 2, 2)
+    pairs = wide[..., 0] + 1j * wide[..., 1]
+    rotated = pairs * np.exp(1j * angles)[:, None, :]
+    expected = np.stack([rotated.real, rotated.imag], axis=-1).reshape(rows, heads, head_dim)
+    y = np.full((rows, heads, head_dim), np.nan, np.float32)
+    row_kernels.rope(x, table, y)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    row_kernels.rope(x, table, x)
+    np.testing.assert_array_equal(x, y)
