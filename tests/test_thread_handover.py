@@ -42,7 +42,7 @@ def test_the_workers_end_and_the_next_product_starts_them_again():
         assert any(_workers_running())
         thread_handover.before_numba_step()
         assert not any(_workers_running())
-        thread_handover.before_numba_step()                  # nothing left to stop: a no-op
+        thread_handover.before_numba_step()           # nothing left to stop: a no-op
         np.testing.assert_allclose(a @ a, expected, rtol=1e-4, atol=1e-3)
         assert any(_workers_running())
 
@@ -56,7 +56,7 @@ def test_another_thread_that_might_call_blas_keeps_them():
     try:
         with threadpool_limits(limits=2):
             a @ a
-            thread_handover.before_numba_step()              # not claimed, and a second Python thread is alive
+            thread_handover.before_numba_step()       # not claimed, and a second Python thread is alive
             assert any(_workers_running())
     finally:
         release.set()
