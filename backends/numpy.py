@@ -294,17 +294,18 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, scratch)
-    if id(w) in step.panels:
-        return panel_product(x, step.panels[id(w)], y)
-    return float_product(x, w, y, scratch, step.float_products_compiled)
+    return float_product(x, w, y, scratch, step.float_products_compiled, step.panels.get(id(w)))
 
 
 def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarray | None,
-                  compiled: bool = False) -> Kernel:
+                  compiled: bool = False, w_panels: np.ndarray | None = None) -> Kernel:
     """A call computing y = x · wᵀ for a float32 weight, the BLAS calls chosen by x's rows and w's layout and
     size; scratch (the matmul's workspace) holds the transposed operands of the few-row products. With
-    `compiled` (Program.float_products_compiled), float_kernels instead."""
+    `compiled` (Program.float_products_compiled), panel_kernels from the weight's panels where it has them
+    (Program.weight_panels), else float_kernels."""
     rows = x.shape[0]
+    if w_panels is not None:
+        return panel_product(x, w_panels, y)
     if compiled and _float_kernels().fits(w):         # a weight the program checked (or an operand that fits)
         return compiled_float_product(x, w, y)
     if rows == 1:

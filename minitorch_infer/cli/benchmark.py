@@ -118,9 +118,8 @@ def _product(model, x: np.ndarray, w, y: np.ndarray):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
     rows, k = x.shape
     compiled = model.program.float_products_compiled(rows, sequences=rows)
-    if compiled and id(w) in model.program.weight_panels():
-        return numpy_backend.panel_product(x, model.program.weight_panels()[id(w)], y)
-    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32), compiled)
+    w_panels = model.program.weight_panels().get(id(w)) if compiled else None
+    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32), compiled, w_panels)
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:
