@@ -157,6 +157,7 @@ class KVCache:
         self.bytes_per_token = sum(t.nbytes() // max(t.concrete_shape()[1], 1) for t in self.states.values())
         self._references = np.zeros(self.num_blocks, np.int64)
         self._key_of: dict[int, tuple] = {}        # registered block -> (parent serial, tokens)
+        self._is_registered = np.zeros(self.num_blocks, bool)   # _key_of's blocks, for a whole-pool mask at once
         self._serial_of: dict[int, int] = {}       # registered block -> its serial, which its children's keys name
         self._block_of: dict[tuple, int] = {}      # key -> registered block
         self._next_serial = 1
@@ -253,9 +254,7 @@ class KVCache:
             self._unregister(block)
             self._references[block] = 1
             return block
-        cold = (self._references == 0)
-        for block in self._key_of:
-            cold[block] = False
+        cold = (self._references == 0) & ~self._is_registered
         if cold.any():
             start, length = _largest_run(cold)
             block = start if after is not None or length == self.num_blocks else start + length // 2
@@ -284,6 +283,7 @@ class KVCache:
             key = (parent, tuple(sequence.tokens[index * size:(index + 1) * size]))
             if parent != -1 and block not in self._key_of and key not in self._block_of:
                 self._key_of[block] = key
+                self._is_registered[block] = True
                 self._block_of[key] = block
                 self._serial_of[block] = self._next_serial
                 self._next_serial += 1
@@ -310,6 +310,7 @@ class KVCache:
     def _unregister(self, block: int) -> None:
         key = self._key_of.pop(block, None)
         if key is not None:
+            self._is_registered[block] = False
             del self._block_of[key]
             del self._serial_of[block]
 

@@ -182,6 +182,8 @@ def test_random_arrivals_lengths_cancels_and_block_sizes(data):
         assert result.token_ids == alone.token_ids[:len(result.token_ids)]
         assert result.finish_reason == alone.finish_reason or result.finish_reason == "context"
     assert model.kv_cache.used_blocks == 0 and model.kv_cache.open_sequences == 0
+    # The mask the pool keeps of registered blocks (to find cold ones at once) is the registry itself.
+    assert set(np.flatnonzero(model.kv_cache._is_registered)) == set(model.kv_cache._key_of)
 
 
 _TINY_MODELS: dict = {}

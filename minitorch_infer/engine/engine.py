@@ -180,14 +180,17 @@ class Engine:
             now = time.perf_counter()
             self.steps += 1
             self._record_step_cost(batch, now - began)
+            # Greedy requests take their tokens from one argmax over every row: one call, not one per request
+            # (16 story-model requests: ~5 against ~35 us a step).
+            argmaxes = logits.argmax(axis=1).tolist() if len(batch) > 1 else None
             row = 0
             for request, count in batch:
-                rows = logits[row:row + request.logit_rows]
-                row += request.logit_rows
+                first_row, row = row, row + request.logit_rows
                 del request.pending[:count]
                 if request.pending:
                     continue                     # still prefilling: its next chunk comes in a later step
-                self._advance(request, rows, now)
+                self._advance(request, logits[first_row:row], now,
+                              argmaxes[first_row] if argmaxes is not None else None)
             return True
 
     def _draft(self) -> None:
@@ -217,14 +220,17 @@ class Engine:
             else:
                 speculator.costs.record_plain(seconds)
 
-    def _advance(self, request: Request, rows, now: float) -> None:
+    def _advance(self, request: Request, rows, now: float, argmax: int | None = None) -> None:
         """Take the request's next tokens from its logits rows (a verified draft gives several), emit them one
-        at a time (so stop strings and max_new_tokens cut where plain decoding would), and queue the next."""
+        at a time (so stop strings and max_new_tokens cut where plain decoding would), and queue the next.
+        `argmax`, when given, is the first row's argmax: a plain greedy request's token."""
         decoder, draft = request.decoder, request.draft
         if draft:
             tokens = decoder.verify(rows, draft)
             request.sequence.truncate(request.sequence.length - len(draft) + len(tokens) - 1)
             request.draft = []
+        elif argmax is not None and decoder.sampler.plain_argmax:
+            tokens = [argmax]
         else:
             tokens = [decoder.choose(rows[0])]
         finished = None

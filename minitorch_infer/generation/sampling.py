@@ -327,13 +327,15 @@ class Sampler:
         self._all_ids = np.arange(vocab_size)
         self._all_ids.flags.writeable = False  # shared by every step's initial Candidates
         self._rng = np.random.default_rng(params.seed)
-        self._plain_argmax = params.is_greedy and not self.processors
+        # Greedy with nothing editing the logits: a token is the row's argmax, which a caller holding many
+        # requests' rows may take for all of them at once (the batched engine).
+        self.plain_argmax = params.is_greedy and not self.processors
 
     def sample(self, logits: np.ndarray, history: np.ndarray) -> int:
         """The next token, given this step's logits [vocab] and every token id so far (prompt + output)."""
         if logits.shape != (self.vocab_size,):
             raise SamplingError(f"logits must have shape ({self.vocab_size},), got {logits.shape}")
-        if self._plain_argmax:
+        if self.plain_argmax:
             # Nothing to edit: no copy (a greedy decode step's common case); the method skips np.argmax's
             # dispatch (1.2 against 3.6 us).
             return int(logits.argmax())
