@@ -209,7 +209,8 @@ class Model:
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.size == 0:
             raise PromptError("no tokens to run: the prompt is empty")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+        # Seen as unsigned, a negative id is larger than any vocabulary: one reduction checks both ends.
+        if ids.view(np.uint64).max() >= self.config.vocab_size:
             bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
             raise PromptError(f"token id {bad} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         return ids
@@ -300,8 +301,27 @@ def _layout(sequences: Sequence[KVSequence], new_tokens: Sequence[int]) -> StepL
     """The layout of a step in which sequence i (room already reserved) gets new_tokens[i] more positions."""
     if len(sequences) == 1 and sequences[0].run_start is not None:
         return StepLayout.single(new_tokens[0], sequences[0].length + new_tokens[0], sequences[0].run_start)
+    if all(n == 1 for n in new_tokens):
+        return _decode_layout(sequences)
     return StepLayout.of(new_tokens, [s.slots(s.length + n) for s, n in zip(sequences, new_tokens)],
                          [s.run_start for s in sequences])
+
+
+def _decode_layout(sequences: Sequence[KVSequence]) -> StepLayout:
+    """A step of one new token per sequence: a sequence in one run of slots is its run's start and length, the
+    slots of the others are looked up."""
+    totals, starts, slots, writes = [], [], [], []
+    for sequence in sequences:
+        total, start = sequence.length + 1, sequence.run_start
+        totals.append(total)
+        starts.append(start)
+        if start is None:
+            slots.append(sequence.slots(total))
+            writes.append(int(slots[-1][-1]))
+        else:
+            slots.append(None)
+            writes.append(start + total - 1)
+    return StepLayout.decode(totals, starts, slots, writes)
 
 
 def _layout_with_rows(sequences: Sequence[KVSequence], new_tokens: Sequence[int], logit_rows: Sequence[int]

@@ -141,6 +141,15 @@ def test_the_kv_pool_hands_out_blocks_and_takes_them_back():
 def test_bad_token_ids_and_empty_prompts_are_refused(story_model):
     with pytest.raises(MinitorchError, match="token id 5000 is outside the vocabulary"):
         story_model.logits([1, 5000])
+    with pytest.raises(MinitorchError, match="token id -3 is outside the vocabulary"):
+        story_model.logits([1, -3])
+    sequences = [story_model.kv_cache.open() for _ in range(2)]
+    for sequence in sequences:
+        sequence.reserve(1)
+    with pytest.raises(MinitorchError, match="token id -1 is outside the vocabulary"):
+        story_model.step(sequences, [[5], [-1]])
+    for sequence in sequences:
+        sequence.close()
     with pytest.raises(MinitorchError, match="empty"):
         story_model.logits([])
 
