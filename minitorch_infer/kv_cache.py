@@ -157,8 +157,10 @@ class KVCache:
         self.bytes_per_token = sum(t.nbytes() // max(t.concrete_shape()[1], 1) for t in self.states.values())
         self._references = np.zeros(self.num_blocks, np.int64)
         self._key_of: dict[int, tuple] = {}        # registered block -> (parent serial, tokens)
-        self._is_registered = np.zeros(self.num_blocks, bool)   # _key_of's blocks, for a whole-pool mask at once
-        self._serial_of: dict[int, int] = {}       # registered block -> its serial, which its children's keys name
+        # Per block, as arrays so that the pool is searched in one expression: whether it is registered (a key
+        # of _key_of), and its serial while it is (which its children's keys name; older blocks have smaller).
+        self._is_registered = np.zeros(self.num_blocks, bool)
+        self._serial = np.zeros(self.num_blocks, np.int64)
         self._block_of: dict[tuple, int] = {}      # key -> registered block
         self._next_serial = 1
         self._open = 0
@@ -254,18 +256,18 @@ class KVCache:
             self._unregister(block)
             self._references[block] = 1
             return block
-        cold = (self._references == 0) & ~self._is_registered
+        free = self._references == 0
+        cold = free & ~self._is_registered
         if cold.any():
             start, length = _largest_run(cold)
             block = start if after is not None or length == self.num_blocks else start + length // 2
-        else:
-            warm = [b for b in self._key_of if self._references[b] == 0]
-            if not warm:
+        else:                                   # no cold block: every free block is warm (registered)
+            if not free.any():
                 raise KVCacheFullError(
                     f"the KV cache is full: all {self.num_blocks} blocks of {self.block_size} positions are in use "
                     f"({self.capacity_tokens} positions, {self.planned_bytes / 2**20:.1f} MiB); raise the KV memory "
                     "(--kv-memory, kv_memory=) or run fewer sequences at once")
-            block = min(warm, key=self._serial_of.__getitem__)
+            block = int(np.argmin(np.where(free, self._serial, np.iinfo(np.int64).max)))   # the oldest
             self._unregister(block)
         self._references[block] = 1
         return block
@@ -279,13 +281,13 @@ class KVCache:
         while (sequence._registered + 1) * size <= sequence.length:
             index = sequence._registered
             block = sequence.blocks[index]
-            parent = self._serial_of.get(sequence.blocks[index - 1], -1) if index else 0
+            parent = self._serial_of(sequence.blocks[index - 1]) if index else 0
             key = (parent, tuple(sequence.tokens[index * size:(index + 1) * size]))
             if parent != -1 and block not in self._key_of and key not in self._block_of:
                 self._key_of[block] = key
                 self._is_registered[block] = True
                 self._block_of[key] = block
-                self._serial_of[block] = self._next_serial
+                self._serial[block] = self._next_serial
                 self._next_serial += 1
             sequence._registered += 1
 
@@ -299,7 +301,7 @@ class KVCache:
                 break
             self._references[block] += 1
             sequence.blocks.append(block)
-            parent = self._serial_of[block]
+            parent = int(self._serial[block])
         if sequence.blocks:
             sequence._blocks_changed()
             sequence.length = len(sequence.blocks) * size
@@ -312,7 +314,10 @@ class KVCache:
         if key is not None:
             self._is_registered[block] = False
             del self._block_of[key]
-            del self._serial_of[block]
+
+    def _serial_of(self, block: int) -> int:
+        """A registered block's serial; -1 for one that is not (no key can name it as a parent)."""
+        return int(self._serial[block]) if self._is_registered[block] else -1
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
