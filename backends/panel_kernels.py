@@ -9,9 +9,12 @@ times up to 16 rows of x stay in 16 registers for the whole of K: per step of K,
 values of x broadcast, 16 FMAs, nothing stored until the end. The kernels that stream large weights
 (float_kernels) keep partial sums in memory instead; on small cached weights their overheads lost to BLAS.
 
-Small products run on the calling thread: on two cores, sharing out a product of the story model's gate|up
-(768 x 128, 16 rows) took 48 µs against 36 on one thread. Those with at least PARALLEL_PRODUCTS
-multiply-adds (its logits, 2048 x 128) share their panels among Numba's threads: 85 against 140-175 µs.
+Products of at least PARALLEL_PRODUCTS multiply-adds share their panels among Numba's threads; the smallest
+run on the calling thread. Alone, with Numba's threads asleep, sharing out the story model's gate|up (768 x
+128, 16 rows) took 48 µs against 36 on one thread: waking them costs more than half the product. In a run of
+batched steps they never sleep (each step's attention and logits keep them spinning), and there sharing out
+every product down to its o projection (128 x 128) ran the story model's 16-sequence graph 1.09-1.10x faster
+(one process, taking turns with the old threshold; 736 against 670-680 µs).
 Checked against x · wᵀ in float64 by tests/test_panel_kernels.py.
 """
 
@@ -25,7 +28,7 @@ from numba.extending import intrinsic
 
 from .vector_lanes import LANES, VECTOR, data_and_shape, float32_rows, load_lanes, splat, store_lanes
 
-PARALLEL_PRODUCTS = 1 << 21       # rows × N × K from which a product shares its panels among threads
+PARALLEL_PRODUCTS = 1 << 18       # rows × N × K from which a product shares its panels among threads
 
 
 def fits(w: np.ndarray) -> bool:

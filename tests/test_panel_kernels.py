@@ -36,10 +36,12 @@ def test_fits_and_which_kernel_a_product_takes():
     assert not panel_kernels.fits(np.zeros((16, 8), np.float64))
     logits = panel_kernels.panels(np.zeros((2048, 128), np.float32))          # the story model's
     gate_up = panel_kernels.panels(np.zeros((768, 128), np.float32))
+    o = panel_kernels.panels(np.zeros((128, 128), np.float32))
     x = np.zeros((16, 128), np.float32)
     assert panel_kernels.product(x, logits) is panel_kernels.matmul_panels_threaded
-    assert panel_kernels.product(x, gate_up) is panel_kernels.matmul_panels
-    assert panel_kernels.product(x[:4], logits) is panel_kernels.matmul_panels
+    assert panel_kernels.product(x, o) is panel_kernels.matmul_panels_threaded      # 16 rows: 262,144 FMAs
+    assert panel_kernels.product(x[:8], o) is panel_kernels.matmul_panels
+    assert panel_kernels.product(x[:2], gate_up) is panel_kernels.matmul_panels
 
 
 @pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the compiled products only with AVX-512")
