@@ -96,13 +96,12 @@ class StepLayout:
         return self.row_stops[-1]
 
     def padded_slots(self) -> np.ndarray:
-        """[R, T_max]: sequence i's slots in row i (padded with slot 0, past its total)."""
+        """[R, T_max]: sequence i's slots in row i, up to its total. Past it a row holds anything: the paged
+        kernels read a row only up to its sequence's total."""
         if "slots" not in self._derived:
             if None not in self.key_starts:
                 # Every sequence's slots are one run (the usual case): one broadcast instead of a row each.
-                offsets = np.arange(max(self.totals))
-                padded = np.asarray(self.key_starts, np.intp)[:, None] + offsets
-                padded[offsets >= self.totals_array()[:, None]] = 0
+                padded = np.add.outer(np.asarray(self.key_starts, np.intp), np.arange(max(self.totals)))
             else:
                 padded = np.zeros((len(self.totals), max(self.totals)), np.intp)
                 for i, total in enumerate(self.totals):

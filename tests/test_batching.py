@@ -96,7 +96,10 @@ def test_a_pool_too_small_for_everyone_preempts_and_still_gives_every_answer():
     solo = [model.generate(p, max_new_tokens=48, greedy=True, ignore_eos=True) for p in STORY_PROMPTS]
     engine = model.engine(max_batch_tokens=32)
     handles = [engine.submit(p, max_new_tokens=48, greedy=True, ignore_eos=True) for p in STORY_PROMPTS]
-    engine.run()
+    while engine.step():
+        # Running requests stay oldest first, a preempted one back in its place: each step serves them so.
+        numbers = [request.number for request in engine.scheduler.running]
+        assert numbers == sorted(numbers)
     assert engine.scheduler.preemptions > 0
     assert [h.result().token_ids for h in handles] == [r.token_ids for r in solo]
     assert model.kv_cache.used_blocks == 0 and model.kv_cache.open_sequences == 0
@@ -286,7 +289,8 @@ def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, 
     """The compiled paged kernels (one thread, and the sequences shared out among threads) against
     softmax(q·kᵀ·scale)·v over each sequence's own slots, one at a time: scattered slots, totals from 1,
     grouped (pairs of heads, and an odd one) and multi-query heads, sliding windows down to one key, and
-    scores spread wide enough that most weights underflow."""
+    scores spread wide enough that most weights underflow. Each row of slots ends in a slot past its total
+    whose key and value would swamp the result if read."""
     from minitorch_infer.backends import attention_kernels
 
     paged_decode_attention = getattr(attention_kernels, kernel)
@@ -294,9 +298,11 @@ def test_paged_attention_kernel_equals_attention_written_plainly(kernel, heads, 
     rng = np.random.default_rng(heads * 10 + kv_heads + window)
     capacity, totals = 256, [1, 7, 40, 3]
     k_pool, v_pool = (rng.standard_normal((kv_heads, capacity, head_dim)).astype(np.float32) for _ in range(2))
+    poison = capacity - 1
+    k_pool[:, poison], v_pool[:, poison] = 1e4, 1e4
     q = rng.standard_normal((len(totals), heads, head_dim)).astype(np.float32)
-    slots = np.zeros((len(totals), max(totals)), np.intp)
-    for r, (total, picked) in enumerate(zip(totals, np.split(rng.permutation(capacity)[:sum(totals)],
+    slots = np.full((len(totals), max(totals)), poison, np.intp)
+    for r, (total, picked) in enumerate(zip(totals, np.split(rng.permutation(poison)[:sum(totals)],
                                                                np.cumsum(totals)[:-1]))):
         slots[r, :total] = picked
     scale = np.float32(scale)
@@ -359,7 +365,7 @@ def test_the_sixteen_lane_softmax_is_numpys(first, total):
 def test_a_decode_layout_is_what_its_sequences_say(sequences):
     """A decode step's layout (StepLayout.of with one new row per sequence takes a shortcut), field by field
     against the layout written out plainly, some sequences with their slots in one run and some scattered; and
-    the padded slots broadcast from run starts against those gathered sequence by sequence."""
+    the padded slots, broadcast from run starts or gathered sequence by sequence, against each sequence's slots."""
     from minitorch_infer.backends.layout import StepLayout, run_start
 
     rng = np.random.default_rng(len(sequences))
@@ -381,7 +387,10 @@ def test_a_decode_layout_is_what_its_sequences_say(sequences):
         if found is not None:
             np.testing.assert_array_equal(found, sequence_slots)
     gathered = StepLayout.of([1] * len(sequences), slots, [None] * len(sequences))
-    np.testing.assert_array_equal(layout.padded_slots(), gathered.padded_slots())
+    for padded in (layout.padded_slots(), gathered.padded_slots()):
+        assert padded.shape == (rows, max(len(s) for s in slots))
+        for row, sequence_slots in zip(padded, slots):
+            np.testing.assert_array_equal(row[:len(sequence_slots)], sequence_slots)
 
 
 @pytest.mark.parametrize("new_tokens", [[1, 1, 1, 1], [5, 1, 12, 1], [1] * 12],

@@ -197,12 +197,14 @@ class Engine:
         """Give each decoding request that speculates its guesses for this step, as many as the step's
         sequences leave room for (each guess is a row of logits, and a step has max_sequences of those)."""
         scheduler = self.scheduler
-        spare_rows = scheduler.max_sequences - sum(r.logit_rows for r in scheduler.running)
-        for request in sorted(scheduler.running, key=lambda r: r.number):
-            if spare_rows <= 0:
-                return
+        spare_rows = None                        # counted at the first request that speculates, if any does
+        for request in scheduler.running:
             if request.decoder.speculator is None or len(request.pending) != 1 or request.draft:
                 continue
+            if spare_rows is None:
+                spare_rows = scheduler.max_sequences - sum(r.logit_rows for r in scheduler.running)
+            if spare_rows <= 0:
+                return
             request.draft = request.decoder.draft(min(request.sequence.free - 1, spare_rows))
             request.pending += request.draft
             spare_rows -= len(request.draft)

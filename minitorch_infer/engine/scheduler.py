@@ -54,6 +54,8 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_sequences = max_sequences
         self.waiting: deque[Request] = deque()
+        # Oldest first (by number), as every step serves them. Appending keeps that order: admission is first come
+        # first served, and a preempted request is the newest running one, queued again at the head.
         self.running: list[Request] = []
         self.preemptions = 0
 
@@ -70,10 +72,10 @@ class Scheduler:
         A request verifying a draft needs all of it in the step: if the budget cuts it, the draft is cut."""
         batch: list[tuple[Request, int]] = []
         budget = self.max_batch_tokens
-        for request in sorted(self.running, key=lambda r: r.number):
+        for request in list(self.running):
             if budget == 0:
                 break
-            if request not in self.running:           # preempted while making room for an older one
+            if request.sequence is None:              # preempted while making room for an older one
                 continue
             count = min(len(request.pending), budget)
             if request.draft and count < len(request.pending):
