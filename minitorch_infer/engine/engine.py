@@ -174,9 +174,13 @@ class Engine:
             batch = self.scheduler.schedule()
             if not batch:
                 return self._unblock()
+            sequences, tokens, rows_wanted = [], [], []
+            for request, count in batch:
+                sequences.append(request.sequence)
+                tokens.append(request.pending[:count])
+                rows_wanted.append(request.logit_rows)
             began = time.perf_counter()
-            logits = self.model.step([r.sequence for r, _ in batch], [r.pending[:n] for r, n in batch],
-                                     [r.logit_rows for r, _ in batch])
+            logits = self.model.step(sequences, tokens, rows_wanted)
             now = time.perf_counter()
             self.steps += 1
             self._record_step_cost(batch, now - began)
@@ -184,8 +188,8 @@ class Engine:
             # (16 story-model requests: ~5 against ~35 us a step).
             argmaxes = logits.argmax(axis=1).tolist() if len(batch) > 1 else None
             row = 0
-            for request, count in batch:
-                first_row, row = row, row + request.logit_rows
+            for (request, count), wanted in zip(batch, rows_wanted):
+                first_row, row = row, row + wanted
                 del request.pending[:count]
                 if request.pending:
                     continue                     # still prefilling: its next chunk comes in a later step

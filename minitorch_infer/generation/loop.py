@@ -270,7 +270,9 @@ class Decoder:
         self.known += 1
         if token in self.eos_ids:
             return "", FinishReason.STOP.value
-        piece, stopped = self.stops.push(self.detokenizer.push(token))
+        piece, stopped = self.detokenizer.push(token), False
+        if self.stops.stop_strings:            # most requests have none: no call into the matcher each token
+            piece, stopped = self.stops.push(piece)
         if piece:
             self.pieces.append(piece)
         if stopped:

@@ -45,7 +45,7 @@ class StopStringMatcher:
         """Feed newly decoded text; return the text safe to emit now and whether a stop string ended it."""
         if self.stopped:
             return "", True
-        if not self.stop_strings:                 # nothing to watch for (most requests): ~3 us saved per token
+        if not self.stop_strings:
             return text, False
         pending = self._held + text
         # Only `pending` can contain a stop: emitted text never ends with the start of one.
