@@ -102,7 +102,7 @@ def test_a_batched_step_runs_every_float_product_compiled_and_equals_blas(monkey
                 s.close()
 
     by_panels = logits_of_a_batched_step()
-    assert sorted(set(used)) == ["matmul_panels"] and len(used) == len(weights)   # small products: one thread
+    assert len(used) == len(weights) and set(used) <= {"matmul_panels", "matmul_panels_threaded"}
     monkeypatch.setattr(numpy_backend, "FLOAT_KERNEL_MIN_BYTES", 0)
     by_float_kernels = logits_of_a_batched_step()
     assert used.count("matmul_columns") == columns and used.count("matmul_rows") == len(weights) - columns
