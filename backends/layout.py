@@ -69,17 +69,21 @@ class StepLayout:
 
     @classmethod
     def decode(cls, totals: list[int], key_starts: list[int | None], slots: list[np.ndarray | None],
-               write_slots: list[int]) -> StepLayout:
+               write_slots: list[int], padded_slots: np.ndarray | None = None) -> StepLayout:
         """A decode step: row i is sequence i's one new token, written at slot write_slots[i]; sequence i holds
         totals[i] positions after the step, in one run from key_starts[i] or (when that is None) at slots[i].
         Python lists in, no validation and no cumulative sums: the batched engine builds one every step
-        (16 sequences: ~7 against 19 us for `of`, which gives its decode steps to this)."""
+        (16 sequences: ~7 against 19 us for `of`, which gives its decode steps to this). `padded_slots`, when
+        the caller has them at hand, are what padded_slots() would build."""
         rows = len(totals)
         first = write_slots[0]
         write_start = first if rows == 1 or write_slots == list(range(first, first + rows)) else None
-        return cls(list(range(rows)), list(range(1, rows + 1)), totals, key_starts,
-                   [None if s is None else np.asarray(s, np.intp) for s in slots], write_start,
-                   None if write_start is not None else np.array(write_slots, np.intp), np.arange(rows))
+        layout = cls(list(range(rows)), list(range(1, rows + 1)), totals, key_starts,
+                     [None if s is None else np.asarray(s, np.intp) for s in slots], write_start,
+                     None if write_start is not None else np.array(write_slots, np.intp), np.arange(rows))
+        if padded_slots is not None:
+            layout._derived["slots"] = padded_slots
+        return layout
 
     @classmethod
     def single(cls, new_tokens: int, total: int, first_slot: int = 0) -> StepLayout:

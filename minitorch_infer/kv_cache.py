@@ -54,7 +54,7 @@ class KVSequence:
         self.blocks: list[int] = []
         self.length = 0
         self.tokens: list[int] = []            # the token at each position, for prefix sharing
-        self._slots: np.ndarray | None = None  # slot of every position the blocks cover, rebuilt when they change
+        self._slots: np.ndarray | None = None  # slot_row(), rebuilt when the blocks change
         self._run_start: int | None = None     # the first slot, when the blocks are consecutive
         self._registered = 0                   # how many leading full blocks are registered for sharing
         self._write_block_checked = True       # False when the next write may land in a shared block
@@ -117,10 +117,18 @@ class KVSequence:
 
     def slots(self, total: int) -> np.ndarray:
         """The pool slot of each position 0..total-1."""
+        return self.slot_row()[:total]
+
+    def slot_row(self) -> np.ndarray:
+        """The pool slot of every position the context allows, 0 past the sequence's blocks. Every sequence's
+        row has the same length, so a step's sequences stack theirs into its padded slots in one call."""
         if self._slots is None:
             size = self.cache.block_size
-            self._slots = (np.asarray(self.blocks, np.intp)[:, None] * size + np.arange(size)).reshape(-1)
-        return self._slots[:total]
+            row = np.zeros(self.cache.blocks_for(self.context) * size, np.intp)
+            covered = (np.asarray(self.blocks, np.intp)[:, None] * size + np.arange(size)).reshape(-1)
+            row[:len(covered)] = covered
+            self._slots = row
+        return self._slots
 
     @property
     def run_start(self) -> int | None:
