@@ -73,8 +73,8 @@ class StepLayout:
         """A decode step: row i is sequence i's one new token, written at slot write_slots[i]; sequence i holds
         totals[i] positions after the step, in one run from key_starts[i] or (when that is None) at slots[i].
         Python lists in, no validation and no cumulative sums: the batched engine builds one every step
-        (16 sequences: ~7 against 19 us for `of`, which gives its decode steps to this). `padded_slots`, when
-        the caller has them at hand, are what padded_slots() would build."""
+        (the model's layout of 16 decoding sequences took 16 against 32 us by `of`, which now hands its decode
+        steps here too). `padded_slots`, when the caller has them at hand, are what padded_slots() would build."""
         rows = len(totals)
         first = write_slots[0]
         write_start = first if rows == 1 or write_slots == list(range(first, first + rows)) else None
