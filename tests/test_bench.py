@@ -68,3 +68,37 @@ def test_bench_speculate_measures_plain_and_speculative_decoding_of_one_prompt_s
     header, rule, row = table([measured])
     assert "x plain" in header and "accepted" in header and "tokens/step" in header
     assert row.startswith("| free story (8) | story |") and row.endswith("| yes |")
+
+
+def test_bench_concurrency_takes_weight_types_in_turn_and_compares_them_run_by_run():
+    """Each weight type's table, merged from one process per run, and the aggregate decode over the first type's
+    at every level, from runs taken in turn."""
+    require_model("story")
+    done = subprocess.run([sys.executable, "-m", "minitorch_infer", "bench", "--model", "story", "--concurrency",
+                           "1,2", "--repeat", "2", "--threads", "1", "--weights", "f32,q8_0"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "2 runs per level taking turns" in out and "story (f32 weights)" in out and "story (q8_0 weights)" in out
+    rows = re.findall(r"^  (single stream \(generate\)|1|2) +([\d,.]+) tok/s", out, re.MULTILINE)
+    assert [level for level, _ in rows] == ["single stream (generate)", "1", "2"] * 2
+    assert all(float(speed.replace(",", "")) > 0 for _, speed in rows)
+    compared = re.search(r"aggregate decode / f32's, median of 2 runs taken in turn: single ([\d.]+)x, "
+                         r"1 ([\d.]+)x, 2 ([\d.]+)x", out)
+    assert compared, out
+    assert all(0.1 < float(ratio) < 20 for ratio in compared.groups())
+
+
+def test_concurrency_runs_merge_level_by_level():
+    from minitorch_infer.cli.batch_benchmark import LevelMeasurement, merged, versus
+
+    def run(*speeds):
+        return [LevelMeasurement(level, aggregate_tok_s=[speed], first_token_ms=[1.0], kv_in_use_mib=level / 10)
+                for level, speed in zip((0, 4), speeds)]
+
+    ours = merged([run(10.0, 40.0), run(20.0, 60.0)])
+    assert [m.aggregate_tok_s for m in ours] == [[10.0, 20.0], [40.0, 60.0]]
+    assert ours[1].first_token_ms == [1.0, 1.0] and ours[1].kv_in_use_mib == 0.4
+    baseline = merged([run(5.0, 40.0), run(20.0, 20.0)])
+    # Run by run: single 2x and 1x (median 1.5x), 4 streams 1x and 3x (median 2x).
+    assert versus(ours, baseline, "f32's").endswith("single 1.50x, 4 2.00x")

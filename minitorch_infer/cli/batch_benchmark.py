@@ -109,6 +109,32 @@ def measure_in_subprocess(name: str, levels: list[int], repeats: int, threads: i
     return [LevelMeasurement(**row) for row in json.loads(completed.stdout.strip().splitlines()[-1])]
 
 
+def merged(rounds: list[list[LevelMeasurement]]) -> list[LevelMeasurement]:
+    """The runs of several processes (each a list of levels, in the same order) as one measurement per level."""
+    result = []
+    for levels in zip(*rounds):
+        level = LevelMeasurement(levels[0].concurrency)
+        for run in levels:
+            level.aggregate_tok_s += run.aggregate_tok_s
+            level.first_token_ms += run.first_token_ms
+            level.inter_token_ms += run.inter_token_ms
+            level.products_bound_tok_s += run.products_bound_tok_s
+            level.kv_in_use_mib = max(level.kv_in_use_mib, run.kv_in_use_mib)
+        result.append(level)
+    return result
+
+
+def versus(measured: list[LevelMeasurement], baseline: list[LevelMeasurement], label: str) -> str:
+    """Aggregate decode at each level over the baseline's, run by run (runs taken in turn, so each ratio compares
+    measurements minutes apart at most): the median of the runs' ratios."""
+    parts = []
+    for ours, theirs in zip(measured, baseline):
+        ratios = [a / b for a, b in zip(ours.aggregate_tok_s, theirs.aggregate_tok_s)]
+        name = "single" if ours.concurrency == 0 else str(ours.concurrency)
+        parts.append(f"{name} {statistics.median(ratios):.2f}x")
+    return f"  aggregate decode / {label}, median of {len(ratios)} runs taken in turn: " + ", ".join(parts)
+
+
 def table(measurements: list[LevelMeasurement]) -> list[str]:
     single = statistics.median(measurements[0].aggregate_tok_s)
     lines = [f"  {'concurrency':<22}{'aggregate decode':>18}{'per request':>13}{'x single':>10}"

@@ -87,11 +87,24 @@ def run(args: argparse.Namespace) -> int:
 def _run_concurrency(names: list[str], args: argparse.Namespace) -> int:
     print(f"{batch_benchmark.PROMPT_TOKENS}-token prompts, {batch_benchmark.NEW_TOKENS} greedy new tokens per request, "
           f"{args.repeat} runs per level taking turns; medians (latencies over every request and token)")
+    several = len(args.weights) > 1
     for name in names:
-        for weights in args.weights:
+        # Several weight types take turns, one process per type and run: a machine that drifts over minutes
+        # then moves them alike, as the levels inside a process already are.
+        runs: dict = {weights: [] for weights in args.weights}
+        for _ in range(args.repeat if several else 1):
+            for weights in args.weights:
+                runs[weights].append(batch_benchmark.measure_in_subprocess(
+                    name, args.concurrency, 1 if several else args.repeat, args.threads, weights))
+        baseline = None
+        for weights, rounds in runs.items():
+            measured = batch_benchmark.merged(rounds)
             print(f"\n{name}" + (f" ({weights} weights)" if weights else ""))
-            measured = batch_benchmark.measure_in_subprocess(name, args.concurrency, args.repeat, args.threads, weights)
             print("\n".join(batch_benchmark.table(measured)))
+            if baseline is None:
+                baseline = measured
+            else:
+                print(batch_benchmark.versus(measured, baseline, f"{args.weights[0]}'s"))
     return 0
 
 
