@@ -8,11 +8,8 @@ limits how many sequences live at once.
 Prefix caching: every full block is registered under (the key of the block before it, its tokens), which
 names its whole prefix exactly. A new sequence whose prompt starts with registered blocks shares them
 (reference counts) and computes only the rest. A freed block keeps its registration ("warm") until it is
-needed for something else, so a preamble repeated later is still found. When no never-registered block is
-left, the warm block freed longest ago goes first (least recently used, as vLLM evicts), and a sequence frees
-its blocks from its last to its first: a block's prefix is only found through the blocks before it, so the
-tail of a prefix goes before its head. A shared or registered block is never written: a sequence that must
-write into one (after a rollback into it) copies it first.
+needed for something else, so a preamble repeated later is still found. A shared or registered block is
+never written: a sequence that must write into one (after a rollback into it) copies it first.
 
 Blocks are placed to keep each sequence's slots in one run where the pool allows (a sequence grows into the
 block after its last; a new one starts in the middle of the largest free gap), because attention reads a
@@ -169,12 +166,9 @@ class KVCache:
         self._references = np.zeros(self.num_blocks, np.int64)
         self._key_of: dict[int, tuple] = {}        # registered block -> (parent serial, tokens)
         # Per block, as arrays so that the pool is searched in one expression: whether it is registered (a key
-        # of _key_of), its serial while it is (which its children's keys name), and when its last reference went
-        # (a counter: the warm block freed longest ago is the first evicted).
+        # of _key_of), and its serial while it is (which its children's keys name; older blocks have smaller).
         self._is_registered = np.zeros(self.num_blocks, bool)
         self._serial = np.zeros(self.num_blocks, np.int64)
-        self._freed_at = np.zeros(self.num_blocks, np.int64)
-        self._clock = 0
         self._block_of: dict[tuple, int] = {}      # key -> registered block
         self._next_serial = 1
         self._open = 0
@@ -247,27 +241,24 @@ class KVCache:
 
     def _shrink(self, sequence: KVSequence, keep_blocks: int) -> None:
         if len(sequence.blocks) > keep_blocks:
-            for block in reversed(sequence.blocks[keep_blocks:]):
+            for block in sequence.blocks[keep_blocks:]:
                 self._release(block)
             del sequence.blocks[keep_blocks:]
             sequence._blocks_changed()
 
     def _release_all(self, blocks: list[int]) -> None:
-        for block in reversed(blocks):                      # the tail first: it is the first to be evicted
+        for block in blocks:
             self._release(block)
         blocks.clear()
         self._open -= 1
 
     def _release(self, block: int) -> None:
         self._references[block] -= 1
-        if not self._references[block]:
-            self._clock += 1
-            self._freed_at[block] = self._clock
 
     def _take_block(self, after: int | None) -> int:
         """A free block: preferably the one after `after` (the sequence stays one run), else the start of the
         largest gap (when growing) or its middle (a new sequence, leaving room on both sides). Elsewhere, blocks
-        whose registration could still serve a prefix are taken last, the one freed longest ago first."""
+        whose registration could still serve a prefix are taken last, oldest serial first."""
         if after is not None and after + 1 < self.num_blocks and self._references[after + 1] == 0:
             block = after + 1                   # even a warm one: a sequence in one run is read as a view
             self._unregister(block)
@@ -284,7 +275,7 @@ class KVCache:
                     f"the KV cache is full: all {self.num_blocks} blocks of {self.block_size} positions are in use "
                     f"({self.capacity_tokens} positions, {self.planned_bytes / 2**20:.1f} MiB); raise the KV memory "
                     "(--kv-memory, kv_memory=) or run fewer sequences at once")
-            block = int(np.argmin(np.where(free, self._freed_at, np.iinfo(np.int64).max)))   # least recently used
+            block = int(np.argmin(np.where(free, self._serial, np.iinfo(np.int64).max)))   # the oldest
             self._unregister(block)
         self._references[block] = 1
         return block

@@ -138,39 +138,25 @@ def test_the_kv_pool_hands_out_blocks_and_takes_them_back():
     assert model.kv_cache.open_sequences == 0 and model.kv_cache.used_blocks == 0
 
 
-def test_a_full_pool_evicts_the_prefix_used_longest_ago_tail_first():
-    """Freed full blocks stay registered (warm) for prefixes to come. When no cold block is left, a new one is
-    the warm block freed longest ago: a prefix registered first but used again since outlives a younger one
-    left alone, and a prefix loses its tail before its head (the head alone still serves). Each pool holds four
-    blocks of 16; what is still cached is asked only after the blocks are taken (asking shares, and so uses)."""
-    older, younger, fresh = ([int(t) for t in np.arange(32) + base] for base in (100, 200, 300))
-
-    def pool_with(*prefixes):
-        cache = minitorch_infer.load(require_model("story"), kv_memory="64tokens", context=64).kv_cache
-        for tokens in prefixes:
-            hold(cache, tokens).close()
-        assert cache.used_blocks == 0 and len(cache._key_of) == 4          # all four blocks warm
-        return cache
-
-    def hold(cache, tokens):
+def test_a_full_pool_reuses_the_blocks_registered_longest_ago_and_keeps_the_newest_prefix():
+    """Freed full blocks stay registered (warm) for prefixes to come; when no cold block is left, a new one is
+    taken from the warm blocks registered first, so the prefix seen last is the one still found."""
+    model = minitorch_infer.load(require_model("story"), kv_memory="64tokens", context=64)
+    cache = model.kv_cache
+    older, newer, fresh = ([int(t) for t in np.arange(32) + base] for base in (100, 200, 300))
+    for tokens in (older, newer):
         sequence = cache.open()
         sequence.reserve(len(tokens))
         sequence.advance(tokens)
-        return sequence
-
-    def cached(cache, tokens):
-        return cache.open().share_prefix(tokens + [1])
-
-    cache = pool_with(older, younger)
-    reuser = cache.open()
-    assert reuser.share_prefix(older + [1]) == 32                       # used again: now the newest freed
-    reuser.close()
-    hold(cache, fresh)                                                  # takes two blocks
-    assert cached(cache, older) == 32 and cached(cache, younger) == 0
-
-    cache = pool_with(older, younger)
-    hold(cache, fresh[:16])                                             # takes one block: the older's tail
-    assert cached(cache, older) == 16 and cached(cache, younger) == 32
+        sequence.close()
+    assert cache.used_blocks == 0 and len(cache._key_of) == 4          # all four blocks warm
+    taker = cache.open()
+    taker.reserve(32)                                                   # takes two warm blocks
+    taker.advance(fresh)
+    finder = cache.open()
+    assert finder.share_prefix(newer + [1]) == 32                       # the newer prefix is whole
+    finder.close()
+    assert cache.open().share_prefix(older + [1]) == 0                  # the older one was given up
 
 
 def test_bad_token_ids_and_empty_prompts_are_refused(story_model):
