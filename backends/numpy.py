@@ -304,10 +304,9 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
     `compiled` (Program.float_products_compiled), panel_kernels from the weight's panels where it has them
     (Program.weight_panels), else float_kernels."""
     rows = x.shape[0]
-    if w_panels is not None:
-        return panel_product(x, w_panels, y)
-    if compiled and _float_kernels().fits(w):         # a weight the program checked (or an operand that fits)
-        return compiled_float_product(x, w, y)
+    compiled_kernel = _compiled_product(x, w, y, compiled, w_panels)
+    if compiled_kernel is not None:
+        return compiled_kernel
     if rows == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
@@ -334,6 +333,17 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
         return lambda: (product(), np.copyto(y, product_t.T))
     w_t = w.T
     return lambda: np.matmul(x, w_t, out=y)
+
+
+def _compiled_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, compiled: bool, w_panels: np.ndarray | None,
+                      accumulate: bool = False) -> Kernel | None:
+    """The compiled kernel for y (+)= x · wᵀ in a step whose products run compiled: panel_kernels from the
+    weight's panels where it has them, else float_kernels; None where BLAS runs it."""
+    if w_panels is not None:
+        return panel_product(x, w_panels, y, accumulate)
+    if compiled and _float_kernels().fits(w):         # a weight the program checked (or an operand that fits)
+        return compiled_float_product(x, w, y, accumulate)
+    return None
 
 
 def panel_product(x: np.ndarray, w_panels: np.ndarray, y: np.ndarray, accumulate: bool = False) -> Kernel:
@@ -412,10 +422,10 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     rows, k = x.shape
     if isinstance(w, QuantizedTensor):
         return _added_to(c, y, quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True))
-    if id(w) in step.panels:
-        return _added_to(c, y, panel_product(x, step.panels[id(w)], y, accumulate=True))
-    if step.float_products_compiled and _float_kernels().fits(w):
-        return _added_to(c, y, compiled_float_product(x, w, y, accumulate=True))
+    compiled_kernel = _compiled_product(x, w, y, step.float_products_compiled, step.panels.get(id(w)),
+                                        accumulate=True)
+    if compiled_kernel is not None:
+        return _added_to(c, y, compiled_kernel)
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:
         product, product_t = _transposed_product(x, w, scratch)
         return lambda: (product(), np.add(c, product_t.T, out=y))
