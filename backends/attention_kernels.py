@@ -15,10 +15,11 @@ loop summing into the output loaded and stored it at every position: the kernel 
 
 One thread (no `prange`) when the step's products run in OpenBLAS's threads just before and after: a second
 pool of spinning threads would starve them (see quantized_kernels; sharing the sequences out ran a story-model
-step 5x slower). When the products run in Numba's own threads (quantised weights, or float32 batches in
-float_kernels), `paged_decode_attention_threaded` shares out the (sequence, kv head) pairs. Numba compiles these on first use
-and keeps the machine code in its cache, as for the quantised kernels; the NumPy backend imports them only for
-a step of several sequences, so a model that never batches never loads Numba for them.
+step 5x slower). When the products run in Numba's own threads (quantised weights, or float32 weights in panels
+on a machine with AVX-512), `paged_decode_attention_threaded` shares out the (sequence, kv head) pairs. Numba
+compiles these on first use and keeps the machine code in its cache, as for the quantised kernels; the NumPy
+backend imports them only for a program that runs Numba already or a step of several sequences, so a float32
+model on a machine without AVX-512 that never batches never loads Numba.
 """
 
 from __future__ import annotations

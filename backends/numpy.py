@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import GraphError
 from ..ir import Graph, Node, op_def
 from ..ir.ops import TRANSPOSED_PRODUCT_ROWS
+from ..panelled import PanelledWeight, fits as fits_in_panels
 from ..passes.memory_plan import MemoryPlan, workspace_key
 from ..quantized import QuantizedTensor, weight_type
 from . import quantized, thread_handover
@@ -54,18 +55,15 @@ def view(op: str):
 
 class StepState:
     """What changes every step without changing any buffer: the step's layout; and, while a shape is being
-    bound, whether its products run in Numba's threads (then its attention may use them too), whether its
-    float32 products run compiled (float_kernels, or panel_kernels from the panels of small weights) and
-    whether its row-wise ops do (row_kernels): in steps that run Numba already."""
+    bound, whether its products run in Numba's threads (then its attention may use them too) and whether its
+    row-wise ops run compiled (row_kernels): in steps that run Numba already."""
 
-    __slots__ = ("layout", "products_in_numba", "float_products_compiled", "row_ops_compiled", "panels")
+    __slots__ = ("layout", "products_in_numba", "row_ops_compiled")
 
     def __init__(self):
         self.layout: StepLayout | None = None
         self.products_in_numba = False
-        self.float_products_compiled = False
         self.row_ops_compiled = False
-        self.panels: dict[int, np.ndarray] = {}     # id(weight) -> its panels, for weights panel_kernels take
 
 
 class Program:
@@ -83,6 +81,10 @@ class Program:
         self.graph = graph
         self.plan = plan
         self.params = {name: params[name] for name in graph.params}
+        in_panels = params_in_panels(graph, self.params)
+        for name in in_panels:          # a copy only where the caller did not hand them over in panels already
+            if not isinstance(self.params[name], PanelledWeight):
+                self.params[name] = PanelledWeight.of(self.params[name])
         for name, value in graph.params.items():
             if weight_type(self.params[name]) != value.type.dtype:
                 raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
@@ -91,12 +93,12 @@ class Program:
         weight_is_quantized = [node.inputs[1].type.is_quantized for node in graph.nodes
                                if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
         self._quantized_products = bool(weight_is_quantized) and all(weight_is_quantized)
-        self._float_weights = [self.params[node.inputs[1].name] for node in graph.nodes
-                               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
-                               and not node.inputs[1].type.is_quantized]
-        self._compiled_kernels_take_all: bool | None = None  # asked when a batched step is first bound
-        self._panels: dict[int, np.ndarray] | None = None
-        if self._quantized_products:
+        # A program of float32 weights in panels: every step's products run in Numba (a program that mixes them
+        # with quantised weights follows the quantised rule, whose prefill runs BLAS).
+        self._panelled_products = bool(in_panels) and not any(weight_is_quantized)
+        if self._panelled_products:
+            _panel_kernels().warm_up()
+        if self._quantized_products or self._panelled_products:
             warm_up_step_kernels()
         self.arena = np.empty(plan.arena_bytes, dtype=np.uint8)
         self.input_buffers = {v.name: np.empty(v.type.concrete_shape(), v.type.np_dtype) for v in graph.inputs}
@@ -184,12 +186,10 @@ class Program:
         for name, value in self.graph.states.items():
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
-        # Numba is loaded by then: by a quantised program, or by the paged attention a batched step runs.
-        self.step.float_products_compiled = self.float_products_compiled(seq, sequences)
-        self.step.panels = self.weight_panels() if self.step.float_products_compiled else {}
-        self.step.products_in_numba = seq <= quantized.TILES_MAX_ROWS and (
-            self._quantized_products or self.step.float_products_compiled)
-        self.step.row_ops_compiled = self._quantized_products or sequences > 1
+        # Numba is loaded by then: by a quantised or panelled program, or by the paged attention a batched step runs.
+        self.step.products_in_numba = self._panelled_products or (
+            self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
+        self.step.row_ops_compiled = self._quantized_products or self._panelled_products or sequences > 1
         calls = []
         for node in self.graph.nodes:
             spec = op_def(node.op)
@@ -219,35 +219,10 @@ class Program:
                 entries.append((node, ins, outs, calls[-1]))
         return calls, [arrays[id(v)] for v in self.graph.outputs], self.step.products_in_numba
 
-    def float_products_compiled(self, rows: int, sequences: int) -> bool:
-        """Whether a step of `rows` new tokens from `sequences` sequences runs its float32 products in compiled
-        kernels: a batched step (which loads Numba for its attention anyway) of a few rows, on a machine with
-        AVX-512, in a program whose float32 weights the kernels all take (see _compiled_kernels_take). All or
-        none: a BLAS call leaves OpenBLAS's threads spinning, which starves the kernels' threads that follow."""
-        if not (sequences > 1 and 1 < rows <= FLOAT_KERNEL_MAX_ROWS):
-            return False
-        if self._compiled_kernels_take_all is None:
-            self._compiled_kernels_take_all = (_float_kernels().AVAILABLE and bool(self._float_weights)
-                                               and all(map(_compiled_kernels_take, self._float_weights)))
-        return self._compiled_kernels_take_all
-
-    def weight_panels(self) -> dict[int, np.ndarray]:
-        """The panels of every weight small enough for panel_kernels, made on first use (a copy of each)."""
-        if self._panels is None:
-            self._panels = {id(w): _panel_kernels().panels(w) for w in self._float_weights
-                            if w.nbytes <= FLOAT_KERNEL_MIN_BYTES}
-        return self._panels
-
     def warm_up_batched_steps(self) -> None:
         """Compile (or load from Numba's cache) what a step of several sequences runs: the paged attention and
-        row kernels, and the compiled products when this program's products run there (float_kernels: 20 s
-        cold, which only a program with weights for them pays)."""
+        row kernels (the panel kernels are loaded with the program that multiplies by them)."""
         warm_up_step_kernels()
-        if self.float_products_compiled(rows=2, sequences=2):
-            if self.weight_panels():
-                _panel_kernels().warm_up()
-            if any(w.nbytes > FLOAT_KERNEL_MIN_BYTES for w in self._float_weights):
-                _float_kernels().warm_up()
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         # math.prod: a program binds hundreds of these for each new (S, R), and np.prod costs a few µs each.
@@ -255,8 +230,27 @@ class Program:
 
 
 def compile(graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]) -> Program:
-    """Bind `graph` to its weights (`params` by name) and to one arena laid out as `plan` says."""
+    """Bind `graph` to its weights (`params` by name) and to one arena laid out as `plan` says. Weights that
+    params_in_panels names and `params` holds as arrays are copied into panels for the program."""
     return Program(graph, plan, params)
+
+
+def params_in_panels(graph: Graph, params: Mapping[str, object]) -> list[str]:
+    """The float32 weights this backend multiplies by from panels (minitorch_infer.panelled, backends/panel_kernels):
+    on a machine with AVX-512, every param that a matmul multiplies by, if each of them can be laid out so
+    (else none: a BLAS call leaves OpenBLAS's threads spinning, which would starve the kernels' threads that
+    follow). The panel kernels are faster than OpenBLAS at every number of rows: SmolLM2's chain of float32
+    products at 1 / 16 / 64 / 256 rows 1.14 / 1.6 / 2.1 / 1.85x (benchmarks/panel_products.py); the story
+    model's at 1 and 64 rows 1.3x and 1.8x."""
+    if not _has_avx512():
+        return []
+    names = sorted({node.inputs[1].name for node in graph.nodes
+                    if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
+                    and not node.inputs[1].type.is_quantized})
+    weights = [params[name] for name in names]
+    if all(isinstance(w, PanelledWeight) or fits_in_panels(w) for w in weights):
+        return names
+    return []
 
 
 # --- views ----------------------------------------------------------------------------------------
@@ -282,6 +276,11 @@ def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     if isinstance(table, QuantizedTensor):
         return quantized.embedding(ids, table, y)
+    if isinstance(table, PanelledWeight):                  # a table tied to the logits' weight
+        panels = table.panels
+        if ids.shape[0] == 1:
+            return lambda: y.__setitem__(0, panels[ids[0] >> 4, :, ids[0] & 15])
+        return lambda: np.copyto(y, table.lookup(ids))
     if ids.shape[0] == 1:
         # One row (decode, and the rope table's lookup): plain indexing is a third of np.take's cost.
         return lambda: y.__setitem__(0, table[ids[0]])
@@ -294,19 +293,16 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, scratch)
-    return float_product(x, w, y, scratch, step.float_products_compiled, step.panels.get(id(w)))
+    if isinstance(w, PanelledWeight):
+        return panel_product(x, w, y)
+    return float_product(x, w, y, scratch)
 
 
-def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarray | None,
-                  compiled: bool = False, w_panels: np.ndarray | None = None) -> Kernel:
-    """A call computing y = x · wᵀ for a float32 weight, the BLAS calls chosen by x's rows and w's layout and
-    size; scratch (the matmul's workspace) holds the transposed operands of the few-row products. With
-    `compiled` (Program.float_products_compiled), panel_kernels from the weight's panels where it has them
-    (Program.weight_panels), else float_kernels."""
+def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarray | None) -> Kernel:
+    """A call computing y = x · wᵀ for a float32 weight held as an array (without AVX-512), the BLAS calls chosen
+    by x's rows and w's layout and size; scratch (the matmul's workspace) holds the transposed operands of the
+    few-row products."""
     rows = x.shape[0]
-    compiled_kernel = _compiled_product(x, w, y, compiled, w_panels)
-    if compiled_kernel is not None:
-        return compiled_kernel
     if rows == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
         # np.dot reaches BLAS with less per-call overhead than np.matmul.
@@ -335,48 +331,11 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
     return lambda: np.matmul(x, w_t, out=y)
 
 
-def _compiled_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, compiled: bool, w_panels: np.ndarray | None,
-                      accumulate: bool = False) -> Kernel | None:
-    """The compiled kernel for y (+)= x · wᵀ in a step whose products run compiled: panel_kernels from the
-    weight's panels where it has them, else float_kernels; None where BLAS runs it."""
-    if w_panels is not None:
-        return panel_product(x, w_panels, y, accumulate)
-    if compiled and _float_kernels().fits(w):         # a weight the program checked (or an operand that fits)
-        return compiled_float_product(x, w, y, accumulate)
-    return None
-
-
-def panel_product(x: np.ndarray, w_panels: np.ndarray, y: np.ndarray, accumulate: bool = False) -> Kernel:
+def panel_product(x: np.ndarray, w: PanelledWeight, y: np.ndarray, accumulate: bool = False) -> Kernel:
     """y = x · wᵀ (or y += x · wᵀ) by panel_kernels, from the weight's panels."""
+    w_panels = w.panels
     kernel, limit_threads = _panel_kernels().product(x, w_panels), quantized.limit_numba_threads      # --threads
     return lambda: (limit_threads(), kernel(w_panels, x, y, accumulate))
-
-
-def compiled_float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, accumulate: bool = False) -> Kernel:
-    """y = x · wᵀ (or y += x · wᵀ) by float_kernels, for a weight they fit."""
-    kernels, limit_threads = _float_kernels(), quantized.limit_numba_threads      # --threads
-    if w.flags.c_contiguous:
-        return lambda: (limit_threads(), kernels.matmul_rows(w, x, y, accumulate))
-    w_t = w.T
-    return lambda: (limit_threads(), kernels.matmul_columns(w_t, x, y, accumulate))
-
-
-# Up to this many rows (a batched decode step's, up to the default max_batch), float32 products run compiled:
-# in float_kernels for weights of more than FLOAT_KERNEL_MIN_BYTES (SmolLM2's chain of products at 2 / 4 / 8 /
-# 16 / 24 / 32 rows 1.54 / 2.28 / 2.88 / 2.04 / 1.82 / 1.50x faster than by BLAS, at one row and at 64 0.93x
-# and 0.94x: benchmarks/float_rows.py, medians of five turns), in panel_kernels for smaller ones, which stay
-# in cache (float_kernels lost to BLAS there: q|k|v 30 against 17 µs, o 43 against 14).
-FLOAT_KERNEL_MAX_ROWS = 32
-FLOAT_KERNEL_MIN_BYTES = 1 << 20
-
-
-def _compiled_kernels_take(w: np.ndarray) -> bool:
-    """Whether a batched step's compiled products take this float32 weight: one over FLOAT_KERNEL_MIN_BYTES comes
-    from memory, through float_kernels; a smaller one stays in cache, where panel_kernels multiply a copy of it
-    laid out in panels (the story model's 16-stream step: 1.3x, its products 410 -> 250 µs)."""
-    if w.nbytes > FLOAT_KERNEL_MIN_BYTES:
-        return _float_kernels().fits(w)
-    return _panel_kernels().fits(w)
 
 
 # A product on a weight larger than a core's L2 cache (STREAMED_WEIGHT_BYTES: one that comes from memory or
@@ -422,10 +381,8 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     rows, k = x.shape
     if isinstance(w, QuantizedTensor):
         return _added_to(c, y, quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True))
-    compiled_kernel = _compiled_product(x, w, y, step.float_products_compiled, step.panels.get(id(w)),
-                                        accumulate=True)
-    if compiled_kernel is not None:
-        return _added_to(c, y, compiled_kernel)
+    if isinstance(w, PanelledWeight):
+        return _added_to(c, y, panel_product(x, w, y, accumulate=True))
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:
         product, product_t = _transposed_product(x, w, scratch)
         return lambda: (product(), np.add(c, product_t.T, out=y))
@@ -722,7 +679,7 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
     scale = np.float32(node.attrs["scale"])
     paged_kernel = "paged_decode_attention_threaded" if step.products_in_numba else "paged_decode_attention"
     if rows == 1 and step.products_in_numba:
-        # One sequence's decode with quantised weights: the threaded paged kernel shares its kv heads among
+        # One sequence's decode with its products in Numba: the threaded paged kernel shares its kv heads among
         # Numba's threads, idle between the products otherwise (SmolLM2 decode 1.04x native, 1.055x Q8_0, one
         # process, eight alternating turns each, to ~200 positions; more for longer contexts). The kernels are
         # loaded already (Program warms them), so the kernel is picked once here, not every step.
@@ -783,8 +740,9 @@ _attention_kernel_module = None
 
 
 def _attention_kernels():
-    # Imported when an engine is made or a quantised program is (whose decode uses them too): Numba costs
-    # ~0.5 s and ~60 MB to import, which a float32 model that never batches does not pay. Kept in a global, as
+    # Imported when an engine is made or a program whose products run in Numba is (its decode uses them too):
+    # Numba costs ~0.2-0.5 s and ~60 MB to import, which a float32 model on a machine without AVX-512 that never
+    # batches does not pay. Kept in a global, as
     # quantized.py keeps its kernels: an import statement costs ~1 µs even when done, and every layer asks.
     global _attention_kernel_module
     if _attention_kernel_module is None:
@@ -794,24 +752,20 @@ def _attention_kernels():
     return _attention_kernel_module
 
 
-_float_kernel_module = None
-
-
-def _float_kernels():
-    # Imported when a batched step is first bound (Numba is loaded by then), kept as the other kernels are.
-    global _float_kernel_module
-    if _float_kernel_module is None:
-        from . import float_kernels
-
-        _float_kernel_module = float_kernels
-    return _float_kernel_module
-
-
 _panel_kernel_module = None
 
 
+@lru_cache(maxsize=1)
+def _has_avx512() -> bool:
+    """Whether this machine has AVX-512, which the panel kernels need: asked of llvmlite (~30 ms to load), not of
+    Numba (~200 ms), so that a float32 program on a machine without it does not load Numba."""
+    from llvmlite import binding
+
+    return "avx512f" in binding.get_host_cpu_features()
+
+
 def _panel_kernels():
-    # Imported as the float kernels are: when a batched step is first bound.
+    # Imported when a program that multiplies by panels is made, kept as the other kernels are.
     global _panel_kernel_module
     if _panel_kernel_module is None:
         from . import panel_kernels

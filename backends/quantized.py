@@ -55,7 +55,7 @@ def _kernels():
 
 def limit_numba_threads() -> None:
     """Apply limit_threads to the calling thread, once per thread (for every kernel that runs in Numba's threads:
-    these, and the float kernels of a batched step)."""
+    these, and the panel kernels of float32 weights)."""
     if _thread_limit and threading.get_ident() not in _limited_threads:
         import numba
 

@@ -13,7 +13,7 @@ scales, minitorch_infer/quantized.py) and widen each code in a register.
   prefetching kept one core's stream of weight bytes at ~5 GB/s, and SmolLM2's Q8_0 decode went 1.29x faster.
 - `matmul_tiles_*`: the same product for a few rows of x (batched decode steps, short prefill chunks), where
   widening each code once per row of x would cost more than reading it: four weight rows are dequantised
-  into a float32 tile that stays in L1, then multiplied by every four rows of x in float_kernels' register
+  into a float32 tile that stays in L1, then multiplied by every four rows of x in dot_tiles' register
   tiles (`dot_tile`). A block widens in vector lanes of our own (`_widened_q8`, `_widened_q4`): LLVM's loop
   over a block of 32 values stayed scalar, no longer than one pass of its vector loop.
 - `dequantize_rows_*`: rows of w as float32, for prefill (with many rows of x, BLAS on a dequantised tile
@@ -34,10 +34,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from .float_kernels import TILE, dot_tile, padded_rows, store_tile
+from .dot_tiles import TILE, dot_tile, padded_rows, store_tile
 from .vector_lanes import VECTOR, lane_buffer, prefetch_line, splat, store_lanes
 
-ROWS = TILE           # weight rows per iteration (a float_kernels tile's, in the tiled kernels)
+ROWS = TILE           # weight rows per iteration (a dot tile's, in the tiled kernels)
 LANES = 16            # accumulators per weight row in the direct kernels: a block's 32 values as 16 pairs
 RUNS = 64             # runs of groups of rows the threads share out (matmul_tiles_*)
 ACCUMULATORS = ROWS * LANES
@@ -199,12 +199,12 @@ def _block_sums(x, blocks):
 @njit(inline="always")
 def _products_of_tile(tile, x_tiles, y, n, sums, accumulate):
     """y[:, n:n+4] (+)= x · tileᵀ for a tile of four dequantised weight rows (in L1: nothing to ask ahead for),
-    by float_kernels' register tiles, four rows of x (padded to whole tiles) at a time."""
+    by dot_tiles' register tiles, four rows of x (padded to whole tiles) at a time."""
     for m in range(0, x_tiles.shape[0], ROWS):
         if y.shape[0] <= 2:                         # half the products (x_rows is a literal of the code)
-            dot_tile(tile, 0, x_tiles, m, sums, 0, 0, 0, 2)
+            dot_tile(tile, 0, x_tiles, m, sums, 2)
         else:
-            dot_tile(tile, 0, x_tiles, m, sums, 0, 0, 0, ROWS)
+            dot_tile(tile, 0, x_tiles, m, sums, ROWS)
         store_tile(y, sums, m, n, 0, accumulate)
 
 

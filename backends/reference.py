@@ -51,8 +51,9 @@ def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.
         env[id(value)] = np.asarray(inputs[value.name])
     for name, value in graph.params.items():
         weight = params[name]
-        # A quantised weight means its dequantised values: what the fast kernels must reproduce.
-        env[id(value)] = weight.dequantize() if isinstance(weight, QuantizedTensor) else weight
+        # A quantised weight means its dequantised values: what the fast kernels must reproduce; a weight in
+        # panels, the plain matrix.
+        env[id(value)] = weight.dequantize() if isinstance(weight, QuantizedTensor) else np.asarray(weight)
     for name, value in graph.states.items():
         env[id(value)] = state[name]
     for node in graph.nodes:

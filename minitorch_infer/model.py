@@ -21,6 +21,7 @@ from .backends.layout import StepLayout
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVSequence, parse_kv_memory
 from .passes import DEFAULT_PASSES, PassManager, PassReport, quantize_weights
 from .passes.memory_plan import MemoryPlan, plan_memory
+from .panelled import PanelledWeight
 from .quantized import weight_type
 from .tokenizer import Tokenizer
 from .formats.weights import WeightStore
@@ -127,7 +128,14 @@ class Model:
         graph = self.trace(all_logits)
         graph, report = PassManager([self.weight_pass, *self.passes]).run(graph, self.weights)
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
-        return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, report.weights(self.weights)), report)
+        weights = report.weights(self.weights)
+        # Handed over in panels, not copied into them by the program: the weights are then held once.
+        for name in numpy_backend.params_in_panels(graph, weights):
+            if name in report.derived:
+                report.derived[name] = PanelledWeight.of(report.derived[name])
+            else:
+                self.weights.panelise(name)
+        return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, weights), report)
 
     @property
     def graph(self) -> Graph:

@@ -1,61 +1,113 @@
-"""The compiled products for small float32 weights (backends/panel_kernels.py) against x · wᵀ in float64."""
+"""Weights in panels (minitorch_infer.panelled, WeightStore.panelise), the compiled products that read them
+(backends/panel_kernels.py) against x · wᵀ in float64, and the NumPy backend's use of them."""
 
 import numpy as np
 import pytest
 
-from minitorch_infer.backends import float_kernels, panel_kernels
-from tests.test_float_kernels import ROWS, _check, _weight
+from minitorch_infer.backends import numpy as numpy_backend
+from minitorch_infer.backends import panel_kernels
+from minitorch_infer.errors import MinitorchError
+from minitorch_infer.formats.weights import WeightStore
+from minitorch_infer.panelled import PanelledWeight
+
+ROWS = [1, 2, 3, 4, 5, 8, 9, 16, 17, 33]
+needs_avx512 = pytest.mark.skipif(not numpy_backend._has_avx512(),
+                                  reason="the NumPy backend multiplies by panels only with AVX-512")
+
+
+def _weight(rng, shape, order, writeable=True, offset=0):
+    """A float32 weight whose first value sits `offset` floats past a 64-byte line (model weights land anywhere)."""
+    size = shape[0] * shape[1]
+    buffer = np.empty(size + 32, np.float32)
+    start = (-buffer.ctypes.data % 64) // 4 + offset
+    weight = buffer[start:start + size].reshape(shape, order=order)
+    weight[...] = rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 1e3], size=(shape[0], 1))
+    weight.flags.writeable = writeable
+    return weight
+
+
+def _check(kernel, w, rng, rows):
+    x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
+    expected = x.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.T.astype(np.float64))   # bounds each sum's rounding
+    for accumulate in (False, True):
+        y = rng.standard_normal((rows, w.shape[0])).astype(np.float32)
+        before = y.astype(np.float64)
+        kernel(x, y, accumulate)
+        wanted = expected + before if accumulate else expected
+        assert np.all(np.abs(y - wanted) <= 1e-5 * (scale + np.abs(before))), (rows, accumulate)
 
 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("out_features, in_features, order", [(16, 8, "C"), (48, 24, "F"), (128, 384, "C"),
-                                                              (256, 7, "F")])
+                                                              (256, 7, "F"), (32, 1536, "C")])
 @pytest.mark.parametrize("threaded", [False, True])
 def test_matmul_panels_equals_x_times_w_transposed(rows, out_features, in_features, order, threaded):
-    """Blocks of 16, 8 and 4 rows of x, and rows left over in the last block that must not be stored."""
+    """Blocks of 16, 8, 4, 2 and 1 rows of x, none past the last; K shorter and longer than the prefetch reach."""
     rng = np.random.default_rng(rows * out_features + threaded)
     w = _weight(rng, (out_features, in_features), order, writeable=rows % 2 == 0, offset=rows % 16)
-    assert panel_kernels.fits(w)
     kernel = panel_kernels.matmul_panels_threaded if threaded else panel_kernels.matmul_panels
-    w_panels = panel_kernels.panels(w)
+    w_panels = PanelledWeight.of(w).panels
     _check(lambda x, y, accumulate: kernel(w_panels, x, y, accumulate), w, rng, rows)
 
 
-def test_panels_hold_sixteen_columns_of_w_transposed_each():
+def test_panels_hold_sixteen_rows_of_w_each_transposed():
     w = np.arange(32 * 5, dtype=np.float32).reshape(32, 5)
-    w_panels = panel_kernels.panels(np.asfortranarray(w))
-    assert w_panels.shape == (2, 5, 16) and w_panels.flags.c_contiguous
-    np.testing.assert_array_equal(w_panels[1, 3], w[16:32, 3])
+    for layout in (w, np.asfortranarray(w)):
+        w_panels = PanelledWeight.of(layout).panels
+        assert w_panels.shape == (2, 5, 16) and w_panels.flags.c_contiguous
+        np.testing.assert_array_equal(w_panels[1, 3], w[16:32, 3])
 
 
-def test_fits_and_which_kernel_a_product_takes():
-    assert panel_kernels.fits(np.zeros((16, 3), np.float32))
-    assert panel_kernels.fits(np.zeros((32, 8), np.float32, order="F"))
-    assert not panel_kernels.fits(np.zeros((24, 8), np.float32))               # N not a multiple of 16
-    assert not panel_kernels.fits(np.zeros((32, 16), np.float32)[:, ::2])      # neither layout
-    assert not panel_kernels.fits(np.zeros((16, 8), np.float64))
-    logits = panel_kernels.panels(np.zeros((2048, 128), np.float32))          # the story model's
-    gate_up = panel_kernels.panels(np.zeros((768, 128), np.float32))
-    o = panel_kernels.panels(np.zeros((128, 128), np.float32))
+def test_a_weight_in_panels_gives_back_its_rows():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((48, 20)).astype(np.float32)
+    panelled = PanelledWeight.of(w)
+    assert panelled.shape == (48, 20) and panelled.dtype == np.float32 and panelled.nbytes == w.nbytes
+    np.testing.assert_array_equal(panelled.dense(), w)
+    np.testing.assert_array_equal(np.asarray(panelled), w)
+    np.testing.assert_array_equal(panelled.take_rows(slice(16, 48)).dense(), w[16:48])
+    ids = np.array([0, 17, 47, 3, 17])
+    np.testing.assert_array_equal(panelled.lookup(ids), w[ids])
+    with pytest.raises(MinitorchError, match="rows 8..48"):
+        panelled.take_rows(slice(8, 48))
+    with pytest.raises(MinitorchError, match=r"float32\[24, 8\].*multiple of 16 rows"):
+        PanelledWeight.of(np.zeros((24, 8), np.float32))
+    with pytest.raises(MinitorchError, match=r"float64\[16, 8\]"):
+        PanelledWeight.of(np.zeros((16, 8)))
+
+
+def test_the_store_panelises_a_packed_weight_and_its_parts_once():
+    """A packed weight's parts become the same rows of its panels (no second copy); a part that is not whole
+    panels becomes a copy of its own."""
+    rng = np.random.default_rng(2)
+    parts = {"q": rng.standard_normal((32, 8)), "k": rng.standard_normal((16, 8)), "v": rng.standard_normal((8, 8)),
+             "bias": rng.standard_normal((8, 8))}
+    store = WeightStore()
+    for name, array in parts.items():
+        store.add(name, array.astype(np.float32))
+    store.pack("q+k+v+bias", ["q", "k", "v", "bias"])          # 64 rows: v and bias are half a panel each
+    before = store.nbytes
+    packed = store.panelise("q+k+v+bias")
+    assert store["q+k+v+bias"] is packed and store.panelise("q+k+v+bias") is packed
+    for name in ("q", "k"):
+        assert isinstance(store[name], PanelledWeight) and np.shares_memory(store[name].panels, packed.panels)
+    for name in ("v", "bias"):
+        assert isinstance(store[name], np.ndarray) and not np.shares_memory(store[name], packed.panels)
+    for name, array in parts.items():
+        np.testing.assert_array_equal(np.asarray(store[name]), array.astype(np.float32))
+    assert store.nbytes == before + 2 * parts["v"].size * 4        # only the misaligned parts are held twice
+
+
+def test_which_kernel_a_product_takes():
+    logits = PanelledWeight.of(np.zeros((2048, 128), np.float32)).panels          # the story model's
+    gate_up = PanelledWeight.of(np.zeros((768, 128), np.float32)).panels
+    o = PanelledWeight.of(np.zeros((128, 128), np.float32)).panels
     x = np.zeros((16, 128), np.float32)
     assert panel_kernels.product(x, logits) is panel_kernels.matmul_panels_threaded
     assert panel_kernels.product(x, o) is panel_kernels.matmul_panels_threaded      # 16 rows: 262,144 FMAs
     assert panel_kernels.product(x[:8], o) is panel_kernels.matmul_panels
     assert panel_kernels.product(x[:2], gate_up) is panel_kernels.matmul_panels
-
-
-@pytest.mark.skipif(not float_kernels.AVAILABLE, reason="the NumPy backend uses the compiled products only with AVX-512")
-def test_the_bench_s_products_bound_runs_the_products_a_batched_step_runs(monkeypatch, story_model):
-    from minitorch_infer.cli.benchmark import products_bound
-
-    used = []
-    for name in ("matmul_panels", "matmul_panels_threaded"):
-        def counted(*args, kernel=getattr(panel_kernels, name)):
-            used.append(kernel)
-            kernel(*args)
-        monkeypatch.setattr(panel_kernels, name, counted)
-    products_bound(story_model, rows=16, steps=1)
-    assert len(used) == sum(node.op in ("matmul", "matmul_add") for node in story_model.graph.nodes)
 
 
 def test_x_may_be_a_strided_view():
@@ -64,5 +116,75 @@ def test_x_may_be_a_strided_view():
     w = rng.standard_normal((32, 12)).astype(np.float32)
     x = rng.standard_normal((6, 24)).astype(np.float32)[:, ::2]
     y = np.empty((6, 32), np.float32)
-    panel_kernels.matmul_panels(panel_kernels.panels(w), x, y, False)
+    panel_kernels.matmul_panels(PanelledWeight.of(w).panels, x, y, False)
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_the_thread_limit_applies_to_the_panel_products():
+    """--threads reaches the panel kernels as it reaches the quantised ones: in whichever thread calls them."""
+    from tests.conftest import numba_threads_under_a_limit_of_one
+
+    w = PanelledWeight.of(np.ones((1024, 64), np.float32))
+    x, y = np.ones((16, 64), np.float32), np.empty((16, 1024), np.float32)
+    assert numba_threads_under_a_limit_of_one(numpy_backend.panel_product(x, w, y)) == [1]
+    np.testing.assert_array_equal(y, np.full((16, 1024), 64, np.float32))
+
+
+def _counting_panel_kernels(monkeypatch) -> list:
+    used = []
+    for name in ("matmul_panels", "matmul_panels_threaded"):
+        def counted(*args, kernel=getattr(panel_kernels, name)):
+            used.append(kernel)
+            kernel(*args)
+        monkeypatch.setattr(panel_kernels, name, counted)
+    return used
+
+
+@needs_avx512
+def test_a_model_holds_its_float_weights_once_in_panels_and_steps_equal_blas_s(monkeypatch):
+    """With AVX-512 every float32 weight a matmul reads (the tied embedding table too) is held in panels by the
+    store, and the program multiplies by those very objects: by panel kernels, at one row, at a prompt's rows
+    and in a batched step, each equal to the same step by BLAS on the plain weights (no AVX-512) to 1e-4."""
+    import minitorch_infer
+    from tests.conftest import require_model
+
+    used = _counting_panel_kernels(monkeypatch)
+    model = minitorch_infer.load(require_model("story"))
+    names = {node.inputs[1].name for node in model.graph.nodes if node.op in ("matmul", "matmul_add")}
+    assert "embed" in names
+    for name in names:
+        assert isinstance(model.weights[name], PanelledWeight) and model.program.params[name] is model.weights[name]
+    monkeypatch.setattr(numpy_backend, "_has_avx512", lambda: False)
+    plain = minitorch_infer.load(require_model("story"))
+    assert all(isinstance(plain.weights[name], np.ndarray) for name in names)
+
+    def steps(m):
+        sequences = [m.kv_cache.open() for _ in range(3)]
+        try:
+            for s in sequences:
+                s.reserve(8)
+            prompt = m.step(sequences[:1], [[1, 5, 9, 200, 7]]).copy()
+            decode = m.step(sequences[:1], [[11]]).copy()
+            batched = m.step(sequences, [[12, 13], [7, 8], [9, 10]]).copy()
+            return prompt, decode, batched
+        finally:
+            for s in sequences:
+                s.close()
+
+    used.clear()
+    by_panels = steps(model)
+    assert len(used) == 3 * sum(node.op in ("matmul", "matmul_add") for node in model.graph.nodes)
+    used.clear()
+    by_blas = steps(plain)
+    assert used == []
+    for ours, theirs in zip(by_panels, by_blas):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_avx512
+def test_the_bench_s_products_bound_runs_the_products_a_step_runs(monkeypatch, story_model):
+    from minitorch_infer.cli.benchmark import products_bound
+
+    used = _counting_panel_kernels(monkeypatch)
+    products_bound(story_model, rows=16, steps=1)
+    assert len(used) == sum(node.op in ("matmul", "matmul_add") for node in story_model.graph.nodes)

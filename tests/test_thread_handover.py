@@ -12,7 +12,7 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
 import minitorch_infer
-from minitorch_infer.backends import thread_handover
+from minitorch_infer.backends import numpy as numpy_backend, thread_handover
 from tests.conftest import require_model
 
 openblas_workers = pytest.mark.skipif(not thread_handover._openblas_shutdowns() or (os.cpu_count() or 1) < 2,
@@ -101,8 +101,13 @@ def test_numba_s_workers_end_before_a_blas_step_and_come_back_for_the_next_paral
     np.testing.assert_array_equal(values, 2)
 
 
-@pytest.mark.parametrize("weights, numba_steps", [("q8_0", True), (None, False)])
-def test_a_step_hands_the_cores_to_the_library_that_runs_its_products(monkeypatch, weights, numba_steps):
+@pytest.mark.parametrize("weights, panels, numba_steps", [("q8_0", True, True), (None, True, numpy_backend._has_avx512()),
+                                                         (None, False, False)])
+def test_a_step_hands_the_cores_to_the_library_that_runs_its_products(monkeypatch, weights, panels, numba_steps):
+    """Quantised weights, and float32 weights in panels (with AVX-512), are multiplied in Numba; float32 weights
+    held as arrays, by BLAS."""
+    if not panels:
+        monkeypatch.setattr(numpy_backend, "_has_avx512", lambda: False)
     model = minitorch_infer.load(require_model("story"), weights=weights, context=64)
     calls = []
     monkeypatch.setattr(thread_handover, "before_numba_step", lambda: calls.append("numba"))

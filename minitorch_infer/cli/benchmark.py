@@ -23,6 +23,7 @@ import numpy as np
 from ..backends import numpy as numpy_backend, quantized
 from ..backends.layout import StepLayout
 from ..ir.ops import DEQUANTIZED_TILE
+from ..panelled import PanelledWeight
 from ..quantized import QuantizedTensor
 
 PROMPT_TOKENS = 128
@@ -116,10 +117,10 @@ def _product(model, x: np.ndarray, w, y: np.ndarray):
     """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
+    if isinstance(w, PanelledWeight):
+        return numpy_backend.panel_product(x, w, y)
     rows, k = x.shape
-    compiled = model.program.float_products_compiled(rows, sequences=rows)
-    w_panels = model.program.weight_panels().get(id(w)) if compiled else None
-    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32), compiled, w_panels)
+    return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32))
 
 
 def profile_decode(model, ids: list[int]) -> dict[str, float]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import read_json_object
 from ..errors import ModelFormatError, shown
+from ..panelled import PANEL, PanelledWeight
 from ..quantized import QuantizedTensor, stack_quantized, weight_type
 from .safetensors_file import read_safetensors
 
@@ -86,6 +87,16 @@ def stack_rows(parts: list) -> np.ndarray | QuantizedTensor:
     return packed
 
 
+def _panelled_part(panelled: PanelledWeight, whole: np.ndarray, part: np.ndarray) -> PanelledWeight | np.ndarray:
+    """`part`, a view of rows of `whole`, as the same rows of `whole`'s panels where it is whole panels of them."""
+    start = (part.ctypes.data - whole.ctypes.data) // whole.strides[0]
+    rows = slice(start, start + part.shape[0])
+    same_rows = part.strides == whole.strides and part.shape[1:] == whole.shape[1:]
+    if same_rows and rows.start % PANEL == 0 and rows.stop % PANEL == 0:
+        return panelled.take_rows(rows)
+    return np.array(part)
+
+
 class WeightStore:
     def __init__(self, source: str = "<weights>"):
         self.source = source
@@ -135,6 +146,20 @@ class WeightStore:
         self._file.pop(name, None)
         return self._arrays.pop(name)
 
+    def panelise(self, name: str) -> PanelledWeight:
+        """Hold a float32 weight in panels (see minitorch_infer.panelled) instead of as an array, and with it every
+        weight that is a view into it (a packed weight's parts), so that no weight is held in both layouts. A
+        part that is not whole panels becomes a copy of its own."""
+        array = self._arrays[name]
+        if isinstance(array, PanelledWeight):
+            return array
+        panelled = PanelledWeight.of(array)
+        for other, part in self._arrays.items():
+            if other != name and isinstance(part, np.ndarray) and np.may_share_memory(part, array):
+                self._arrays[other] = _panelled_part(panelled, array, part)
+        self._arrays[name] = panelled
+        return panelled
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
 
@@ -160,7 +185,10 @@ class WeightStore:
         """Bytes held, counting a packed array once (its parts are views into it)."""
         roots = {}
         for weight in self._arrays.values():
-            parts = (weight.scales, weight.offsets, weight.codes) if isinstance(weight, QuantizedTensor) else (weight,)
+            if isinstance(weight, QuantizedTensor):
+                parts = (weight.scales, weight.offsets, weight.codes)
+            else:
+                parts = (weight.panels if isinstance(weight, PanelledWeight) else weight,)
             for array in parts:
                 if array is not None:
                     root = array.base if isinstance(array.base, np.ndarray) else array

@@ -1,0 +1,85 @@
+"""Float32 weights laid out in panels of 16 rows, the layout the compiled products read (backends/panel_kernels).
+
+A weight w [N, K] is held as panels [N / 16, K, 16]: panel p is rows 16p .. 16p + 15 of w, transposed, so that
+multiplying by it reads K lines of 64 bytes one after another, each line 16 weights of one value of K. On a
+machine with AVX-512 the NumPy backend multiplies by every float32 weight this way, whatever the number of
+rows (see backends/numpy.py's panelised_weights), so the weight store keeps the panels *in place of* the
+[N, K] array (`WeightStore.panelise`): the weights are not held twice. Whatever needs w itself (the
+reference backend, quantising, stacking for a pass) reads it through `dense()` or `np.asarray`, a copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MinitorchError
+
+PANEL = 16          # rows of w in a panel: one 16-lane vector of float32 per value of K
+
+
+@dataclass(frozen=True, eq=False)
+class PanelledWeight:
+    """A float32 weight [N, K] (N a multiple of 16) held as `panels` [N / 16, K, 16], C-contiguous."""
+
+    panels: np.ndarray
+
+    @classmethod
+    def of(cls, w: np.ndarray) -> PanelledWeight:
+        """w's panels (a copy, in the new layout)."""
+        if not fits(w):
+            raise MinitorchError(f"cannot lay out a {w.dtype}{list(w.shape)} weight in panels: it must be a float32 "
+                                 f"matrix with a multiple of {PANEL} rows")
+        rows, width = w.shape
+        panels = np.empty((rows // PANEL, width, PANEL), np.float32)
+        if w.flags.f_contiguous:           # wᵀ is row-major: its rows give each panel's lines
+            np.copyto(panels, w.T.reshape(width, rows // PANEL, PANEL).transpose(1, 0, 2))
+        else:
+            np.copyto(panels, w.reshape(rows // PANEL, PANEL, width).transpose(0, 2, 1))
+        return cls(panels)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        count, width, _ = self.panels.shape
+        return count * PANEL, width
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.panels.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.nbytes
+
+    def dense(self) -> np.ndarray:
+        """w [N, K] as an ordinary array (a copy)."""
+        return self.panels.transpose(0, 2, 1).reshape(self.shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        dense = self.dense()
+        return dense if dtype is None else dense.astype(dtype, copy=False)
+
+    def take_rows(self, part: slice) -> PanelledWeight:
+        """Rows part.start .. part.stop - 1 of w, whole panels of them, as a view (a packed weight's parts)."""
+        if part.start % PANEL or part.stop % PANEL:
+            raise MinitorchError(f"rows {part.start}..{part.stop} of a weight in panels are not whole panels of "
+                                 f"{PANEL}")
+        return PanelledWeight(self.panels[part.start // PANEL:part.stop // PANEL])
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of w, [len(ids), K] (an embedding table's lookup): each a column of one panel."""
+        return self.panels[ids // PANEL, :, ids % PANEL]
+
+    def __repr__(self) -> str:
+        return f"PanelledWeight(f32{list(self.shape)} in panels of {PANEL})"
+
+
+def fits(w) -> bool:
+    """Whether a weight can be laid out in panels: a float32 matrix with a multiple of 16 rows."""
+    return (isinstance(w, np.ndarray) and w.dtype == np.float32 and w.ndim == 2 and w.shape[0] % PANEL == 0
+            and w.shape[0] > 0)
