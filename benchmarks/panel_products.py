@@ -7,9 +7,11 @@ For each number of rows R, one step's chain of products (every matmul weight of 
 by R rows of x) runs both ways, taking turns: BLAS on the weights as a machine without AVX-512 holds them
 (the packed q|k|v and gate|up column-major), and the panel kernels on the same weights in panels. It prints
 the best and the median of the turns and their ratio. SmolLM2's 540 MB of weights stream from memory as in
-a real step; the story model's stay in cache. Each turn starts after a pause: OpenBLAS's threads spin for a
-while after a call, and would take a core from the kernels' threads that follow (the engine never mixes the
-two in one step).
+a real step; the story model's stay in cache. Before each turn the cores are handed over to the library that
+runs it, as the engine does before a step (backends/thread_handover.py: OpenBLAS's threads spin for a while
+after a call, and would take a core from the kernels' threads that follow), and the chain runs once untimed,
+so that the timed run finds its threads awake, as a step among steps does. (Pausing instead let this VM's idle
+cores sleep: the story model's 0.2 ms chain then took 7-12 ms.)
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import minitorch_infer
-from minitorch_infer.backends import numpy as numpy_backend
+from minitorch_infer.backends import numpy as numpy_backend, thread_handover
 from minitorch_infer.panelled import PanelledWeight
 
-PAUSE = 0.3        # seconds: more than OpenBLAS's threads spin after a call
+HANDOVER = {"BLAS": thread_handover.before_blas_step, "panels": thread_handover.before_numba_step}
 
 
 def plain_weights(model_name: str) -> list[np.ndarray]:
@@ -68,11 +70,11 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             ways = chains(weights, panelled, rows)
             seconds = {way: [] for way in ways}
-            for calls in ways.values():                   # compile, or load from the cache, first
-                calls[0]()
             for _ in range(args.turns):
                 for way, calls in ways.items():
-                    time.sleep(PAUSE)
+                    HANDOVER[way]()
+                    for call in calls:                    # wakes the threads (and compiles, the first time)
+                        call()
                     began = time.perf_counter()
                     for call in calls:
                         call()

@@ -15,7 +15,7 @@ import minitorch_infer
 from minitorch_infer.backends import numpy as numpy_backend, thread_handover
 from tests.conftest import require_model
 
-openblas_workers = pytest.mark.skipif(not thread_handover._openblas_shutdowns() or (os.cpu_count() or 1) < 2,
+openblas_workers = pytest.mark.skipif(not thread_handover._openblas_pools() or (os.cpu_count() or 1) < 2,
                                       reason="needs OpenBLAS's own (pthreads) workers and two cores")
 
 
@@ -29,13 +29,18 @@ def _workers_running() -> list[bool]:
             for controller in ThreadpoolController().lib_controllers if controller.internal_api == "openblas"]
 
 
+def _openblas_threads() -> set[int]:
+    return {controller.num_threads for controller in ThreadpoolController().lib_controllers
+            if controller.internal_api == "openblas"}
+
+
 def _square(rng) -> tuple[np.ndarray, np.ndarray]:
     a = rng.standard_normal((384, 384)).astype(np.float32)
     return a, a.astype(np.float64) @ a.astype(np.float64)
 
 
 @openblas_workers
-def test_the_workers_end_and_the_next_product_starts_them_again():
+def test_the_workers_end_products_stay_on_the_calling_thread_until_a_blas_step():
     a, expected = _square(np.random.default_rng(0))
     with threadpool_limits(limits=2), thread_handover.claimed():
         a @ a                                         # OpenBLAS's workers run (and spin)
@@ -43,6 +48,11 @@ def test_the_workers_end_and_the_next_product_starts_them_again():
         thread_handover.before_numba_step()
         assert not any(_workers_running())
         thread_handover.before_numba_step()           # nothing left to stop: a no-op
+        np.testing.assert_allclose(a @ a, expected, rtol=1e-4, atol=1e-3)
+        assert not any(_workers_running())            # a Numba step's own BLAS call (attention) wakes no worker
+        assert _openblas_threads() == {1}
+        thread_handover.before_blas_step()
+        assert _openblas_threads() == {2}
         np.testing.assert_allclose(a @ a, expected, rtol=1e-4, atol=1e-3)
         assert any(_workers_running())
 
