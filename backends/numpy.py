@@ -55,13 +55,15 @@ def view(op: str):
 
 class StepState:
     """What changes every step without changing any buffer: the step's layout; and, while a shape is being
-    bound, whether its products run in Numba's threads (then its attention may use them too) and whether its
+    bound, the panels its products read in place of weights held as arrays (a small model's batched steps),
+    whether its products run in Numba's threads (then its attention may use them too) and whether its
     row-wise ops run compiled (row_kernels): in steps that run Numba already."""
 
-    __slots__ = ("layout", "products_in_numba", "row_ops_compiled")
+    __slots__ = ("layout", "panels", "products_in_numba", "row_ops_compiled")
 
     def __init__(self):
         self.layout: StepLayout | None = None
+        self.panels: dict[int, PanelledWeight] = {}      # id(weight) -> its panels
         self.products_in_numba = False
         self.row_ops_compiled = False
 
@@ -81,10 +83,13 @@ class Program:
         self.graph = graph
         self.plan = plan
         self.params = {name: params[name] for name in graph.params}
-        in_panels = params_in_panels(graph, self.params)
-        for name in in_panels:          # a copy only where the caller did not hand them over in panels already
+        held_in_panels = params_held_in_panels(graph, self.params)
+        for name in held_in_panels:     # a copy only where the caller did not hand them over in panels already
             if not isinstance(self.params[name], PanelledWeight):
                 self.params[name] = PanelledWeight.of(self.params[name])
+        # A small model's weights stay arrays, and its batched steps multiply by copies of them in panels.
+        self._batch_panel_names = [] if held_in_panels else _panel_candidates(graph, self.params)
+        self._batch_panels: dict[int, PanelledWeight] | None = None
         for name, value in graph.params.items():
             if weight_type(self.params[name]) != value.type.dtype:
                 raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
@@ -95,7 +100,7 @@ class Program:
         self._quantized_products = bool(weight_is_quantized) and all(weight_is_quantized)
         # A program of float32 weights in panels: every step's products run in Numba (a program that mixes them
         # with quantised weights follows the quantised rule, whose prefill runs BLAS).
-        self._panelled_products = bool(in_panels) and not any(weight_is_quantized)
+        self._panelled_products = bool(held_in_panels) and not any(weight_is_quantized)
         if self._panelled_products:
             _panel_kernels().warm_up()
         if self._quantized_products or self._panelled_products:
@@ -187,7 +192,8 @@ class Program:
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised or panelled program, or by the paged attention a batched step runs.
-        self.step.products_in_numba = self._panelled_products or (
+        self.step.panels = self.batch_panels() if sequences > 1 else {}
+        self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or (
             self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
         self.step.row_ops_compiled = self._quantized_products or self._panelled_products or sequences > 1
         calls = []
@@ -219,10 +225,20 @@ class Program:
                 entries.append((node, ins, outs, calls[-1]))
         return calls, [arrays[id(v)] for v in self.graph.outputs], self.step.products_in_numba
 
+    def batch_panels(self) -> dict[int, PanelledWeight]:
+        """What a step of several sequences multiplies by in place of weights held as arrays: copies of them in
+        panels, by id of the array (made when first asked for; none where the weights are held in panels)."""
+        if self._batch_panels is None:
+            self._batch_panels = {id(self.params[name]): PanelledWeight.of(self.params[name])
+                                  for name in self._batch_panel_names}
+        return self._batch_panels
+
     def warm_up_batched_steps(self) -> None:
         """Compile (or load from Numba's cache) what a step of several sequences runs: the paged attention and
-        row kernels (the panel kernels are loaded with the program that multiplies by them)."""
+        row kernels, and the panel kernels when its products run there."""
         warm_up_step_kernels()
+        if self._batch_panel_names:
+            _panel_kernels().warm_up()
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         # math.prod: a program binds hundreds of these for each new (S, R), and np.prod costs a few µs each.
@@ -231,24 +247,37 @@ class Program:
 
 def compile(graph: Graph, plan: MemoryPlan, params: Mapping[str, np.ndarray]) -> Program:
     """Bind `graph` to its weights (`params` by name) and to one arena laid out as `plan` says. Weights that
-    params_in_panels names and `params` holds as arrays are copied into panels for the program."""
+    params_held_in_panels names and `params` holds as arrays are copied into panels for the program."""
     return Program(graph, plan, params)
 
 
-def params_in_panels(graph: Graph, params: Mapping[str, object]) -> list[str]:
-    """The float32 weights this backend multiplies by from panels (minitorch_infer.panelled, backends/panel_kernels):
-    on a machine with AVX-512, every param that a matmul multiplies by, if each of them can be laid out so
-    (else none: a BLAS call leaves OpenBLAS's threads spinning, which would starve the kernels' threads that
-    follow). The panel kernels are faster than OpenBLAS at every number of rows: SmolLM2's chain of float32
-    products at 1 / 16 / 64 / 256 rows 1.14 / 1.6 / 2.1 / 1.85x (benchmarks/panel_products.py); the story
-    model's at 1 and 64 rows 1.3x and 1.8x."""
+# A model whose float32 weights come to this much is held in panels for every step (see params_held_in_panels).
+PANELS_MIN_BYTES = 16 << 20
+
+
+def params_held_in_panels(graph: Graph, params: Mapping[str, object]) -> list[str]:
+    """The float32 weights a program holds in panels (minitorch_infer.panelled) and multiplies by in the panel
+    kernels at every step: all of them (_panel_candidates), where together they come to PANELS_MIN_BYTES or
+    more, and so stream from memory (SmolLM2's 540 MB). There the panel kernels beat OpenBLAS at every number
+    of rows: SmolLM2's chain of float32 products at 1 / 4 / 16 / 64 / 256 rows 1.13 / 2.73 / 3.48 / 2.11 /
+    1.80x (benchmarks/panel_products.py, AMD EPYC, 2 cores). A smaller model (the story model's 2.6 MB) stays
+    in cache, where its one-row products gain less (1.17x, ~4 µs a token) than a process pays to start
+    Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS, and its
+    batched steps, which run Numba anyway, multiply by copies in panels (Program.batch_panels)."""
+    names = _panel_candidates(graph, params)
+    return names if sum(params[name].nbytes for name in names) >= PANELS_MIN_BYTES else []
+
+
+def _panel_candidates(graph: Graph, params: Mapping[str, object]) -> list[str]:
+    """On a machine with AVX-512, every float32 param a matmul multiplies by, if each can be laid out in panels;
+    else none: all or none, since a BLAS call leaves OpenBLAS's threads spinning, which would starve the panel
+    kernels' threads that follow."""
     if not _has_avx512():
         return []
     names = sorted({node.inputs[1].name for node in graph.nodes
                     if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
                     and not node.inputs[1].type.is_quantized})
-    weights = [params[name] for name in names]
-    if all(isinstance(w, PanelledWeight) or fits_in_panels(w) for w in weights):
+    if all(isinstance(params[name], PanelledWeight) or fits_in_panels(params[name]) for name in names):
         return names
     return []
 
@@ -293,6 +322,7 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, scratch)
+    w = step.panels.get(id(w), w)
     if isinstance(w, PanelledWeight):
         return panel_product(x, w, y)
     return float_product(x, w, y, scratch)
@@ -381,6 +411,7 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     rows, k = x.shape
     if isinstance(w, QuantizedTensor):
         return _added_to(c, y, quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True))
+    w = step.panels.get(id(w), w)
     if isinstance(w, PanelledWeight):
         return _added_to(c, y, panel_product(x, w, y, accumulate=True))
     if 1 < rows <= TRANSPOSED_MAX_ROWS and w.flags.c_contiguous:

@@ -1,5 +1,5 @@
 """A step's float32 products, by OpenBLAS and by the panel kernels: the evidence behind backends/numpy.py's
-params_in_panels (every float32 weight in panels on a machine with AVX-512).
+params_held_in_panels and Program.batch_panels (float32 weights in panels on a machine with AVX-512).
 
     python benchmarks/panel_products.py [-m smollm2-135m-instruct] [--rows 1,4,16,64,256] [--turns 5] [--threads 2]
 

@@ -130,7 +130,7 @@ class Model:
         plan = plan_memory(graph, reuse=self.memory_plan_enabled)
         weights = report.weights(self.weights)
         # Handed over in panels, not copied into them by the program: the weights are then held once.
-        for name in numpy_backend.params_in_panels(graph, weights):
+        for name in numpy_backend.params_held_in_panels(graph, weights):
             if name in report.derived:
                 report.derived[name] = PanelledWeight.of(report.derived[name])
             else:

@@ -1,6 +1,8 @@
 """Weights in panels (minitorch_infer.panelled, WeightStore.panelise), the compiled products that read them
 (backends/panel_kernels.py) against x · wᵀ in float64, and the NumPy backend's use of them."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -140,45 +142,88 @@ def _counting_panel_kernels(monkeypatch) -> list:
     return used
 
 
-@needs_avx512
-def test_a_model_holds_its_float_weights_once_in_panels_and_steps_equal_blas_s(monkeypatch):
-    """With AVX-512 every float32 weight a matmul reads (the tied embedding table too) is held in panels by the
-    store, and the program multiplies by those very objects: by panel kernels, at one row, at a prompt's rows
-    and in a batched step, each equal to the same step by BLAS on the plain weights (no AVX-512) to 1e-4."""
+def _steps(model) -> tuple[np.ndarray, ...]:
+    """Logits of a 5-token prompt, of one decode token, and of a batched step of three sequences."""
+    sequences = [model.kv_cache.open() for _ in range(3)]
+    try:
+        for s in sequences:
+            s.reserve(8)
+        prompt = model.step(sequences[:1], [[1, 5, 9, 200, 7]]).copy()
+        decode = model.step(sequences[:1], [[11]]).copy()
+        batched = model.step(sequences, [[12, 13], [7, 8], [9, 10]]).copy()
+        return prompt, decode, batched
+    finally:
+        for s in sequences:
+            s.close()
+
+
+def _products_per_step(model) -> int:
+    return sum(node.op in ("matmul", "matmul_add") for node in model.graph.nodes)
+
+
+@pytest.fixture
+def plain_story_steps(monkeypatch):
+    """The steps by BLAS on the story model's weights as arrays (as on a machine without AVX-512)."""
     import minitorch_infer
     from tests.conftest import require_model
 
+    with monkeypatch.context() as without_avx512:
+        without_avx512.setattr(numpy_backend, "_has_avx512", lambda: False)
+        used = _counting_panel_kernels(without_avx512)
+        plain = minitorch_infer.load(require_model("story"))
+        steps = _steps(plain)
+        assert used == [] and all(isinstance(plain.weights[name], np.ndarray) for name in plain.graph.params)
+    return steps
+
+
+@needs_avx512
+def test_a_large_model_holds_its_float_weights_once_in_panels(monkeypatch, plain_story_steps):
+    """Float32 weights of PANELS_MIN_BYTES or more (the bar lowered here for the story model) are held in panels
+    by the store, the tied embedding table too, and the program multiplies by those very objects in panel
+    kernels at every step: a prompt, one decode token, a batched step, each equal to BLAS's to 1e-4."""
+    import minitorch_infer
+    from tests.conftest import require_model
+
+    monkeypatch.setattr(numpy_backend, "PANELS_MIN_BYTES", 0)
     used = _counting_panel_kernels(monkeypatch)
     model = minitorch_infer.load(require_model("story"))
     names = {node.inputs[1].name for node in model.graph.nodes if node.op in ("matmul", "matmul_add")}
     assert "embed" in names
     for name in names:
         assert isinstance(model.weights[name], PanelledWeight) and model.program.params[name] is model.weights[name]
-    monkeypatch.setattr(numpy_backend, "_has_avx512", lambda: False)
-    plain = minitorch_infer.load(require_model("story"))
-    assert all(isinstance(plain.weights[name], np.ndarray) for name in names)
-
-    def steps(m):
-        sequences = [m.kv_cache.open() for _ in range(3)]
-        try:
-            for s in sequences:
-                s.reserve(8)
-            prompt = m.step(sequences[:1], [[1, 5, 9, 200, 7]]).copy()
-            decode = m.step(sequences[:1], [[11]]).copy()
-            batched = m.step(sequences, [[12, 13], [7, 8], [9, 10]]).copy()
-            return prompt, decode, batched
-        finally:
-            for s in sequences:
-                s.close()
-
     used.clear()
-    by_panels = steps(model)
-    assert len(used) == 3 * sum(node.op in ("matmul", "matmul_add") for node in model.graph.nodes)
-    used.clear()
-    by_blas = steps(plain)
-    assert used == []
-    for ours, theirs in zip(by_panels, by_blas):
+    for ours, theirs in zip(_steps(model), plain_story_steps):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert len(used) == 3 * _products_per_step(model)
+
+
+@needs_avx512
+def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_in_batched_steps(monkeypatch, plain_story_steps):
+    """The story model's 2.6 MB stay arrays: its single-sequence steps run BLAS (no Numba to start), and only
+    its batched steps multiply by panels, copied once; every step equal to BLAS's to 1e-4."""
+    import minitorch_infer
+    from tests.conftest import require_model
+
+    used = _counting_panel_kernels(monkeypatch)
+    model = minitorch_infer.load(require_model("story"))
+    assert all(isinstance(model.weights[name], np.ndarray) for name in model.graph.params)
+    used.clear()
+    for ours, theirs in zip(_steps(model), plain_story_steps):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert len(used) == _products_per_step(model)           # the batched step's only
+    copies = model.program.batch_panels()
+    assert len(copies) == len({node.inputs[1].name for node in model.graph.nodes if node.op in ("matmul", "matmul_add")})
+    assert model.program.batch_panels() is copies
+
+
+def test_smollm2_s_float_weights_are_held_in_panels_and_the_story_model_s_are_not():
+    from tests.graph_builders import smollm2_sized_graph, story_graph
+
+    def product_bytes(graph) -> int:
+        names = {node.inputs[1].name for node in graph.nodes if node.op in ("matmul", "matmul_add")}
+        return sum(math.prod(graph.params[name].type.shape) * 4 for name in names)
+    assert product_bytes(smollm2_sized_graph(prefill_chunk=16, context=64)) >= numpy_backend.PANELS_MIN_BYTES
+    assert product_bytes(story_graph()) < numpy_backend.PANELS_MIN_BYTES
 
 
 @needs_avx512

@@ -111,13 +111,14 @@ def test_numba_s_workers_end_before_a_blas_step_and_come_back_for_the_next_paral
     np.testing.assert_array_equal(values, 2)
 
 
-@pytest.mark.parametrize("weights, panels, numba_steps", [("q8_0", True, True), (None, True, numpy_backend._has_avx512()),
-                                                         (None, False, False)])
-def test_a_step_hands_the_cores_to_the_library_that_runs_its_products(monkeypatch, weights, panels, numba_steps):
-    """Quantised weights, and float32 weights in panels (with AVX-512), are multiplied in Numba; float32 weights
-    held as arrays, by BLAS."""
-    if not panels:
-        monkeypatch.setattr(numpy_backend, "_has_avx512", lambda: False)
+@pytest.mark.parametrize("weights, held_in_panels, numba_steps", [("q8_0", False, True), (None, False, False),
+                                                                 (None, True, numpy_backend._has_avx512())])
+def test_a_step_hands_the_cores_to_the_library_that_runs_its_products(monkeypatch, weights, held_in_panels,
+                                                                     numba_steps):
+    """Quantised weights, and float32 weights held in panels (a large model's, with AVX-512), are multiplied in
+    Numba; float32 weights held as arrays (a small model's single stream), by BLAS."""
+    if held_in_panels:
+        monkeypatch.setattr(numpy_backend, "PANELS_MIN_BYTES", 0)
     model = minitorch_infer.load(require_model("story"), weights=weights, context=64)
     calls = []
     monkeypatch.setattr(thread_handover, "before_numba_step", lambda: calls.append("numba"))

@@ -117,9 +117,11 @@ def _product(model, x: np.ndarray, w, y: np.ndarray):
     """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
+    rows, k = x.shape
+    if rows > 1:                                      # as a batched step of `rows` sequences
+        w = model.program.batch_panels().get(id(w), w)
     if isinstance(w, PanelledWeight):
         return numpy_backend.panel_product(x, w, y)
-    rows, k = x.shape
     return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32))
 
 
