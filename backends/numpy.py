@@ -87,7 +87,7 @@ class Program:
         for name in held_in_panels:     # a copy only where the caller did not hand them over in panels already
             if not isinstance(self.params[name], PanelledWeight):
                 self.params[name] = PanelledWeight.of(self.params[name])
-        # A small model's weights stay arrays, and its batched steps multiply by copies of them in panels.
+        # A small model's weights stay arrays; once it batches, its steps multiply by copies of them in panels.
         self._batch_panel_names = [] if held_in_panels else _panel_candidates(graph, self.params)
         self._batch_panels: dict[int, PanelledWeight] | None = None
         for name, value in graph.params.items():
@@ -192,7 +192,7 @@ class Program:
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised or panelled program, or by the paged attention a batched step runs.
-        self.step.panels = self.batch_panels() if sequences > 1 else {}
+        self.step.panels = self.batch_panels() if sequences > 1 or self._batch_panels is not None else {}
         self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or (
             self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
         self.step.row_ops_compiled = self._quantized_products or self._panelled_products or sequences > 1
@@ -226,18 +226,22 @@ class Program:
         return calls, [arrays[id(v)] for v in self.graph.outputs], self.step.products_in_numba
 
     def batch_panels(self) -> dict[int, PanelledWeight]:
-        """What a step of several sequences multiplies by in place of weights held as arrays: copies of them in
-        panels, by id of the array (made when first asked for; none where the weights are held in panels)."""
+        """What steps multiply by in place of weights held as arrays once the program batches: copies of them in
+        panels, by id of the array (none where the weights are held in panels). Made for the first engine or
+        step of several sequences; from then on single-sequence steps use them too, so that an engine whose
+        load goes between one request and several does not hand the cores between BLAS's threads and Numba's
+        at each change (the first step after such a handover took 3 ms more than the next on the story model)."""
         if self._batch_panels is None:
             self._batch_panels = {id(self.params[name]): PanelledWeight.of(self.params[name])
                                   for name in self._batch_panel_names}
+            self._bound.clear()                # bindings made before multiply by the arrays
         return self._batch_panels
 
     def warm_up_batched_steps(self) -> None:
-        """Compile (or load from Numba's cache) what a step of several sequences runs: the paged attention and
-        row kernels, and the panel kernels when its products run there."""
+        """Compile (or load from Numba's cache) what steps run once the program batches: the paged attention and
+        row kernels, and the panel kernels of its copies in panels (made now)."""
         warm_up_step_kernels()
-        if self._batch_panel_names:
+        if self.batch_panels():
             _panel_kernels().warm_up()
 
     def _arena_view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -262,8 +266,9 @@ def params_held_in_panels(graph: Graph, params: Mapping[str, object]) -> list[st
     of rows: SmolLM2's chain of float32 products at 1 / 4 / 16 / 64 / 256 rows 1.13 / 2.73 / 3.48 / 2.11 /
     1.80x (benchmarks/panel_products.py, AMD EPYC, 2 cores). A smaller model (the story model's 2.6 MB) stays
     in cache, where its one-row products gain less (1.17x, ~4 µs a token) than a process pays to start
-    Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS, and its
-    batched steps, which run Numba anyway, multiply by copies in panels (Program.batch_panels)."""
+    Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS until it
+    batches, which runs Numba anyway, and from then on its steps multiply by copies in panels
+    (Program.batch_panels)."""
     names = _panel_candidates(graph, params)
     return names if sum(params[name].nbytes for name in names) >= PANELS_MIN_BYTES else []
 

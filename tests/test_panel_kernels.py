@@ -198,9 +198,10 @@ def test_a_large_model_holds_its_float_weights_once_in_panels(monkeypatch, plain
 
 
 @needs_avx512
-def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_in_batched_steps(monkeypatch, plain_story_steps):
-    """The story model's 2.6 MB stay arrays: its single-sequence steps run BLAS (no Numba to start), and only
-    its batched steps multiply by panels, copied once; every step equal to BLAS's to 1e-4."""
+def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_once_it_batches(monkeypatch, plain_story_steps):
+    """The story model's 2.6 MB stay arrays: its single-sequence steps run BLAS (no Numba to start) until its
+    first batched step, which multiplies by panels copied once; from then on every step does. Each step
+    equals BLAS's to 1e-4."""
     import minitorch_infer
     from tests.conftest import require_model
 
@@ -214,6 +215,10 @@ def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_in_batched_s
     copies = model.program.batch_panels()
     assert len(copies) == len({node.inputs[1].name for node in model.graph.nodes if node.op in ("matmul", "matmul_add")})
     assert model.program.batch_panels() is copies
+    used.clear()
+    for ours, theirs in zip(_steps(model), plain_story_steps):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert len(used) == 3 * _products_per_step(model)       # the prompt and decode too, now
 
 
 def test_smollm2_s_float_weights_are_held_in_panels_and_the_story_model_s_are_not():
