@@ -39,6 +39,21 @@ class PanelledWeight:
             np.copyto(panels, w.reshape(rows // PANEL, PANEL, width).transpose(0, 2, 1))
         return cls(panels)
 
+    @classmethod
+    def rewritten(cls, w: np.ndarray) -> PanelledWeight:
+        """w's panels written over w's own memory, one panel at a time (panel p takes the 64·K bytes that rows
+        16p .. 16p + 15 of a row-major w held), so that converting needs one panel's scratch, not a second
+        weight: SmolLM2's 113 MB embedding table is converted without doubling. w must be C-contiguous, and
+        nothing may read it as a matrix afterwards."""
+        if not (fits(w) and w.flags.c_contiguous and w.flags.writeable):
+            raise MinitorchError(f"cannot rewrite a {w.dtype}{list(w.shape)} weight in panels in place: it must be "
+                                 f"a writeable row-major float32 matrix with a multiple of {PANEL} rows")
+        rows, width = w.shape
+        blocks = w.reshape(rows // PANEL, PANEL * width)
+        for block in blocks:
+            block[:] = block.reshape(PANEL, width).T.ravel()        # ravel copies the transposed block first
+        return cls(blocks.reshape(rows // PANEL, width, PANEL))
+
     @property
     def shape(self) -> tuple[int, int]:
         count, width, _ = self.panels.shape

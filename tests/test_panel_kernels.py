@@ -101,6 +101,28 @@ def test_the_store_panelises_a_packed_weight_and_its_parts_once():
     assert store.nbytes == before + 2 * parts["v"].size * 4        # only the misaligned parts are held twice
 
 
+def test_the_store_rewrites_a_weight_only_it_holds_in_place_and_copies_one_held_elsewhere():
+    """A dequantised weight (a whole view of a flat array) that only the store holds becomes its panels in the
+    same memory: SmolLM2's 113 MB table is not held twice, even for a moment. One that anyone else can still
+    read as a matrix is copied, and left as it was."""
+    rng = np.random.default_rng(3)
+    store = WeightStore()
+    store.add("alone", rng.standard_normal(64 * 24).astype(np.float32).reshape(64, 24))
+    expected, address = np.array(store["alone"]), store["alone"].ctypes.data
+    shared = rng.standard_normal((32, 24)).astype(np.float32)
+    store.add("shared", shared)
+    before = shared.copy()
+    alone = store.panelise("alone")
+    assert alone.panels.ctypes.data == address
+    np.testing.assert_array_equal(alone.dense(), expected)
+    held = store.panelise("shared")
+    assert not np.shares_memory(held.panels, shared)
+    np.testing.assert_array_equal(shared, before)
+    np.testing.assert_array_equal(held.dense(), before)
+    with pytest.raises(MinitorchError, match="writeable row-major"):
+        PanelledWeight.rewritten(np.asfortranarray(before))
+
+
 def test_which_kernel_a_product_takes():
     logits = PanelledWeight.of(np.zeros((2048, 128), np.float32)).panels          # the story model's
     gate_up = PanelledWeight.of(np.zeros((768, 128), np.float32)).panels

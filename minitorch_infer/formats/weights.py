@@ -8,6 +8,7 @@ originals become views into it, so packing costs no extra memory.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -87,6 +88,19 @@ def stack_rows(parts: list) -> np.ndarray | QuantizedTensor:
     return packed
 
 
+def _only_the_store_reads(array: np.ndarray) -> bool:
+    """Whether no one but the store (through its entry, or a caller's local) can read `array`'s memory: nothing else
+    refers to it, nor to the array it may be a whole view of (a dequantised weight reshaped)."""
+    # getrefcount counts its argument; the store's entry and the caller's local make up the rest.
+    if sys.getrefcount(array) > 4:
+        return False
+    base = array.base
+    if base is None:
+        return True
+    # `base`, the view's own reference and getrefcount's argument: 3.
+    return isinstance(base, np.ndarray) and base.base is None and base.size == array.size and sys.getrefcount(base) == 3
+
+
 def _panelled_part(panelled: PanelledWeight, whole: np.ndarray, part: np.ndarray) -> PanelledWeight | np.ndarray:
     """`part`, a view of rows of `whole`, as the same rows of `whole`'s panels where it is whole panels of them."""
     start = (part.ctypes.data - whole.ctypes.data) // whole.strides[0]
@@ -149,11 +163,16 @@ class WeightStore:
     def panelise(self, name: str) -> PanelledWeight:
         """Hold a float32 weight in panels (see minitorch_infer.panelled) instead of as an array, and with it every
         weight that is a view into it (a packed weight's parts), so that no weight is held in both layouts. A
-        part that is not whole panels becomes a copy of its own."""
+        part that is not whole panels becomes a copy of its own. A row-major array that only the store holds (a
+        weight dequantised at load) is rewritten in place; another (memory-mapped, a packed weight's parts, or
+        held elsewhere too) is copied."""
         array = self._arrays[name]
         if isinstance(array, PanelledWeight):
             return array
-        panelled = PanelledWeight.of(array)
+        if _only_the_store_reads(array) and array.flags.c_contiguous and array.flags.writeable:
+            panelled = PanelledWeight.rewritten(array)
+        else:
+            panelled = PanelledWeight.of(array)
         for other, part in self._arrays.items():
             if other != name and isinstance(part, np.ndarray) and np.may_share_memory(part, array):
                 self._arrays[other] = _panelled_part(panelled, array, part)
