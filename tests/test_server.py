@@ -147,6 +147,7 @@ def test_models_health_and_metrics(story_server, client):
     ({"model": "story", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
      "needs logprobs: true"),
     ({"model": "story", "messages": "hi"}, 400, "messages", "non-empty list"),
+    ({"model": "story", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos", "true or false"),
 ])
 def test_bad_requests_get_openai_errors(story_server, body, status, param, words):
     _, url = story_server
@@ -169,33 +170,49 @@ def test_an_api_key_is_required_when_set():
         assert client.completions.create(model="story", prompt="Once", max_tokens=3).choices[0].text
 
 
-def kv_blocks_used(url: str) -> float:
+def metric(url: str, name: str) -> float:
     connection = http.client.HTTPConnection(url.removeprefix("http://"))
     connection.request("GET", "/metrics")
-    line = next(l for l in connection.getresponse().read().decode().splitlines()
-                if l.startswith("minitorch_kv_blocks_used "))
+    line = next(l for l in connection.getresponse().read().decode().splitlines() if l.startswith(name + " "))
     return float(line.split()[1])
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_blocks(story_server):
-    _, url = story_server
-    connection = http.client.HTTPConnection(url.removeprefix("http://"))
-    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 400, "stream": True, "temperature": 0,
-            "stop": ["never appears in a story, surely"]}
-    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    response.read(200)                                          # a few chunks, then hang up
-    assert kv_blocks_used(url) > 0
-    connection.close()
-    deadline = time.monotonic() + 10
-    while kv_blocks_used(url) > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert kv_blocks_used(url) == 0
+def kv_blocks_used(url: str) -> float:
+    return metric(url, "minitorch_kv_blocks_used")
+
+
+def paced(model, seconds: float = 0.002):
+    """The model with a pause before each engine step: the engine makes a story request's 400 tokens in ~30 ms,
+    sooner than a client hangs up or fills a queue, and these tests are about what happens meanwhile."""
+    step = model.step
+
+    def paced_step(*args, **kwargs):
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+    model.step = paced_step
+    return model
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks():
+    """The request ends with the connection, not with its 400 tokens (ignore_eos: the greedy story would end at
+    135): fewer are generated, and its blocks return."""
+    with serving(paced(minitorch_infer.load(require_model("story"))), "story") as url:
+        connection = http.client.HTTPConnection(url.removeprefix("http://"))
+        body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 400, "stream": True, "temperature": 0,
+                "ignore_eos": True}
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        connection.getresponse().read(200)                      # a few chunks, then hang up
+        assert kv_blocks_used(url) > 0
+        connection.close()
+        deadline = time.monotonic() + 10
+        while kv_blocks_used(url) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kv_blocks_used(url) == 0
+        assert metric(url, "minitorch_generation_tokens_total") < 400
 
 
 def test_a_full_queue_answers_429_with_retry_after():
-    model = minitorch_infer.load(require_model("story"))
-    with serving(model, "story", max_queue=1) as url:
+    with serving(paced(minitorch_infer.load(require_model("story"))), "story", max_queue=1) as url:
         engine_waiting = []
         slow = {"model": "story", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "stream": True}
         connections = []

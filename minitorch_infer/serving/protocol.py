@@ -2,8 +2,8 @@
 
 Bodies are checked field by field so that a bad one is a 400 naming the field (`param`) and the value, as
 OpenAI answers, never a traceback. Sampling follows OpenAI's defaults (temperature 1, top_p 1, nothing
-else), not the command line's llama.cpp-like ones; `top_k`, `min_p` and `repetition_penalty` are accepted as
-extensions, as vLLM accepts them. So is speculative decoding, off unless a request asks for it:
+else), not the command line's llama.cpp-like ones; `top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are
+accepted as extensions, as vLLM accepts them. So is speculative decoding, off unless a request asks for it:
 `"speculate": "ngram"`, with `draft_max` and `ngram` optional (see generation.speculative).
 """
 
@@ -123,6 +123,10 @@ def _common(body: dict, length_fields: tuple[str, ...]) -> CompletionRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", "stream")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+    settings["ignore_eos"] = ignore_eos
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
