@@ -88,8 +88,7 @@ class Program:
             if not isinstance(self.params[name], PanelledWeight):
                 self.params[name] = PanelledWeight.of(self.params[name])
         # A small model's weights stay arrays; once it batches, its steps multiply by copies of them in panels.
-        self._batch_panel_names = [] if held_in_panels else _panel_candidates(graph, self.params)
-        self._batch_panels: dict[int, PanelledWeight] | None = None
+        self._batch_panels: dict[int, PanelledWeight] | None = {} if held_in_panels else None
         for name, value in graph.params.items():
             if weight_type(self.params[name]) != value.type.dtype:
                 raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
@@ -192,7 +191,7 @@ class Program:
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised or panelled program, or by the paged attention a batched step runs.
-        self.step.panels = self.batch_panels() if sequences > 1 or self._batch_panels is not None else {}
+        self.step.panels = self.batch_panels() if sequences > 1 or self._batch_panels else {}
         self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or (
             self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
         self.step.row_ops_compiled = self._quantized_products or self._panelled_products or sequences > 1
@@ -233,7 +232,7 @@ class Program:
         at each change (the first step after such a handover took 3 ms more than the next on the story model)."""
         if self._batch_panels is None:
             self._batch_panels = {id(self.params[name]): PanelledWeight.of(self.params[name])
-                                  for name in self._batch_panel_names}
+                                  for name in _panel_candidates(self.graph, self.params)}
             self._bound.clear()                # bindings made before multiply by the arrays
         return self._batch_panels
 
@@ -269,22 +268,27 @@ def params_held_in_panels(graph: Graph, params: Mapping[str, object]) -> list[st
     Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS until it
     batches, which runs Numba anyway, and from then on its steps multiply by copies in panels
     (Program.batch_panels)."""
-    names = _panel_candidates(graph, params)
-    return names if sum(params[name].nbytes for name in names) >= PANELS_MIN_BYTES else []
+    if sum(params[name].nbytes for name in _float_weight_names(graph)) < PANELS_MIN_BYTES:
+        return []                        # asked first: a small model's single stream need not load llvmlite
+    return _panel_candidates(graph, params)
 
 
 def _panel_candidates(graph: Graph, params: Mapping[str, object]) -> list[str]:
     """On a machine with AVX-512, every float32 param a matmul multiplies by, if each can be laid out in panels;
     else none: all or none, since a BLAS call leaves OpenBLAS's threads spinning, which would starve the panel
     kernels' threads that follow."""
-    if not _has_avx512():
-        return []
-    names = sorted({node.inputs[1].name for node in graph.nodes
-                    if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
-                    and not node.inputs[1].type.is_quantized})
-    if all(isinstance(params[name], PanelledWeight) or fits_in_panels(params[name]) for name in names):
+    names = _float_weight_names(graph)
+    if _has_avx512() and all(isinstance(params[name], PanelledWeight) or fits_in_panels(params[name])
+                             for name in names):
         return names
     return []
+
+
+def _float_weight_names(graph: Graph) -> list[str]:
+    """The float32 params a matmul multiplies by."""
+    return sorted({node.inputs[1].name for node in graph.nodes
+                   if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
+                   and not node.inputs[1].type.is_quantized})
 
 
 # --- views ----------------------------------------------------------------------------------------
@@ -793,8 +797,8 @@ _panel_kernel_module = None
 
 @lru_cache(maxsize=1)
 def _has_avx512() -> bool:
-    """Whether this machine has AVX-512, which the panel kernels need: asked of llvmlite (~30 ms to load), not of
-    Numba (~200 ms), so that a float32 program on a machine without it does not load Numba."""
+    """Whether this machine has AVX-512, which the panel kernels need: asked of llvmlite (~30 ms and ~40 MB to
+    load) only where a program could use them, not of Numba (~200 ms)."""
     from llvmlite import binding
 
     return "avx512f" in binding.get_host_cpu_features()

@@ -80,8 +80,8 @@ def main() -> None:
                         call()
                     seconds[way].append(time.perf_counter() - began)
             blas, panels = seconds["BLAS"], seconds["panels"]
-            print(f"  {rows:3d} rows: BLAS {min(blas) * 1e3:8.2f} / {statistics.median(blas) * 1e3:8.2f}   "
-                  f"panels {min(panels) * 1e3:8.2f} / {statistics.median(panels) * 1e3:8.2f}   "
+            print(f"  {rows:3d} rows: BLAS {min(blas) * 1e3:8.3f} / {statistics.median(blas) * 1e3:8.3f}   "
+                  f"panels {min(panels) * 1e3:8.3f} / {statistics.median(panels) * 1e3:8.3f}   "
                   f"x{statistics.median(blas) / statistics.median(panels):.2f} faster")
 
 
