@@ -191,7 +191,7 @@ class Program:
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then: by a quantised or panelled program, or by the paged attention a batched step runs.
-        self.step.panels = self.batch_panels() if sequences > 1 or self._batch_panels else {}
+        self.step.panels = self.panels_for(sequences)
         self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or (
             self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
         self.step.row_ops_compiled = self._quantized_products or self._panelled_products or sequences > 1
@@ -223,6 +223,10 @@ class Program:
             if entries is not None:
                 entries.append((node, ins, outs, calls[-1]))
         return calls, [arrays[id(v)] for v in self.graph.outputs], self.step.products_in_numba
+
+    def panels_for(self, sequences: int) -> dict[int, PanelledWeight]:
+        """The copies in panels a step of `sequences` sequences multiplies by (see batch_panels)."""
+        return self.batch_panels() if sequences > 1 or self._batch_panels else {}
 
     def batch_panels(self) -> dict[int, PanelledWeight]:
         """What steps multiply by in place of weights held as arrays once the program batches: copies of them in

@@ -118,8 +118,7 @@ def _product(model, x: np.ndarray, w, y: np.ndarray):
     if isinstance(w, QuantizedTensor):
         return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
     rows, k = x.shape
-    if rows > 1:                                      # as a batched step of `rows` sequences
-        w = model.program.batch_panels().get(id(w), w)
+    w = model.program.panels_for(sequences=rows).get(id(w), w)      # as a step of `rows` sequences
     if isinstance(w, PanelledWeight):
         return numpy_backend.panel_product(x, w, y)
     return numpy_backend.float_product(x, w, y, np.empty((k + w.shape[0]) * rows, np.float32))
