@@ -266,9 +266,9 @@ def params_held_in_panels(graph: Graph, params: Mapping[str, object]) -> list[st
     """The float32 weights a program holds in panels (minitorch_infer.panelled) and multiplies by in the panel
     kernels at every step: all of them (_panel_candidates), where together they come to PANELS_MIN_BYTES or
     more, and so stream from memory (SmolLM2's 540 MB). There the panel kernels beat OpenBLAS at every number
-    of rows: SmolLM2's chain of float32 products at 1 / 4 / 16 / 64 / 256 rows 1.13 / 2.73 / 3.48 / 2.11 /
-    1.80x (benchmarks/panel_products.py, AMD EPYC, 2 cores). A smaller model (the story model's 2.6 MB) stays
-    in cache, where its one-row products gain less (1.17x, ~4 µs a token) than a process pays to start
+    of rows: SmolLM2's chain of float32 products at 1 / 4 / 16 / 64 / 256 rows 1.44 / 3.83 / 4.12 / 2.21 /
+    1.94x (benchmarks/panel_products.py, AMD EPYC, 2 cores). A smaller model (the story model's 2.6 MB) stays
+    in cache, where its one-row products gain less (1.2x, ~6 µs a token) than a process pays to start
     Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS until it
     batches, which runs Numba anyway, and from then on its steps multiply by copies in panels
     (Program.batch_panels)."""

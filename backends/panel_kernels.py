@@ -5,14 +5,15 @@ K lines of 64 bytes read in order, and a panel's 16 outputs for up to 16 rows of
 whole of K: per value of K, one load of the panel's line and 16 values of x broadcast, 16 FMAs, nothing stored
 until the end (more rows of x: the panel again, from cache, for each further block of 16). Each step also asks
 for the line PREFETCH_AHEAD values of K on (software prefetch), and at a panel's end for the next panel's first
-lines: without it SmolLM2's panels streamed from memory at ~21 GB/s, with it at the ~43 GB/s a BLAS
-matrix-vector product reaches (one step's chain of products at 16 rows 24.6 → 13.2 ms; AMD EPYC, 2 cores).
+lines. SmolLM2's chain of products at 16 rows, one process taking turns (AMD EPYC, 2 cores): 24.6 ms without
+asking, 13.0 asking 64 lines ahead, 11.4 asking 128 (256 and 384 no better); at one row 8.0-8.4 ms either way.
 
 Against OpenBLAS (0.3.31, SkylakeX kernel) on the same machine, one step's chain of float32 products
-(benchmarks/panel_products.py): SmolLM2 at 1 / 64 / 256 rows 1.14 / 2.1 / 1.85x faster, at 16 rows 1.7x faster
-than the compiled kernels that read the weights in their own layouts did (the panels' single contiguous stream
-is what the hardware prefetches best; walking 16 columns down a column-major weight, one line a page, ran at
-half BLAS's speed); the story model, whose weights stay in cache, at 1 and 64 rows 1.3x and 1.8x.
+(benchmarks/panel_products.py, medians of five turns): SmolLM2 at 1 / 4 / 16 / 64 / 256 rows 1.44 / 3.83 / 4.12
+/ 2.21 / 1.94x faster; the story model, whose weights stay in cache, 1.23 / 3.68 / 2.56 / 1.92 / 1.80x. At 16
+rows they ran 1.7x faster than the compiled kernels that read SmolLM2's weights in their own layouts did:
+walking 16 columns down a column-major weight, one line a page, runs at half BLAS's speed, and the panels are
+one contiguous stream per thread, which the hardware and the prefetches keep ahead of.
 
 Products of at least PARALLEL_PRODUCTS multiply-adds share their panels among Numba's threads; the smallest
 run on the calling thread. Alone, with Numba's threads asleep, sharing out the story model's gate|up (768 x
@@ -35,7 +36,7 @@ from ..panelled import PanelledWeight
 from .vector_lanes import LANES, VECTOR, data_and_shape, float32_rows, load_lanes, prefetch_line, splat, store_lanes
 
 PARALLEL_PRODUCTS = 1 << 18       # rows × N × K from which a product shares its panels among threads
-PREFETCH_AHEAD = 64               # lines of a panel (values of K) between the one multiplied and the one asked for
+PREFETCH_AHEAD = 128              # lines of a panel (values of K) between the one multiplied and the one asked for
 
 
 def product(x: np.ndarray, w_panels: np.ndarray):
