@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import GraphError
 from ..ir import Graph, Node, op_def
 from ..ir.ops import TRANSPOSED_PRODUCT_ROWS
-from ..panelled import PanelledWeight, fits as fits_in_panels
+from ..panelled import PANEL, PanelledWeight, fits as fits_in_panels
 from ..passes.memory_plan import MemoryPlan, workspace_key
 from ..quantized import QuantizedTensor, weight_type
 from . import quantized, thread_handover
@@ -55,7 +55,7 @@ def view(op: str):
 
 class StepState:
     """What changes every step without changing any buffer: the step's layout; and, while a shape is being
-    bound, the panels its products read in place of weights held as arrays (a small model's batched steps),
+    bound, the panels its products read in place of weights held as arrays (a small model's, once it batches),
     whether its products run in Numba's threads (then its attention may use them too) and whether its
     row-wise ops run compiled (row_kernels): in steps that run Numba already."""
 
@@ -321,7 +321,7 @@ def _embedding(node: Node, ins, outs, scratch, step) -> Kernel:
     if isinstance(table, PanelledWeight):                  # a table tied to the logits' weight
         panels = table.panels
         if ids.shape[0] == 1:
-            return lambda: y.__setitem__(0, panels[ids[0] >> 4, :, ids[0] & 15])
+            return lambda: y.__setitem__(0, panels[ids[0] // PANEL, :, ids[0] % PANEL])
         return lambda: np.copyto(y, table.lookup(ids))
     if ids.shape[0] == 1:
         # One row (decode, and the rope table's lookup): plain indexing is a third of np.take's cost.
@@ -342,9 +342,9 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
 
 
 def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarray | None) -> Kernel:
-    """A call computing y = x · wᵀ for a float32 weight held as an array (without AVX-512), the BLAS calls chosen
-    by x's rows and w's layout and size; scratch (the matmul's workspace) holds the transposed operands of the
-    few-row products."""
+    """A call computing y = x · wᵀ for a float32 weight held as an array (a small model's before it batches, or
+    any without AVX-512), the BLAS calls chosen by x's rows and w's layout and size; scratch (the matmul's
+    workspace) holds the transposed operands of the few-row products."""
     rows = x.shape[0]
     if rows == 1:
         # One row (decode): a matrix-vector product (BLAS gemv, in whichever layout the weight has);
@@ -785,9 +785,9 @@ _attention_kernel_module = None
 
 def _attention_kernels():
     # Imported when an engine is made or a program whose products run in Numba is (its decode uses them too):
-    # Numba costs ~0.2-0.5 s and ~60 MB to import, which a float32 model on a machine without AVX-512 that never
-    # batches does not pay. Kept in a global, as
-    # quantized.py keeps its kernels: an import statement costs ~1 µs even when done, and every layer asks.
+    # Numba costs ~0.2-0.5 s and ~60 MB to import, which a float32 model held as arrays (a small one, or any
+    # without AVX-512) that never batches does not pay. Kept in a global, as quantized.py keeps its kernels:
+    # an import statement costs ~1 µs even when done, and every layer asks.
     global _attention_kernel_module
     if _attention_kernel_module is None:
         from . import attention_kernels
