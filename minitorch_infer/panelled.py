@@ -2,10 +2,11 @@
 
 A weight w [N, K] is held as panels [N / 16, K, 16]: panel p is rows 16p .. 16p + 15 of w, transposed, so that
 multiplying by it reads K lines of 64 bytes one after another, each line 16 weights of one value of K. On a
-machine with AVX-512 the NumPy backend multiplies by every float32 weight this way, whatever the number of
-rows (see backends/numpy.py's panelised_weights), so the weight store keeps the panels *in place of* the
-[N, K] array (`WeightStore.panelise`): the weights are not held twice. Whatever needs w itself (the
-reference backend, quantising, stacking for a pass) reads it through `dense()` or `np.asarray`, a copy.
+machine with AVX-512 the NumPy backend multiplies a large model's float32 weights this way at every step,
+whatever the number of rows (backends/numpy.py's params_held_in_panels), so the weight store keeps the panels
+*in place of* the [N, K] arrays (`WeightStore.panelise`): the weights are not held twice. Whatever needs w
+itself (the reference backend, quantising, stacking for a pass) reads it through `dense()` or `np.asarray`, a
+copy. A small model keeps its arrays, and its program copies them into panels once it batches.
 """
 
 from __future__ import annotations

@@ -123,6 +123,19 @@ def test_the_store_rewrites_a_weight_only_it_holds_in_place_and_copies_one_held_
         PanelledWeight.rewritten(np.asfortranarray(before))
 
 
+def test_the_reference_backend_reads_a_weight_in_panels_as_its_matrix():
+    from minitorch_infer.backends import reference
+    from minitorch_infer.ir import Sym, TensorType, trace
+    from minitorch_infer.ir import functional as F
+
+    graph = trace(lambda x: F.matmul(x, F.param("w", (32, 8))), {"x": TensorType((Sym("S", 4), 8))}, name="product")
+    rng = np.random.default_rng(4)
+    w, x = rng.standard_normal((32, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    (plain,) = reference.run(graph, {"w": w}, {"x": x}, {}, {"S": 3})
+    (panelled,) = reference.run(graph, {"w": PanelledWeight.of(w)}, {"x": x}, {}, {"S": 3})
+    np.testing.assert_array_equal(panelled, plain)
+
+
 def test_which_kernel_a_product_takes():
     logits = PanelledWeight.of(np.zeros((2048, 128), np.float32)).panels          # the story model's
     gate_up = PanelledWeight.of(np.zeros((768, 128), np.float32)).panels
@@ -235,7 +248,8 @@ def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_once_it_batc
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert len(used) == _products_per_step(model)           # the batched step's only
     copies = model.program.batch_panels()
-    assert len(copies) == len({node.inputs[1].name for node in model.graph.nodes if node.op in ("matmul", "matmul_add")})
+    assert len(copies) == len({node.inputs[1].name for node in model.graph.nodes
+                               if node.op in ("matmul", "matmul_add")})
     assert model.program.batch_panels() is copies
     used.clear()
     for ours, theirs in zip(_steps(model), plain_story_steps):

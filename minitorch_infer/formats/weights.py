@@ -97,8 +97,8 @@ def _only_the_store_reads(array: np.ndarray) -> bool:
     base = array.base
     if base is None:
         return True
-    # `base`, the view's own reference and getrefcount's argument: 3.
-    return isinstance(base, np.ndarray) and base.base is None and base.size == array.size and sys.getrefcount(base) == 3
+    whole_view = isinstance(base, np.ndarray) and base.base is None and base.size == array.size
+    return whole_view and sys.getrefcount(base) == 3     # `base`, the view's own reference and the argument
 
 
 def _panelled_part(panelled: PanelledWeight, whole: np.ndarray, part: np.ndarray) -> PanelledWeight | np.ndarray:
