@@ -56,6 +56,19 @@ def test_smollm2_chat_with_its_own_template():
     assert reply.choices[0].message.content == streamed == expected
 
 
+def test_ignore_eos_runs_past_the_end_of_the_story(story_server, client):
+    """The extension vLLM also takes: the greedy story ends at its 135th token, and with ignore_eos goes on to
+    max_tokens, as Model.generate(ignore_eos=True) does."""
+    model, _ = story_server
+    plain = client.completions.create(model="story", prompt="Once upon a time", temperature=0, max_tokens=200)
+    on = client.completions.create(model="story", prompt="Once upon a time", temperature=0, max_tokens=200,
+                                   extra_body={"ignore_eos": True})
+    expected = model.generate("Once upon a time", max_new_tokens=200, greedy=True, ignore_eos=True)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 200
+    assert on.choices[0].finish_reason == "length" and on.usage.completion_tokens == 200
+    assert on.choices[0].text == expected.text
+
+
 def test_streamed_deltas_join_to_the_whole_answer_with_usage_last(client):
     whole = client.completions.create(model="story", prompt="Once upon a time", temperature=0, max_tokens=30)
     stream = client.completions.create(model="story", prompt="Once upon a time", temperature=0, max_tokens=30,
