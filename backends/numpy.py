@@ -190,7 +190,7 @@ class Program:
         for name, value in self.graph.states.items():
             arrays[id(value)] = state[name]
         outputs = {id(v) for v in self.graph.outputs}
-        # Numba is loaded by then: by a quantised or panelled program, or by the paged attention a batched step runs.
+        # Numba is loaded by then where a step runs it: by a quantised or panelled program, or by the engine.
         self.step.panels = self.panels_for(sequences)
         self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or (
             self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
@@ -236,7 +236,7 @@ class Program:
         at each change (the first step after such a handover took 3 ms more than the next on the story model)."""
         if self._batch_panels is None:
             self._batch_panels = {id(self.params[name]): PanelledWeight.of(self.params[name])
-                                  for name in _panel_candidates(self.graph, self.params)}
+                                  for name in _panel_candidates(self.params, _float_weight_names(self.graph))}
             self._bound.clear()                # bindings made before multiply by the arrays
         return self._batch_panels
 
@@ -272,16 +272,16 @@ def params_held_in_panels(graph: Graph, params: Mapping[str, object]) -> list[st
     Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS until it
     batches, which runs Numba anyway, and from then on its steps multiply by copies in panels
     (Program.batch_panels)."""
-    if sum(params[name].nbytes for name in _float_weight_names(graph)) < PANELS_MIN_BYTES:
-        return []                        # asked first: a small model's single stream need not load llvmlite
-    return _panel_candidates(graph, params)
-
-
-def _panel_candidates(graph: Graph, params: Mapping[str, object]) -> list[str]:
-    """On a machine with AVX-512, every float32 param a matmul multiplies by, if each can be laid out in panels;
-    else none: all or none, since a BLAS call leaves OpenBLAS's threads spinning, which would starve the panel
-    kernels' threads that follow."""
     names = _float_weight_names(graph)
+    if sum(params[name].nbytes for name in names) < PANELS_MIN_BYTES:
+        return []                        # asked first: a small model's single stream need not load llvmlite
+    return _panel_candidates(params, names)
+
+
+def _panel_candidates(params: Mapping[str, object], names: list[str]) -> list[str]:
+    """On a machine with AVX-512, the named float32 weights (every one a matmul multiplies by), if each can be laid
+    out in panels; else none: all or none, since a BLAS call leaves OpenBLAS's threads spinning, which would
+    starve the panel kernels' threads that follow."""
     if _has_avx512() and all(isinstance(params[name], PanelledWeight) or fits_in_panels(params[name])
                              for name in names):
         return names
