@@ -25,7 +25,7 @@ model on a machine without AVX-512 that never batches never loads Numba.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .vector_lanes import (LANES, VALUE_WIDTHS, lane_buffer, multiply_lanes, softmax_lanes, sums_of_rows,
                            weighted_values)
@@ -44,17 +44,26 @@ def paged_decode_attention(q, k_pool, v_pool, slots, totals, window, scale, out)
             _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, lanes)
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def paged_decode_attention_threaded(q, k_pool, v_pool, slots, totals, window, scale, out):
     """paged_decode_attention with the (sequence, kv head) pairs shared out among Numba's threads: for a step
-    whose products run in those same threads (quantised weights), so that no OpenBLAS thread is left spinning
-    for the core. Pairs rather than sequences: smaller pieces even out sequences of different lengths."""
+    whose products run in those same threads (quantised weights, panels), so that no OpenBLAS thread is left
+    spinning for the core. Pairs rather than sequences: smaller pieces even out sequences of different lengths."""
+    _attention_in_runs(q, k_pool, v_pool, slots, totals, window, scale, out, get_num_threads())
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _attention_in_runs(q, k_pool, v_pool, slots, totals, window, scale, out, runs):
+    """The pairs cut into `runs` runs (one a thread), each making its buffers once: made for each pair, they
+    cost 2 of the 19 us of a 16-sequence story step's call. (The thread count is an argument because Numba
+    cannot cache a kernel that asks for it.)"""
     q = np.ascontiguousarray(q)
     kv_heads = k_pool.shape[0]
-    for pair in prange(q.shape[0] * kv_heads):
+    pairs = q.shape[0] * kv_heads
+    for run in prange(runs):
         weights, lanes = _buffers(q, k_pool, slots)
-        _attend(q, k_pool, v_pool, slots, totals, window, scale, out, pair // kv_heads, pair % kv_heads, weights,
-                lanes)
+        for pair in range(run * pairs // runs, (run + 1) * pairs // runs):
+            _attend(q, k_pool, v_pool, slots, totals, window, scale, out, pair // kv_heads, pair % kv_heads,
+                    weights, lanes)
 
 
 # Two query heads' rows of 16 partial products, 16 positions each (the vector path's scores), on the stack.
