@@ -56,7 +56,8 @@ class StepLayout:
         if key_starts is None:
             key_starts = [run_start(np.asarray(s)) for s in slots]
         if all(n == 1 for n in new_tokens):
-            return cls.decode(totals, key_starts, [None if k is not None else s for k, s in zip(key_starts, slots)],
+            return cls.decode(totals, key_starts,
+                              [None if k is not None else np.asarray(s, np.intp) for k, s in zip(key_starts, slots)],
                               [int(s[-1]) for s in slots])
         stops = np.cumsum(new_tokens)
         row_starts, row_stops = [int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops]
@@ -71,16 +72,18 @@ class StepLayout:
     def decode(cls, totals: list[int], key_starts: list[int | None], slots: list[np.ndarray | None],
                write_slots: list[int], padded_slots: np.ndarray | None = None) -> StepLayout:
         """A decode step: row i is sequence i's one new token, written at slot write_slots[i]; sequence i holds
-        totals[i] positions after the step, in one run from key_starts[i] or (when that is None) at slots[i].
-        Python lists in, no validation and no cumulative sums: the batched engine builds one every step
-        (the model's layout of 16 decoding sequences took 16 against 32 us by `of`, which now hands its decode
-        steps here too). `padded_slots`, when the caller has them at hand, are what padded_slots() would build."""
+        totals[i] positions after the step, in one run from key_starts[i] or (when that is None) at the slots
+        slots[i] (an intp array). Python lists in, no validation and no cumulative sums: the batched engine
+        builds one every step (the model's layout of 16 decoding sequences took 16 against 32 us by `of`, which
+        now hands its decode steps here too). `padded_slots`, when the caller has them at hand, are what
+        padded_slots() would build."""
         rows = len(totals)
         first = write_slots[0]
-        write_start = first if rows == 1 or write_slots == list(range(first, first + rows)) else None
-        layout = cls(list(range(rows)), list(range(1, rows + 1)), totals, key_starts,
-                     [None if s is None else np.asarray(s, np.intp) for s in slots], write_start,
-                     None if write_start is not None else np.array(write_slots, np.intp), np.arange(rows))
+        consecutive = rows == 1 or (write_slots[-1] == first + rows - 1
+                                    and write_slots == list(range(first, first + rows)))
+        layout = cls(list(range(rows)), list(range(1, rows + 1)), totals, key_starts, slots,
+                     first if consecutive else None, None if consecutive else np.array(write_slots, np.intp),
+                     _row_numbers(rows))
         if padded_slots is not None:
             layout._derived["slots"] = padded_slots
         return layout
@@ -127,6 +130,16 @@ class StepLayout:
 
 _FIRST_ROW = np.zeros(1, dtype=np.intp)
 _FIRST_ROW.flags.writeable = False
+_ROW_NUMBERS: dict[int, np.ndarray] = {}
+
+
+def _row_numbers(rows: int) -> np.ndarray:
+    """0..rows-1, read-only and made once per count (a decode step's last rows are all its rows)."""
+    numbers = _ROW_NUMBERS.get(rows)
+    if numbers is None:
+        numbers = _ROW_NUMBERS[rows] = np.arange(rows)
+        numbers.flags.writeable = False
+    return numbers
 
 
 def run_start(slots: np.ndarray) -> int | None:

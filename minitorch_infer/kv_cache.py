@@ -51,6 +51,7 @@ class KVSequence:
 
     def __init__(self, cache: KVCache):
         self.cache = cache
+        self.context = cache.context           # the most positions it may hold (read every decode step)
         self.blocks: list[int] = []
         self.length = 0
         self.tokens: list[int] = []            # the token at each position, for prefix sharing
@@ -62,10 +63,6 @@ class KVSequence:
         # Releases the blocks when the sequence is closed, or dropped without close(): it holds the block list,
         # never the sequence, so the sequence can be collected.
         self._finalizer = weakref.finalize(self, cache._release_all, self.blocks)
-
-    @property
-    def context(self) -> int:
-        return self.cache.context
 
     @property
     def free(self) -> int:

@@ -320,11 +320,11 @@ def _decode_layout(sequences: Sequence[KVSequence]) -> StepLayout:
     """A step of one new token per sequence: a sequence in one run of slots is its run's start and length, the
     slots of the others are looked up. The paged attention's padded slots are the sequences' slot rows cut to
     one width and joined: one call (16 sequences, 7 of them scattered: ~10 against ~20 us row by row)."""
-    width = max(sequence.length for sequence in sequences) + 1
-    totals, starts, slots, writes, rows = [], [], [], [], []
-    for sequence in sequences:
-        total, start, row = sequence.length + 1, sequence.run_start, sequence.slot_row()
-        totals.append(total)
+    totals = [sequence.length + 1 for sequence in sequences]
+    width = max(totals)
+    starts, slots, writes, rows = [], [], [], []
+    for sequence, total in zip(sequences, totals):
+        start, row = sequence.run_start, sequence.slot_row()
         starts.append(start)
         rows.append(row[:width])
         if start is None:

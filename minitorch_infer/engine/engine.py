@@ -194,8 +194,7 @@ class Engine:
                 del request.pending[:count]
                 if request.pending:
                     continue                     # still prefilling: its next chunk comes in a later step
-                self._advance(request, logits[first_row:row], now,
-                              argmaxes[first_row] if argmaxes is not None else None)
+                self._advance(request, logits, first_row, now, argmaxes)
             return True
 
     def _draft(self) -> None:
@@ -227,28 +226,31 @@ class Engine:
             else:
                 speculator.costs.record_plain(seconds)
 
-    def _advance(self, request: Request, rows, now: float, argmax: int | None = None) -> None:
-        """Take the request's next tokens from its logits rows (a verified draft gives several), emit them one
-        at a time (so stop strings and max_new_tokens cut where plain decoding would), and queue the next.
-        `argmax`, when given, is the first row's argmax: a plain greedy request's token."""
+    def _advance(self, request: Request, logits, first_row: int, now: float, argmaxes: list[int] | None) -> None:
+        """Take the request's next tokens from its rows of the step's logits, from first_row on (a verified draft
+        gives several), emit them one at a time (so stop strings and max_new_tokens cut where plain decoding
+        would), and queue the next. `argmaxes`, when given, holds every row's argmax: a plain greedy request's
+        token. A row is sliced out only for what reads it (a view costs ~0.2 us, a 16-request step ~3 us)."""
         decoder, draft = request.decoder, request.draft
         if draft:
-            tokens = decoder.verify(rows, draft)
+            tokens = decoder.verify(logits[first_row:first_row + len(draft) + 1], draft)
             request.sequence.truncate(request.sequence.length - len(draft) + len(tokens) - 1)
             request.draft = []
-        elif argmax is not None and decoder.sampler.plain_argmax:
-            tokens = [argmax]
+        elif argmaxes is not None and decoder.sampler.plain_argmax:
+            tokens = [argmaxes[first_row]]
         else:
-            tokens = [decoder.choose(rows[0])]
+            tokens = [decoder.choose(logits[first_row])]
         finished = None
-        for token, row in zip(tokens, rows):
-            piece, finished = decoder.emit(token, row)
+        handle = self._handles[request]
+        for row, token in enumerate(tokens, first_row):
+            piece, finished = decoder.emit(token, logits[row] if decoder.logprobs is not None else None)
             request.token_times.append(now)
             if piece:
-                self._handles[request]._emit(piece)
+                handle._emit(piece)
             if finished is not None:
                 break
-        if finished is None and request.sequence.free == 0:
+        sequence = request.sequence
+        if finished is None and sequence.length == sequence.context:
             finished = FinishReason.CONTEXT.value
         if finished is None:
             request.pending = [decoder.new_ids[-1]]

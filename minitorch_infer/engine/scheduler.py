@@ -71,7 +71,7 @@ class Scheduler:
 
         A request verifying a draft needs all of it in the step: if the budget cuts it, the draft is cut."""
         batch: list[tuple[Request, int]] = []
-        budget = self.max_batch_tokens
+        budget, rows = self.max_batch_tokens, 0
         for request in list(self.running):
             if budget == 0:
                 break
@@ -81,10 +81,14 @@ class Scheduler:
             if request.draft and count < len(request.pending):
                 del request.draft[max(count - 1, 0):]
                 del request.pending[count:]
-            if self._reserve(request, count, batch):
-                batch.append((request, count))
-                budget -= count
-        rows = sum(request.logit_rows for request, _ in batch)
+            try:
+                request.sequence.reserve(count)
+            except KVCacheFullError:
+                if not self._preempt_for(request, count, batch):
+                    continue
+            batch.append((request, count))
+            budget -= count
+            rows += 1 + len(request.draft)            # its logit_rows
         while self.waiting and budget and rows < self.max_sequences:
             request = self.waiting[0]
             sequence = self.kv_cache.open()
@@ -106,19 +110,19 @@ class Scheduler:
             rows += 1
         return batch
 
-    def _reserve(self, request: Request, count: int, batch: list[tuple[Request, int]]) -> bool:
-        """Room for `count` more positions of a running request, preempting newer requests while needed.
-        False if the request itself had to be preempted."""
+    def _preempt_for(self, request: Request, count: int, batch: list[tuple[Request, int]]) -> bool:
+        """Room for `count` more positions of a running request the pool refused, preempting newer requests
+        while needed. False if the request itself had to be preempted."""
         while True:
+            victim = max((r for r in self.running if all(r is not b for b, _ in batch)), key=lambda r: r.number)
+            self.preempt(victim)
+            if victim is request:
+                return False
             try:
                 request.sequence.reserve(count)
                 return True
             except KVCacheFullError:
-                victim = max((r for r in self.running if all(r is not b for b, _ in batch)),
-                             key=lambda r: r.number)
-                self.preempt(victim)
-                if victim is request:
-                    return False
+                pass
 
     def preempt(self, request: Request) -> None:
         """Free the request's blocks and queue it first, to recompute what it had."""

@@ -260,9 +260,9 @@ class Decoder:
         self.speculator.record(len(draft), len(tokens) - 1)
         return tokens
 
-    def emit(self, token: int, logits: np.ndarray) -> tuple[str, str | None]:
-        """Add the chosen next token (its step's logits give its logprobs); returns (its text, if any, and the
-        finish reason once done)."""
+    def emit(self, token: int, logits: np.ndarray | None) -> tuple[str, str | None]:
+        """Add the chosen next token; returns (its text, if any, and the finish reason once done). `logits`, its
+        step's row, give its logprobs: needed only when they were asked for (self.logprobs is not None)."""
         if self.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.logprobs_top))
         self.new_ids.append(token)
