@@ -707,7 +707,7 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         start = layout.key_starts[i]
         if start is not None:
             return k_pool[:, start + first:start + total], v_pool[:, start + first:start + total]
-        slots, shape = layout.slots[i][first:total], (kv_heads, total - first, head_dim)
+        slots, shape = layout.positions_of(i)[first:total], (kv_heads, total - first, head_dim)
         size = kv_heads * (total - first) * head_dim
         k, v = gathered_k[:size].reshape(shape), gathered_v[:size].reshape(shape)
         np.take(k_pool, slots, axis=1, out=k)

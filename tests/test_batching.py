@@ -366,7 +366,7 @@ def test_a_decode_layout_is_what_its_sequences_say(sequences):
     """A decode step's layout (StepLayout.of with one new row per sequence takes a shortcut), field by field
     against the layout written out plainly, some sequences with their slots in one run and some scattered; and
     the padded slots, broadcast from run starts or gathered sequence by sequence, against each sequence's slots."""
-    from minitorch_infer.backends.layout import StepLayout, run_start
+    from minitorch_infer.backends.layout import StepLayout
 
     rng = np.random.default_rng(len(sequences))
     slots = [np.arange(start, start + total) if run else rng.permutation(6000)[:total]
@@ -379,17 +379,24 @@ def test_a_decode_layout_is_what_its_sequences_say(sequences):
     assert layout.row_stops == list(range(1, rows + 1))
     assert layout.totals == [len(s) for s in slots]
     assert layout.key_starts == starts
-    assert layout.write_start == run_start(last_slots)
-    np.testing.assert_array_equal(layout.write_slots, None if layout.write_start is not None else last_slots)
+    if rows == 1:
+        assert layout.write_start == last_slots[0] and layout.write_slots is None
+    else:
+        assert layout.write_start is None
+        np.testing.assert_array_equal(layout.write_slots, last_slots)
     np.testing.assert_array_equal(layout.last_rows, np.arange(rows))
-    for found, sequence_slots, start in zip(layout.slots, slots, starts, strict=True):
-        assert (found is None) == (start is not None)
-        if found is not None:
-            np.testing.assert_array_equal(found, sequence_slots)
+    np.testing.assert_array_equal(layout.totals_array(), layout.totals)
+    for i, sequence_slots in enumerate(slots):
+        np.testing.assert_array_equal(layout.positions_of(i), sequence_slots)
     gathered = StepLayout.of([1] * len(sequences), slots, [None] * len(sequences))
-    for padded in (layout.padded_slots(), gathered.padded_slots()):
+    # A step with a prompt row has no padded slots made up front: when every sequence is one run, they are
+    # broadcast from the run starts on demand.
+    runs = [np.arange(s[0], s[0] + len(s)) for s in slots]
+    broadcast = StepLayout.of([1] * (len(runs) - 1) + [min(2, len(runs[-1]))], runs)
+    for padded, expected in ((layout.padded_slots(), slots), (gathered.padded_slots(), slots),
+                             (broadcast.padded_slots(), runs)):
         assert padded.shape == (rows, max(len(s) for s in slots))
-        for row, sequence_slots in zip(padded, slots):
+        for row, sequence_slots in zip(padded, expected):
             np.testing.assert_array_equal(row[:len(sequence_slots)], sequence_slots)
 
 
