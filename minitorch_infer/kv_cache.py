@@ -132,15 +132,16 @@ class KVSequence:
         self.tokens = []
         self._run_start = 0
 
-    def _blocks_changed(self) -> None:
-        """Write the blocks' slots into the sequence's table row (past them the row holds anything: nothing
-        reads a position the sequence has no block for) and see whether they are one run."""
-        size = self.cache.block_size
-        blocks = np.asarray(self.blocks, np.intp)
-        covered = (blocks[:, None] * size + np.arange(size)).ravel()
-        self.cache._slot_table[self.table_row, :len(covered)] = covered
-        first = self.blocks[0] if self.blocks else 0
-        consecutive = self.blocks == list(range(first, first + len(self.blocks)))
+    def _blocks_changed(self, first_changed: int) -> None:
+        """The blocks from index first_changed on are new (or gone): write their slots into the sequence's table
+        row (past its blocks the row holds anything: nothing reads a position the sequence has no block for),
+        and see whether the blocks are one run."""
+        size, blocks, offsets = self.cache.block_size, self.blocks, self.cache.block_offsets
+        row = self.cache._slot_table[self.table_row]
+        for index in range(first_changed, len(blocks)):       # mostly one: a decode step's new block
+            np.add(offsets, blocks[index] * size, out=row[index * size:(index + 1) * size])
+        first = blocks[0] if blocks else 0
+        consecutive = blocks == list(range(first, first + len(blocks)))
         self._run_start = first * size if consecutive else None
 
 
@@ -170,6 +171,7 @@ class KVCache:
         # its blocks reach. Every row has room for the whole context, so a decode step's padded slots are its
         # sequences' rows taken in one call (slot_rows). Grown as more sequences are open at once.
         self._slot_table = np.zeros((0, self.blocks_for(context) * block_size), np.intp)
+        self.block_offsets = np.arange(block_size)
         self._free_rows: list[int] = []
 
     # --- accounting -------------------------------------------------------------------------------
@@ -231,9 +233,8 @@ class KVCache:
                 blocks.remove(block)
                 self._release(block)
             raise
-        finally:
-            if taken:
-                sequence._blocks_changed()
+        if taken:
+            sequence._blocks_changed(len(blocks) - len(taken))
 
     def _own_block(self, sequence: KVSequence, index: int) -> None:
         """Make block `index` of the sequence writable: copy it if another sequence shares it, and drop its
@@ -245,7 +246,7 @@ class KVCache:
                 array[:, self._block_slots(copy)] = array[:, self._block_slots(block)]
             self._release(block)
             sequence.blocks[index] = copy
-            sequence._blocks_changed()
+            sequence._blocks_changed(index)
         else:
             self._unregister(block)
         sequence._registered = min(sequence._registered, index)
@@ -255,7 +256,7 @@ class KVCache:
             for block in sequence.blocks[keep_blocks:]:
                 self._release(block)
             del sequence.blocks[keep_blocks:]
-            sequence._blocks_changed()
+            sequence._blocks_changed(keep_blocks)
 
     def _release_all(self, blocks: list[int], table_row: int) -> None:
         for block in blocks:
@@ -323,7 +324,7 @@ class KVCache:
             sequence.blocks.append(block)
             parent = int(self._serial[block])
         if sequence.blocks:
-            sequence._blocks_changed()
+            sequence._blocks_changed(0)
             sequence.length = len(sequence.blocks) * size
             sequence.tokens = token_ids[:sequence.length]
             sequence._registered = len(sequence.blocks)

@@ -172,10 +172,12 @@ def test_random_arrivals_lengths_cancels_and_block_sizes(data):
     for (length, new_tokens, cancel, arrive_after), prompt in zip(requests, prompts):
         for _ in range(arrive_after):                            # arrivals between steps
             engine.step()
+            _check_slot_rows(engine)
         handles.append(engine.submit(prompt, max_new_tokens=new_tokens, greedy=True, ignore_eos=True))
         if cancel:
             handles[-1].cancel()
-    engine.run()
+    while engine.step():
+        _check_slot_rows(engine)
     for handle, prompt, (length, new_tokens, cancel, _) in zip(handles, prompts, requests):
         result = handle.result()
         if cancel:
@@ -187,6 +189,18 @@ def test_random_arrivals_lengths_cancels_and_block_sizes(data):
     assert model.kv_cache.used_blocks == 0 and model.kv_cache.open_sequences == 0
     # The mask the pool keeps of registered blocks (to find cold ones at once) is the registry itself.
     assert set(np.flatnonzero(model.kv_cache._is_registered)) == set(model.kv_cache._key_of)
+    assert sorted(model.kv_cache._free_rows) == list(range(len(model.kv_cache._slot_table)))   # every row back
+
+
+def _check_slot_rows(engine) -> None:
+    """Each running request's row of the slot table holds its blocks' slots, and its run start is right."""
+    size = engine.model.kv_cache.block_size
+    for request in engine.scheduler.running:
+        sequence = request.sequence
+        expected = (np.asarray(sequence.blocks)[:, None] * size + np.arange(size)).ravel()
+        np.testing.assert_array_equal(engine.model.kv_cache.slot_rows([sequence], len(expected))[0], expected)
+        in_one_run = sequence.blocks == list(range(sequence.blocks[0], sequence.blocks[0] + len(sequence.blocks)))
+        assert sequence.run_start == (sequence.blocks[0] * size if in_one_run else None)
 
 
 _TINY_MODELS: dict = {}
