@@ -128,6 +128,7 @@ class Program:
         calls, outputs, products_in_numba = self._bound_for(seq, len(layout.totals), state)
         # The cores go to the threads of whichever library runs the step's products (see thread_handover).
         if products_in_numba:
+            quantized.limit_numba_threads()              # --threads, on this thread (Numba's limit is per thread)
             thread_handover.before_numba_step()
         else:
             thread_handover.before_blas_step()
@@ -148,6 +149,7 @@ class Program:
         for name, array in inputs.items():
             self.input_buffers[name][:len(array)] = array
         self.step.layout = layout
+        quantized.limit_numba_threads()
         for op, call in zip(ops, calls):
             began = time.perf_counter()
             call()
@@ -376,9 +378,8 @@ def float_product(x: np.ndarray, w: np.ndarray, y: np.ndarray, scratch: np.ndarr
 
 def panel_product(x: np.ndarray, w: PanelledWeight, y: np.ndarray, accumulate: bool = False) -> Kernel:
     """y = x · wᵀ (or y += x · wᵀ) by panel_kernels, from the weight's panels."""
-    w_panels = w.panels
-    kernel, limit_threads = _panel_kernels().product(x, w_panels), quantized.limit_numba_threads      # --threads
-    return lambda: (limit_threads(), kernel(w_panels, x, y, accumulate))
+    w_panels, kernel = w.panels, _panel_kernels().product(x, w.panels)
+    return lambda: kernel(w_panels, x, y, accumulate)
 
 
 # A product on a weight larger than a core's L2 cache (STREAMED_WEIGHT_BYTES: one that comes from memory or

@@ -157,14 +157,20 @@ def test_x_may_be_a_strided_view():
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_the_thread_limit_applies_to_the_panel_products():
-    """--threads reaches the panel kernels as it reaches the quantised ones: in whichever thread calls them."""
+@needs_avx512
+def test_the_thread_limit_applies_to_a_step_of_panel_products(story_model):
+    """--threads reaches the panel kernels as it reaches the quantised ones: a program that runs a step's
+    products in Numba applies it in whichever thread runs the step."""
     from tests.conftest import numba_threads_under_a_limit_of_one
 
-    w = PanelledWeight.of(np.ones((1024, 64), np.float32))
-    x, y = np.ones((16, 64), np.float32), np.empty((16, 1024), np.float32)
-    assert numba_threads_under_a_limit_of_one(numpy_backend.panel_product(x, w, y)) == [1]
-    np.testing.assert_array_equal(y, np.full((16, 1024), 64, np.float32))
+    sequences = [story_model.kv_cache.open() for _ in range(2)]
+    try:
+        for sequence in sequences:
+            sequence.reserve(1)
+        assert numba_threads_under_a_limit_of_one(lambda: story_model.step(sequences, [[5], [9]])) == [1]
+    finally:
+        for sequence in sequences:
+            sequence.close()
 
 
 def _counting_panel_kernels(monkeypatch) -> list:
