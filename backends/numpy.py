@@ -194,8 +194,7 @@ class Program:
         outputs = {id(v) for v in self.graph.outputs}
         # Numba is loaded by then where a step runs it: by a quantised or panelled program, or by the engine.
         self.step.panels = self.panels_for(sequences)
-        self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or (
-            self._quantized_products and seq <= quantized.TILES_MAX_ROWS)
+        self.step.products_in_numba = self._panelled_products or bool(self.step.panels) or self._quantized_products
         self.step.row_ops_compiled = self._quantized_products or self._panelled_products or sequences > 1
         calls = []
         for node in self.graph.nodes:
@@ -336,7 +335,7 @@ def _matmul(node: Node, ins, outs, scratch, step) -> Kernel:
     x, w = ins
     (y,) = outs
     if isinstance(w, QuantizedTensor):
-        return quantized.matmul(x, w, y, scratch)
+        return quantized.matmul(x, w, y)
     w = step.panels.get(id(w), w)
     if isinstance(w, PanelledWeight):
         return panel_product(x, w, y)
@@ -424,7 +423,7 @@ def _matmul_add(node: Node, ins, outs, scratch, step) -> Kernel:
     (y,) = outs
     rows, k = x.shape
     if isinstance(w, QuantizedTensor):
-        return _added_to(c, y, quantized.matmul(x, w, y, scratch[(k + y.shape[1]) * rows:], accumulate=True))
+        return _added_to(c, y, quantized.matmul(x, w, y, accumulate=True))
     w = step.panels.get(id(w), w)
     if isinstance(w, PanelledWeight):
         return _added_to(c, y, panel_product(x, w, y, accumulate=True))

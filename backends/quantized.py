@@ -1,10 +1,8 @@
 """The NumPy backend's products and lookups on quantised weights: which compiled kernel runs, bound once.
 
 One row of x (decode) runs the direct kernel, which reads each weight byte once and widens it in a register.
-A few rows (a batched decode step, a short prefill chunk) run the tiled kernel: four weight rows at a time
-dequantised into a small float32 tile that every row of x then multiplies. Many rows (prefill) dequantise
-a larger tile of rows into the node's workspace and hand it to BLAS, whose blocking wins once many rows of
-x share each tile.
+More rows (a batched decode step, a prefill chunk) run the tiled kernel: four weight rows at a time
+dequantised into a small float32 tile that every row of x then multiplies.
 """
 
 from __future__ import annotations
@@ -17,11 +15,12 @@ import numpy as np
 from ..quantized import QuantizedTensor
 
 # Which product runs, by the rows of x (SmolLM2's shapes, 2 threads, measured by benchmarks/kernel_rows.py):
-# one row (decode), the direct kernel; up to TILES_MAX_ROWS (batched decode, short prefill chunks), tiles of
-# dequantised rows in L1, which beat float32 BLAS there (OpenBLAS is slow at 2-32 rows); above, dequantised
-# tiles handed to BLAS, whose blocking wins once many rows share each tile.
+# one row (decode), the direct kernel; more, tiles of dequantised rows in L1. Prefill once handed larger
+# dequantised tiles to BLAS above 64 rows; since the tiles are multiplied in register tiles (dot_tiles) they
+# beat that at every row count measured: SmolLM2's chain of products at 64 / 128 / 256 / 512 rows, Q4_1
+# 2.6 / 2.1 / 1.7 / 1.4x, Q8_0 2.0 / 2.2 / 1.7 / 1.3x (AMD EPYC, AVX-512, OpenBLAS's Haswell kernel; with
+# the kernels compiled for Haswell too, 2.3 / 1.9 / 1.6x).
 DIRECT_MAX_ROWS = 1
-TILES_MAX_ROWS = 64
 
 
 _thread_limit = 0                 # 0: Numba's own count (all cores)
@@ -69,46 +68,20 @@ def warm_up(kinds: set[str]) -> None:
     for kind in kinds:
         w = QuantizedTensor.zeros(kind, (1, 32))
         for rows in (1, 2):                      # the direct kernel, the tiled one
-            matmul(np.zeros((rows, 32), np.float32), w, np.zeros((rows, 1), np.float32), None)()
+            matmul(np.zeros((rows, 32), np.float32), w, np.zeros((rows, 1), np.float32))()
         rows_dequantizer(w)(np.zeros(1, np.int64), np.zeros((1, 32), np.float32))
         rows_dequantizer(w)(np.zeros(1, np.int32), np.zeros((1, 32), np.float32))   # an embedding's token ids
 
 
-def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray | None,
-           accumulate: bool = False) -> Callable[[], None]:
+def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, accumulate: bool = False) -> Callable[[], None]:
     """A call computing y = x · wᵀ, or y += x · wᵀ with accumulate (y already holds the addend)."""
     if x.shape[0] <= DIRECT_MAX_ROWS:
         if w.kind == "q8_0":
             return lambda: _kernels().matmul_rows_q8(w.codes, w.scales, x, y, accumulate)
         return lambda: _kernels().matmul_rows_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
-    if x.shape[0] <= TILES_MAX_ROWS:
-        if w.kind == "q8_0":
-            return lambda: _kernels().matmul_tiles_q8(w.codes, w.scales, x, y, accumulate)
-        return lambda: _kernels().matmul_tiles_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
-    return dequantized_blas(x, w, y, scratch, accumulate)
-
-
-def dequantized_blas(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, scratch: np.ndarray,
-                     accumulate: bool = False) -> Callable[[], None]:
-    """As matmul, by BLAS on tiles of w's rows dequantised into `scratch` (the node's workspace) in turn."""
-    rows, width = w.shape
-    tile_rows = max(1, min(rows, scratch.size // width))
-    tile = scratch[:tile_rows * width].reshape(tile_rows, width)
-    starts = range(0, rows, tile_rows)
-    ids = [np.arange(start, min(start + tile_rows, rows), dtype=np.int64) for start in starts]
-    dequantize = rows_dequantizer(w)
-
-    targets = [y[:, picked[0]:picked[-1] + 1] for picked in ids]
-
-    def tiled():
-        for picked, target in zip(ids, targets):
-            part = tile[:len(picked)]
-            dequantize(picked, part)
-            if accumulate:
-                target += x @ part.T
-            else:
-                np.matmul(x, part.T, out=target)      # straight into y's columns: no temporary to copy
-    return tiled
+    if w.kind == "q8_0":
+        return lambda: _kernels().matmul_tiles_q8(w.codes, w.scales, x, y, accumulate)
+    return lambda: _kernels().matmul_tiles_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
 
 
 def rows_dequantizer(w: QuantizedTensor) -> Callable[[np.ndarray, np.ndarray], None]:

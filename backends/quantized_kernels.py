@@ -11,14 +11,12 @@ scales, minitorch_infer/quantized.py) and widen each code in a register.
   suggests, costs a horizontal reduction per block and ran 1.3x slower. Threads share out the groups of four
   rows (`prange`). Each group asks for the rows PREFETCH_ROWS ahead (software prefetch): the hardware's own
   prefetching kept one core's stream of weight bytes at ~5 GB/s, and SmolLM2's Q8_0 decode went 1.29x faster.
-- `matmul_tiles_*`: the same product for a few rows of x (batched decode steps, short prefill chunks), where
+- `matmul_tiles_*`: the same product for several rows of x (batched decode steps, prefill chunks), where
   widening each code once per row of x would cost more than reading it: four weight rows are dequantised
   into a float32 tile that stays in L1, then multiplied by every four rows of x in dot_tiles' register
   tiles (`dot_tile`). A block widens in vector lanes of our own (`_widened_q8`, `_widened_q4`): LLVM's loop
   over a block of 32 values stayed scalar, no longer than one pass of its vector loop.
-- `dequantize_rows_*`: rows of w as float32, for prefill (with many rows of x, BLAS on a dequantised tile
-  beats any kernel here) and for the rows an embedding lookup picks. One thread: they alternate with BLAS
-  calls, whose idle threads spin for a while after each call and starved a parallel loop 3-10x.
+- `dequantize_rows_*`: rows of w as float32, for the rows an embedding lookup picks. One thread: a few rows.
 
 Every kernel is checked against dequantise-then-NumPy (tests/test_quantized.py). Numba compiles each
 signature on first use (seconds) and keeps the machine code in its cache (`__pycache__` beside this file, or

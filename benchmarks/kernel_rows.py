@@ -3,9 +3,10 @@
     python benchmarks/kernel_rows.py [--kind q4_1] [--rows 1,2,4,8,16,32,64,128] [--threads 2]
 
 For each of SmolLM2's matrix shapes (q|k|v, o, gate|up, down, head), times y = x · wᵀ with x of R rows four
-ways, taking turns, best of 5: the direct kernel, the tiled kernel, a dequantised tile handed to BLAS, and
-float32 BLAS on the dequantised weight (what the float32 model runs). A "whole step" line adds one step's
-products (30 layers and the head). Absolute times mean little across machines; compare along a row.
+ways, taking turns, best of 5: the direct kernel, the tiled kernel, tiles of up to 4 MiB dequantised and
+handed to BLAS (how prefill ran above 64 rows until the tiled kernel beat it at every count), and float32
+BLAS on the dequantised weight. A "whole step" line adds one step's products (30 layers and the head).
+Absolute times mean little across machines; compare along a row.
 
 Each weight is timed alone, so it stays in cache, which flatters float32 most (this machine's 105 MB L3 holds
 any one float32 weight; a model's 540 MB of them stream from memory). `bench --concurrency`'s "products
@@ -20,13 +21,27 @@ import time
 import numpy as np
 
 from minitorch_infer.backends import quantized, quantized_kernels
-from minitorch_infer.ir.ops import DEQUANTIZED_TILE
-from minitorch_infer.quantized import quantize
+from minitorch_infer.quantized import QuantizedTensor, quantize
 
 # SmolLM2-135M: [rows, cols] of each fused weight, and how many a step multiplies by.
 SHAPES = {"q|k|v": ((960, 576), 30), "o": ((576, 576), 30), "gate|up": ((3072, 576), 30),
           "down": ((576, 1536), 30), "head": ((49152, 576), 1)}
 WAYS = ("direct", "tiled", "dequantised+BLAS", "float32 BLAS")
+DEQUANTIZED_TILE = 1 << 20       # float32 values
+
+
+def dequantized_blas(x: np.ndarray, w: QuantizedTensor, y: np.ndarray):
+    """y = x · wᵀ by BLAS on tiles of w's rows dequantised in turn."""
+    tile_rows = max(1, min(w.shape[0], DEQUANTIZED_TILE // w.shape[1]))
+    tile = np.empty((tile_rows, w.shape[1]), np.float32)
+    ids = [np.arange(start, min(start + tile_rows, w.shape[0])) for start in range(0, w.shape[0], tile_rows)]
+    dequantize = quantized.rows_dequantizer(w)
+
+    def call():
+        for picked in ids:
+            dequantize(picked, tile[:len(picked)])
+            np.matmul(x, tile[:len(picked)].T, out=y[:, picked[0]:picked[-1] + 1])
+    return call
 
 
 def products(kind: str, shape: tuple[int, int], rows: int, rng: np.random.Generator) -> dict:
@@ -41,7 +56,7 @@ def products(kind: str, shape: tuple[int, int], rows: int, rng: np.random.Genera
     else:
         direct = lambda: quantized_kernels.matmul_rows_q4(w.codes, w.scales, offsets, x, y, False)  # noqa: E731
         tiled = lambda: quantized_kernels.matmul_tiles_q4(w.codes, w.scales, offsets, x, y, False)  # noqa: E731
-    blas_tiles = quantized.dequantized_blas(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
+    blas_tiles = dequantized_blas(x, w, y)
     calls = dict(zip(WAYS, (direct, tiled, blas_tiles, lambda: np.matmul(x, dense.T, out=y))))
     repeats = 3 if shape[0] > 10_000 else 20
     best = dict.fromkeys(WAYS, float("inf"))

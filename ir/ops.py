@@ -106,26 +106,16 @@ def _rms_norm(ts, attrs):
     return [x]
 
 
-# A product with a quantised weight and many rows (prefill) dequantises the weight a tile at a time, for BLAS:
-# at most this many float32 values (4 MiB), a few hundred rows of a weight, which stay in cache.
-DEQUANTIZED_TILE = 1 << 20
-
-
-def _dequantized_tile(w: TensorType) -> int:
-    """Scratch for a tile of a quantised weight as float32 (none for a float weight)."""
-    return min(DEQUANTIZED_TILE, w.shape[0] * w.shape[1]) if w.is_quantized else 0
-
-
 # A float product with at most this many rows may run transposed (yᵀ = W·xᵀ, which OpenBLAS does up to 4x
 # faster for a few rows): its workspace then holds xᵀ and the product's transpose.
 TRANSPOSED_PRODUCT_ROWS = 32
 
 
 def _matmul_workspace(ts, attrs) -> int:
-    """A dequantised tile of a quantised weight, or room for a few rows' product done transposed."""
+    """Room for a few rows' float product done transposed (a quantised weight's kernels need none)."""
     x, w = ts
     if w.is_quantized:
-        return _dequantized_tile(w)
+        return 0
     (rows, k), n = x.concrete_shape(), w.concrete_shape()[0]
     return (k + n) * min(rows, TRANSPOSED_PRODUCT_ROWS) if rows > 1 else 0
 
@@ -144,10 +134,12 @@ def _matmul(ts, attrs):
 
 
 def _matmul_add_workspace(ts, attrs) -> int:
-    """Room for the product [S, N], or for xᵀ [K, S] and the product's transpose [N, S] (a backend's choice),
-    and for a dequantised tile of a quantised weight."""
+    """Room for the product [S, N], or for xᵀ [K, S] and the product's transpose [N, S] (a backend's choice,
+    for a float weight; a quantised weight's kernels add into the output and need none)."""
+    if ts[1].is_quantized:
+        return 0
     (rows, k), n = ts[0].concrete_shape(), ts[2].concrete_shape()[1]
-    return (k + n) * rows + _dequantized_tile(ts[1])
+    return (k + n) * rows
 
 
 @register_op("matmul_add", n_inputs=3, inplace=2, workspace=_matmul_add_workspace)

@@ -22,7 +22,6 @@ import numpy as np
 
 from ..backends import numpy as numpy_backend, quantized
 from ..backends.layout import StepLayout
-from ..ir.ops import DEQUANTIZED_TILE
 from ..panelled import PanelledWeight
 from ..quantized import QuantizedTensor
 
@@ -116,7 +115,7 @@ def products_bound(model, rows: int, steps: int = 8) -> float:
 def _product(model, x: np.ndarray, w, y: np.ndarray):
     """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
     if isinstance(w, QuantizedTensor):
-        return quantized.matmul(x, w, y, np.empty(DEQUANTIZED_TILE, np.float32))
+        return quantized.matmul(x, w, y)
     rows, k = x.shape
     w = model.program.panels_for(sequences=rows).get(id(w), w)      # as a step of `rows` sequences
     if isinstance(w, PanelledWeight):
