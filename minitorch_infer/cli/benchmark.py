@@ -224,8 +224,9 @@ def _worker(engine: str, name: str, repeats: int, threads: int, profile: bool, w
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=threads or None):
+        blas = blas_description()          # before any step: a step in Numba holds OpenBLAS to one thread
         measured = measure_ours(name, repeats, profile, weights) if engine == "ours" else measure_naive(name, repeats)
-        measured.blas = blas_description()
+        measured.blas = blas
     print(json.dumps(asdict(measured)))
 
 
