@@ -1,8 +1,10 @@
 """The NumPy backend's products and lookups on quantised weights: which compiled kernel runs, bound once.
 
-One row of x (decode) runs the direct kernel, which reads each weight byte once and widens it in a register.
-More rows (a batched decode step, a prefill chunk) run the tiled kernel: four weight rows at a time
-dequantised into a small float32 tile that every row of x then multiplies.
+A weight in panels (QuantizedPanels: a program's, on a machine with AVX-512) runs quantized_panel_kernels at
+every number of rows. A row-major one (QuantizedTensor): one row of x (decode) runs the direct kernel, which
+reads each weight byte once and widens it in a register; more rows (a batched decode step, a prefill chunk)
+run the tiled kernel: four weight rows at a time dequantised into a small float32 tile that every row of x
+then multiplies.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..quantized import QuantizedTensor
+from ..quantized import QuantizedPanels, QuantizedTensor
 
 # Which product runs, by the rows of x (SmolLM2's shapes, 2 threads, measured by benchmarks/kernel_rows.py):
 # one row (decode), the direct kernel; more, tiles of dequantised rows in L1. Prefill once handed larger
@@ -52,6 +54,24 @@ def _kernels():
     return _kernel_module
 
 
+_panel_kernel_module = None
+
+
+def _panel_kernels():
+    """quantized_panel_kernels, imported when a program holds quantised weights in panels (kept as _kernels)."""
+    global _panel_kernel_module
+    if _panel_kernel_module is None:
+        from . import quantized_panel_kernels
+
+        _panel_kernel_module = quantized_panel_kernels
+    return _panel_kernel_module
+
+
+def warm_up_panels() -> None:
+    """Compile (or load from Numba's cache) the kernels of quantised weights in panels."""
+    _panel_kernels().warm_up()
+
+
 def limit_numba_threads() -> None:
     """Apply limit_threads to the calling thread, once per thread (for every kernel that runs in Numba's threads:
     these, and the panel kernels of float32 weights)."""
@@ -73,8 +93,14 @@ def warm_up(kinds: set[str]) -> None:
         rows_dequantizer(w)(np.zeros(1, np.int32), np.zeros((1, 32), np.float32))   # an embedding's token ids
 
 
-def matmul(x: np.ndarray, w: QuantizedTensor, y: np.ndarray, accumulate: bool = False) -> Callable[[], None]:
+def matmul(x: np.ndarray, w: QuantizedTensor | QuantizedPanels, y: np.ndarray, accumulate: bool = False
+           ) -> Callable[[], None]:
     """A call computing y = x · wᵀ, or y += x · wᵀ with accumulate (y already holds the addend)."""
+    if isinstance(w, QuantizedPanels):
+        panels = _panel_kernels()
+        if w.kind == "q8_0":
+            return lambda: panels.matmul_panels_q8(w.codes, w.scales, x, y, accumulate)
+        return lambda: panels.matmul_panels_q4(w.codes, w.scales, w.offsets, x, y, accumulate)
     if x.shape[0] <= DIRECT_MAX_ROWS:
         if w.kind == "q8_0":
             return lambda: _kernels().matmul_rows_q8(w.codes, w.scales, x, y, accumulate)
@@ -91,7 +117,12 @@ def rows_dequantizer(w: QuantizedTensor) -> Callable[[np.ndarray, np.ndarray], N
     return lambda ids, out: _kernels().dequantize_rows_q4(w.codes, w.scales, w.offsets, ids, out)
 
 
-def embedding(ids: np.ndarray, table: QuantizedTensor, y: np.ndarray) -> Callable[[], None]:
+def embedding(ids: np.ndarray, table: QuantizedTensor | QuantizedPanels, y: np.ndarray) -> Callable[[], None]:
     """A call writing the dequantised rows of `table` picked by `ids` into y."""
+    if isinstance(table, QuantizedPanels):        # a table tied to the logits' weight
+        panels = _panel_kernels()
+        if table.kind == "q8_0":
+            return lambda: panels.lookup_q8(table.codes, table.scales, ids, y)
+        return lambda: panels.lookup_q4(table.codes, table.scales, table.offsets, ids, y)
     dequantize = rows_dequantizer(table)
     return lambda: dequantize(ids, y)

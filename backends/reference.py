@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..ir import Graph
-from ..quantized import QuantizedTensor
+from ..quantized import is_quantized
 from .layout import StepLayout
 from .rope import rope_frequencies
 
@@ -53,7 +53,7 @@ def run(graph: Graph, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.
         weight = params[name]
         # A quantised weight means its dequantised values: what the fast kernels must reproduce; a weight in
         # panels, the plain matrix.
-        env[id(value)] = weight.dequantize() if isinstance(weight, QuantizedTensor) else np.asarray(weight)
+        env[id(value)] = weight.dequantize() if is_quantized(weight) else np.asarray(weight)
     for name, value in graph.states.items():
         env[id(value)] = state[name]
     for node in graph.nodes:

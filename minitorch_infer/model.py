@@ -21,7 +21,6 @@ from .backends.layout import StepLayout
 from .kv_cache import DEFAULT_BLOCK_SIZE, KVCache, KVSequence, parse_kv_memory
 from .passes import DEFAULT_PASSES, PassManager, PassReport, quantize_weights
 from .passes.memory_plan import MemoryPlan, plan_memory
-from .panelled import PanelledWeight
 from .quantized import weight_type
 from .tokenizer import Tokenizer
 from .formats.weights import WeightStore
@@ -132,7 +131,7 @@ class Model:
         # Handed over in panels, not copied into them by the program: the weights are then held once.
         for name in numpy_backend.params_held_in_panels(graph, weights):
             if name in report.derived:
-                report.derived[name] = PanelledWeight.of(report.derived[name])
+                report.derived[name] = numpy_backend.in_panels(report.derived[name])
             else:
                 self.weights.panelise(name)
         return CompiledGraph(graph, plan, numpy_backend.compile(graph, plan, weights), report)

@@ -11,6 +11,10 @@ At load the blocks are split into arrays the compiled kernels read directly, wit
 `codes` [rows, cols] int8 (Q8_0) or [rows, cols / 2] packed nibbles (Q4_x), and the fp16 scales (and
 offsets) widened, exactly, to float32 [rows, blocks]: 36, 20 and 24 bytes per block of 32 instead of
 ggml's 34, 18 and 20, which saves a conversion per block in the innermost loop.
+
+On a machine with AVX-512 a program holds its quantised matrix weights in panels instead (QuantizedPanels:
+the same codes and scales, 16 rows interleaved, as backends/quantized_panel_kernels reads them), in place of
+the row-major tensors (WeightStore.panelise), so a weight is never held in both layouts.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import MinitorchError
+from .panelled import PANEL
 
 BLOCK = 32               # values per block, in every type here
 
@@ -111,7 +116,7 @@ class QuantizedTensor:
 QUANTIZE_ROWS = 1024
 
 
-def quantize(values: np.ndarray | QuantizedTensor, kind: str) -> QuantizedTensor:
+def quantize(values: np.ndarray | QuantizedTensor | QuantizedPanels, kind: str) -> QuantizedTensor:
     """Quantise a [rows, cols] weight (cols a multiple of 32), float or already quantised, into `kind` blocks
     with ggml's rounding (compiled; the tests hold it to the gguf package's quantiser byte for byte)."""
     from .backends.block_quantizer import quantize_rows
@@ -125,12 +130,14 @@ def quantize(values: np.ndarray | QuantizedTensor, kind: str) -> QuantizedTensor
     return out
 
 
-def _float32_rows(values: np.ndarray | QuantizedTensor) -> Iterator[tuple[slice, np.ndarray]]:
+def _float32_rows(values: np.ndarray | QuantizedTensor | QuantizedPanels) -> Iterator[tuple[slice, np.ndarray]]:
     """(rows, their float32 values), QUANTIZE_ROWS rows at a time; a quantised weight's are widened in turn
     into one buffer."""
     from .backends.quantized import rows_dequantizer
 
     rows, cols = values.shape
+    if isinstance(values, QuantizedPanels):
+        values = values.blocks()
     if isinstance(values, QuantizedTensor):
         widen, widened = rows_dequantizer(values), np.empty((min(rows, QUANTIZE_ROWS), cols), np.float32)
     for start in range(0, rows, QUANTIZE_ROWS):
@@ -151,9 +158,90 @@ def stack_quantized(parts: list[QuantizedTensor]) -> QuantizedTensor:
     return QuantizedTensor(parts[0].kind, (codes.shape[0], parts[0].shape[1]), scales, offsets, codes)
 
 
+@dataclass(frozen=True, eq=False)
+class QuantizedPanels:
+    """A quantised [rows, cols] weight (rows a multiple of 16) in panels of 16 rows whose codes are interleaved:
+    `codes` [rows / 16, blocks, code bytes per block, 16] (byte j of row r's block b at [p, b, j, r]), `scales`
+    and `offsets` (Q4_1; else None) [rows / 16, blocks, 16]. The same bytes as the row-major QuantizedTensor."""
+
+    kind: str
+    codes: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray | None
+
+    @classmethod
+    def of(cls, w: QuantizedTensor) -> QuantizedPanels:
+        """w's blocks in panels (a copy, in the new layout)."""
+        if not fits_in_panels(w):
+            raise MinitorchError(f"cannot lay out {w!r} in panels: its rows must be a multiple of {PANEL}")
+        rows, cols = w.shape
+        panels, blocks = rows // PANEL, cols // BLOCK
+
+        def interleaved(a: np.ndarray, per_block: int) -> np.ndarray:        # [rows, blocks * per_block] ->
+            return np.ascontiguousarray(a.reshape(panels, PANEL, blocks, per_block).transpose(0, 2, 3, 1))
+        offsets = None if w.offsets is None else interleaved(w.offsets, 1)[..., 0, :]
+        return cls(w.kind, interleaved(w.codes, BLOCK_TYPES[w.kind][0]), interleaved(w.scales, 1)[..., 0, :], offsets)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        panels, blocks = self.scales.shape[:2]
+        return panels * PANEL, blocks * BLOCK
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays() if a is not None)
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        return self.scales, self.offsets, self.codes
+
+    def blocks(self) -> QuantizedTensor:
+        """The weight as a row-major QuantizedTensor (a copy): for GGUF bytes, or a pass that stacks weights."""
+        rows, cols = self.shape
+
+        def row_major(a: np.ndarray) -> np.ndarray:       # [panels, blocks, per_block, 16] -> [rows, ...]
+            return np.ascontiguousarray(a.transpose(0, 3, 1, 2)).reshape(rows, -1)
+        offsets = None if self.offsets is None else row_major(self.offsets[..., None, :])
+        return QuantizedTensor(self.kind, (rows, cols), row_major(self.scales[..., None, :]), offsets,
+                               row_major(self.codes))
+
+    def dequantize(self) -> np.ndarray:
+        """The weight as float32 [rows, cols] (the reference)."""
+        return self.blocks().dequantize()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        dense = self.dequantize()
+        return dense if dtype is None else dense.astype(dtype, copy=False)
+
+    def take_rows(self, part: slice) -> QuantizedPanels:
+        """Rows part.start .. part.stop - 1, whole panels of them, as a view (a packed weight's parts)."""
+        if part.start % PANEL or part.stop % PANEL:
+            raise MinitorchError(f"rows {part.start}..{part.stop} of a weight in panels are not whole panels of "
+                                 f"{PANEL}")
+        panels = slice(part.start // PANEL, part.stop // PANEL)
+        return QuantizedPanels(self.kind, self.codes[panels], self.scales[panels],
+                               None if self.offsets is None else self.offsets[panels])
+
+    def __repr__(self) -> str:
+        return f"QuantizedPanels({self.kind}, {list(self.shape)} in panels of {PANEL}, {self.nbytes} bytes)"
+
+
+def fits_in_panels(w) -> bool:
+    """Whether a quantised weight can be laid out in panels: a multiple of 16 rows."""
+    return isinstance(w, QuantizedTensor) and w.shape[0] % PANEL == 0 and w.shape[0] > 0
+
+
+def is_quantized(array) -> bool:
+    """Whether a weight is quantised blocks, in either layout."""
+    return isinstance(array, (QuantizedTensor, QuantizedPanels))
+
+
 def weight_type(array) -> str:
-    """"f32" for a float32 array, else the block type of a QuantizedTensor."""
-    return array.kind if isinstance(array, QuantizedTensor) else "f32"
+    """"f32" for a float32 array (or one in panels), else the block type of a quantised weight."""
+    return array.kind if is_quantized(array) else "f32"
 
 
 def _check_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, int]:

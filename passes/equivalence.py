@@ -25,7 +25,7 @@ from ..errors import GraphError
 from ..ir import Graph, Sym, Value
 from ..ir.printer import format_node
 from ..formats.weights import WeightStore
-from ..quantized import QuantizedTensor
+from ..quantized import is_quantized
 from .manager import PassFunction, PassManager, PassReport
 
 MAX_TRIAL_TOKENS = 16      # enough rows to catch row mix-ups, few enough to keep the oracle fast
@@ -133,7 +133,7 @@ def check_kernels(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore 
         step = reference.Step(bindings, layout)
         for node, ins, outs, call in program.bound_nodes(inputs, state, layout):
             # a quantised weight reaches the reference kernel as its dequantised values, as in reference.run
-            expected = reference.KERNELS[node.op]([a.dequantize() if isinstance(a, QuantizedTensor) else np.array(a)
+            expected = reference.KERNELS[node.op]([a.dequantize() if is_quantized(a) else np.array(a)
                                                    for a in ins], node.attrs, step)
             expected = expected if isinstance(expected, tuple) else (expected,)
             if call is not None:
@@ -231,7 +231,7 @@ def _params_of(graph: Graph, weights: Mapping[str, np.ndarray] | WeightStore) ->
         if name not in weights:
             raise GraphError(f"{graph.name} reads param @{name}, which the weights given do not hold")
         array = weights[name]
-        array = array if isinstance(array, QuantizedTensor) else np.asarray(array)
+        array = array if is_quantized(array) else np.asarray(array)
         if array.shape != value.type.concrete_shape():
             raise GraphError(f"weight {name!r} has shape {list(array.shape)}; {graph.name} declares {value.type}")
         params[name] = array

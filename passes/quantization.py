@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import MinitorchError
 from ..ir import Graph, TensorType
-from ..quantized import BLOCK_TYPES, WEIGHT_TYPES, QuantizedTensor, quantize, weight_type
+from ..quantized import BLOCK_TYPES, WEIGHT_TYPES, quantize, weight_type
 from .manager import PassContext, PassFunction, PassResult, register_pass
 
 TARGETS = (*WEIGHT_TYPES, "native")

@@ -17,10 +17,11 @@ def converted(tmp_path_factory):
 
 def test_converted_folder_gives_the_same_logits(converted, smollm2_model, smollm2_reference):
     ids = smollm2_reference["prompt_ids"]
-    # The GGUF model computes from its Q4_1 blocks (the tiled kernel, summing whole rows in 8-lane partial
-    # sums), the converted folder from their float32 values (BLAS): the same numbers summed in another order.
-    # After 30 layers that moves logits of up to ~30 by up to ~1e-4 (3e-6 relative); a wrong value moves more.
-    np.testing.assert_allclose(converted.logits(ids), smollm2_model.logits(ids), atol=1.5e-4, rtol=0)
+    # The GGUF model computes from its Q4_1 blocks, the converted folder from their float32 values: the same
+    # products summed in another order (in panels, a block of 2-4 rows of x keeps 2-4 interleaved sums where
+    # the float32 kernel keeps one; elsewhere the tiled kernel's 8-lane partial sums against BLAS). After 30
+    # layers that moves logits of up to ~30 by up to ~2e-4 (7e-6 relative); a wrong value moves them more.
+    np.testing.assert_allclose(converted.logits(ids), smollm2_model.logits(ids), atol=3e-4, rtol=0)
 
 
 def test_converted_folder_keeps_tokenizer_template_and_eos(converted, smollm2_model):

@@ -153,8 +153,8 @@ def test_unknown_weight_type_names_the_choices():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("prompt", ["Once upon", "Once upon a time, there was a little girl named Lily. She liked"])
 def test_story_on_quantised_weights_equals_the_reference_backend(kind, prompt):
-    """The compiled program (direct kernels for a few rows, dequantised tiles for many) against the reference
-    backend running the same graph on the dequantised weights."""
+    """The compiled program (quantised weights in panels with AVX-512; elsewhere the direct kernel for one row,
+    the tiled one for more) against the reference backend running the same graph on the dequantised weights."""
     model = minitorch_infer.load("story", weights=kind, context=64, prefill_chunk=32)
     assert model.graph.params["embed"].type.dtype == kind
     ids = model.encode(prompt)

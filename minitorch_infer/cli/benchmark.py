@@ -23,7 +23,7 @@ import numpy as np
 from ..backends import numpy as numpy_backend, quantized
 from ..backends.layout import StepLayout
 from ..panelled import PanelledWeight
-from ..quantized import QuantizedTensor
+from ..quantized import is_quantized
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 128
@@ -114,7 +114,7 @@ def products_bound(model, rows: int, steps: int = 8) -> float:
 
 def _product(model, x: np.ndarray, w, y: np.ndarray):
     """The product the decode or batched step makes with this weight, as the NumPy backend binds it."""
-    if isinstance(w, QuantizedTensor):
+    if is_quantized(w):
         return quantized.matmul(x, w, y)
     rows, k = x.shape
     w = model.program.panels_for(sequences=rows).get(id(w), w)      # as a step of `rows` sequences

@@ -17,7 +17,7 @@ import numpy as np
 from ..config import read_json_object
 from ..errors import ModelFormatError, shown
 from ..panelled import PANEL, PanelledWeight
-from ..quantized import QuantizedTensor, stack_quantized, weight_type
+from ..quantized import QuantizedPanels, QuantizedTensor, stack_quantized, weight_type
 from .safetensors_file import read_safetensors
 
 _LAYER_NAMES = {
@@ -78,6 +78,8 @@ def stack_rows(parts: list) -> np.ndarray | QuantizedTensor:
     A later machine (OpenBLAS 0.3.31, AVX-512) had column-major faster for decode too (that chain 8-12%) and
     no different in prefill.
     """
+    if any(isinstance(p, QuantizedPanels) for p in parts):    # a program laid them out in panels
+        parts = [p.blocks() if isinstance(p, QuantizedPanels) else p for p in parts]
     if any(isinstance(p, QuantizedTensor) for p in parts):
         return stack_quantized(parts)
     packed = np.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), np.float32, order="F")
@@ -99,6 +101,16 @@ def _only_the_store_reads(array: np.ndarray) -> bool:
         return True
     whole_view = isinstance(base, np.ndarray) and base.base is None and base.size == array.size
     return whole_view and sys.getrefcount(base) == 3     # `base`, the view's own reference and the argument
+
+
+def _quantized_part(panelled: QuantizedPanels, whole: QuantizedTensor, part: QuantizedTensor
+                    ) -> QuantizedPanels | QuantizedTensor:
+    """`part`, a slice of rows of `whole` (QuantizedTensor.take_rows), as the same rows of `whole`'s panels where
+    it is whole panels of them, else a copy of its own."""
+    start = (part.codes.ctypes.data - whole.codes.ctypes.data) // whole.codes.strides[0]
+    if start % PANEL == 0 and part.shape[0] % PANEL == 0:
+        return panelled.take_rows(slice(start, start + part.shape[0]))
+    return QuantizedTensor(part.kind, part.shape, *(None if a is None else np.array(a) for a in part._arrays()))
 
 
 def _panelled_part(panelled: PanelledWeight, whole: np.ndarray, part: np.ndarray) -> PanelledWeight | np.ndarray:
@@ -160,15 +172,24 @@ class WeightStore:
         self._file.pop(name, None)
         return self._arrays.pop(name)
 
-    def panelise(self, name: str) -> PanelledWeight:
-        """Hold a float32 weight in panels (see minitorch_infer.panelled) instead of as an array, and with it every
-        weight that is a view into it (a packed weight's parts), so that no weight is held in both layouts. A
-        part that is not whole panels becomes a copy of its own. A row-major array that only the store holds (a
-        weight dequantised at load) is rewritten in place; another (memory-mapped, a packed weight's parts, or
-        held elsewhere too) is copied."""
+    def panelise(self, name: str) -> PanelledWeight | QuantizedPanels:
+        """Hold a weight in panels (see minitorch_infer.panelled, and quantized.QuantizedPanels for quantised
+        blocks) instead of row-major, and with it every weight that is a view into it (a packed weight's parts),
+        so that no weight is held in both layouts. A part that is not whole panels becomes a copy of its own. A
+        row-major float32 array that only the store holds (a weight dequantised at load) is rewritten in place;
+        another (memory-mapped, a packed weight's parts, or held elsewhere too) is copied, and so are quantised
+        blocks, one weight at a time."""
         array = self._arrays[name]
-        if isinstance(array, PanelledWeight):
+        if isinstance(array, (PanelledWeight, QuantizedPanels)):
             return array
+        if isinstance(array, QuantizedTensor):
+            panelled = QuantizedPanels.of(array)
+            for other, part in self._arrays.items():
+                if (other != name and isinstance(part, QuantizedTensor)
+                        and np.may_share_memory(part.codes, array.codes)):
+                    self._arrays[other] = _quantized_part(panelled, array, part)
+            self._arrays[name] = panelled
+            return panelled
         if _only_the_store_reads(array) and array.flags.c_contiguous and array.flags.writeable:
             panelled = PanelledWeight.rewritten(array)
         else:
@@ -204,7 +225,7 @@ class WeightStore:
         """Bytes held, counting a packed array once (its parts are views into it)."""
         roots = {}
         for weight in self._arrays.values():
-            if isinstance(weight, QuantizedTensor):
+            if isinstance(weight, (QuantizedTensor, QuantizedPanels)):
                 parts = (weight.scales, weight.offsets, weight.codes)
             else:
                 parts = (weight.panels if isinstance(weight, PanelledWeight) else weight,)
