@@ -2,8 +2,9 @@
 
     python benchmarks/kernel_rows.py [--kind q4_1] [--rows 1,2,4,8,16,32,64,128] [--threads 2]
 
-For each of SmolLM2's matrix shapes (q|k|v, o, gate|up, down, head), times y = x · wᵀ with x of R rows four
-ways, taking turns, best of 5: the direct kernel, the tiled kernel, tiles of up to 4 MiB dequantised and
+For each of SmolLM2's matrix shapes (q|k|v, o, gate|up, down, head), times y = x · wᵀ with x of R rows five
+ways, taking turns, best of 5: the weight in panels (quantized_panel_kernels, every row count on a machine
+with AVX-512), the row-major direct and tiled kernels (elsewhere), tiles of up to 4 MiB dequantised and
 handed to BLAS (how prefill ran above 64 rows until the tiled kernel beat it at every count), and float32
 BLAS on the dequantised weight. A "whole step" line adds one step's products (30 layers and the head).
 Absolute times mean little across machines; compare along a row.
@@ -21,12 +22,12 @@ import time
 import numpy as np
 
 from minitorch_infer.backends import quantized, quantized_kernels
-from minitorch_infer.quantized import QuantizedTensor, quantize
+from minitorch_infer.quantized import QuantizedPanels, QuantizedTensor, quantize
 
 # SmolLM2-135M: [rows, cols] of each fused weight, and how many a step multiplies by.
 SHAPES = {"q|k|v": ((960, 576), 30), "o": ((576, 576), 30), "gate|up": ((3072, 576), 30),
           "down": ((576, 1536), 30), "head": ((49152, 576), 1)}
-WAYS = ("direct", "tiled", "dequantised+BLAS", "float32 BLAS")
+WAYS = ("panels", "direct", "tiled", "dequantised+BLAS", "float32 BLAS")
 DEQUANTIZED_TILE = 1 << 20       # float32 values
 
 
@@ -56,8 +57,9 @@ def products(kind: str, shape: tuple[int, int], rows: int, rng: np.random.Genera
     else:
         direct = lambda: quantized_kernels.matmul_rows_q4(w.codes, w.scales, offsets, x, y, False)  # noqa: E731
         tiled = lambda: quantized_kernels.matmul_tiles_q4(w.codes, w.scales, offsets, x, y, False)  # noqa: E731
+    panels = quantized.matmul(x, QuantizedPanels.of(w), y)
     blas_tiles = dequantized_blas(x, w, y)
-    calls = dict(zip(WAYS, (direct, tiled, blas_tiles, lambda: np.matmul(x, dense.T, out=y))))
+    calls = dict(zip(WAYS, (panels, direct, tiled, blas_tiles, lambda: np.matmul(x, dense.T, out=y))))
     repeats = 3 if shape[0] > 10_000 else 20
     best = dict.fromkeys(WAYS, float("inf"))
     for call in calls.values():
