@@ -16,12 +16,12 @@ import numpy as np
 
 from ..quantized import QuantizedPanels, QuantizedTensor
 
-# Which product runs, by the rows of x (SmolLM2's shapes, 2 threads, measured by benchmarks/kernel_rows.py):
-# one row (decode), the direct kernel; more, tiles of dequantised rows in L1. Prefill once handed larger
-# dequantised tiles to BLAS above 64 rows; since the tiles are multiplied in register tiles (dot_tiles) they
-# beat that at every row count measured: SmolLM2's chain of products at 64 / 128 / 256 / 512 rows, Q4_1
-# 2.6 / 2.1 / 1.7 / 1.4x, Q8_0 2.0 / 2.2 / 1.7 / 1.3x (AMD EPYC, AVX-512, OpenBLAS's Haswell kernel; with
-# the kernels compiled for Haswell too, 2.3 / 1.9 / 1.6x).
+# Which product runs on row-major blocks, by the rows of x (SmolLM2's shapes, 2 threads, measured by
+# benchmarks/kernel_rows.py): one row (decode), the direct kernel; more, tiles of dequantised rows in L1.
+# Prefill once handed larger dequantised tiles to BLAS above 64 rows; since the tiles are multiplied in
+# register tiles (dot_tiles) they beat that at every row count measured: SmolLM2's chain of products at 64 /
+# 128 / 256 / 512 rows, Q4_1 1.7 / 1.9 / 1.6 / 1.6x, Q8_0 2.4 / 2.0 / 1.6 / 1.4x (AMD EPYC, AVX-512,
+# OpenBLAS's Haswell kernel; with the kernels compiled for Haswell too, Q4_1 1.6 / 1.5 / 1.3x).
 DIRECT_MAX_ROWS = 1
 
 

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from minitorch_infer.backends import quantized, quantized_kernels
+from minitorch_infer.backends import quantized, quantized_kernels, thread_handover
 from minitorch_infer.quantized import QuantizedPanels, QuantizedTensor, quantize
 
 # SmolLM2-135M: [rows, cols] of each fused weight, and how many a step multiplies by.
@@ -66,6 +66,9 @@ def products(kind: str, shape: tuple[int, int], rows: int, rng: np.random.Genera
         call()                                   # compile or load from the cache first
     for _ in range(5):
         for way, call in calls.items():
+            # The cores go to the library that runs this way (OpenBLAS's idle workers spin for ~0.1 s after a
+            # call, and took them from the Numba kernels timed next: a one-row product 10x slower).
+            (thread_handover.before_blas_step if "BLAS" in way else thread_handover.before_numba_step)()
             began = time.perf_counter()
             for _ in range(repeats):
                 call()
