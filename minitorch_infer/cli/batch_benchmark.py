@@ -79,12 +79,13 @@ def _run_level(model, level: int, rng: np.random.Generator, into: LevelMeasureme
     decode_seconds, decode_tokens, kv_peak = 0.0, 0, 0
     while engine.scheduler.has_work:
         all_decoding = not engine.scheduler.waiting and all(r.decoder.new_ids for r in requests)
-        began = time.perf_counter()
         before = sum(len(r.decoder.new_ids) for r in requests)
+        began = time.perf_counter()
         engine.step()
+        seconds = time.perf_counter() - began           # the step alone, not this loop's own bookkeeping
         kv_peak = max(kv_peak, model.kv_cache.used_blocks)
         if all_decoding:
-            decode_seconds += time.perf_counter() - began
+            decode_seconds += seconds
             decode_tokens += sum(len(r.decoder.new_ids) for r in requests) - before
     if into is None:
         return
