@@ -90,7 +90,7 @@ class KVSequence:
 
     def advance(self, token_ids: Sequence[int]) -> None:
         """Record that the positions after `length` now hold these tokens' keys and values."""
-        self.tokens[self.length:] = [int(t) for t in token_ids]
+        self.tokens += map(int, token_ids)          # `tokens` is always `length` long
         self.length += len(token_ids)
         if self.length >= (self._registered + 1) * self.cache.block_size:
             self.cache._register_full_blocks(self)
