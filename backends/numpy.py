@@ -102,7 +102,7 @@ class Program:
         self._panelled_products = bool(floats_in_panels) and not any(weight_is_quantized)
         if self._panelled_products:
             _panel_kernels().warm_up()
-        if len(floats_in_panels) < len(held_in_panels):
+        if any(isinstance(self.params[name], QuantizedPanels) for name in held_in_panels):
             quantized.warm_up_panels()
         if self._quantized_products or self._panelled_products:
             warm_up_step_kernels()

@@ -74,7 +74,7 @@ def warm_up_panels() -> None:
 
 def limit_numba_threads() -> None:
     """Apply limit_threads to the calling thread, once per thread (for every kernel that runs in Numba's threads:
-    these, and the panel kernels of float32 weights)."""
+    these, and the panel kernels; Program.run applies it before each step that runs them)."""
     if _thread_limit and threading.get_ident() not in _limited_threads:
         import numba
 

@@ -87,6 +87,7 @@ def main() -> None:
 
         threadpool_limits(args.threads)
         quantized.limit_threads(args.threads)
+        quantized.limit_numba_threads()          # on this thread, which calls every kernel
     rng = np.random.default_rng(0)
     print(f"{args.kind}: milliseconds per product, best of 5 " + " | ".join(WAYS))
     for rows in (int(r) for r in args.rows.split(",")):
