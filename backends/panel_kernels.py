@@ -33,7 +33,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..panelled import PanelledWeight
-from .vector_lanes import LANES, VECTOR, data_and_shape, float32_rows, load_lanes, prefetch_line, splat, store_lanes
+from .vector_lanes import (LANES, VECTOR, data_and_shape, float32_rows, load_lanes, prefetch_line, splat,
+                           store_or_add_lanes)
 
 PARALLEL_PRODUCTS = 1 << 18       # rows × N × K from which a product shares its panels among threads
 PREFETCH_AHEAD = 128              # lines of a panel (values of K) between the one multiplied and the one asked for
@@ -125,11 +126,6 @@ def _panel_block(typingctx, w_panels, panel, x, first, y, rows, accumulate):
         column = builder.mul(panel_, intp(LANES))
         for m in range(count):
             target = builder.gep(y_data, [builder.add(builder.mul(builder.add(first_, intp(m)), y_width), column)])
-            total = builder.load(sums[m])
-            with builder.if_else(add) as (adding, storing):
-                with adding:
-                    store_lanes(builder, builder.fadd(load_lanes(builder, target), total, flags=("fast",)), target)
-                with storing:
-                    store_lanes(builder, total, target)
+            store_or_add_lanes(builder, builder.load(sums[m]), target, add)
         return context.get_dummy_value()
     return types.void(w_panels, panel, x, first, y, rows, accumulate), codegen

@@ -28,7 +28,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .vector_lanes import LANES, VECTOR, data_and_shape, load_lanes, prefetch_line, splat, store_lanes
+from .vector_lanes import (LANES, VECTOR, data_and_shape, float32_rows, load_lanes, prefetch_line, splat,
+                           store_or_add_lanes)
 
 PREFETCH_BYTES = 8192             # how far ahead of the line it widens a block asks for the panel's codes
 _BYTES = ir.VectorType(ir.IntType(8), LANES)
@@ -96,9 +97,9 @@ def _panel_block(typingctx, codes, scales, offsets, panel, x, first, y, rows, ac
     weights at k, widened from its codes line by line (see the module docstring)."""
     four_bit = isinstance(codes, types.Array) and codes.dtype == types.uint8
     if not (isinstance(codes, types.Array) and codes.ndim == 4 and codes.layout == "C"
-            and codes.dtype in (types.int8, types.uint8) and _float32_rows(scales, 3)
-            and (isinstance(offsets, types.NoneType) or (four_bit and _float32_rows(offsets, 3)))
-            and _float32_rows(x, 2) and _float32_rows(y, 2) and isinstance(rows, types.IntegerLiteral)):
+            and codes.dtype in (types.int8, types.uint8) and float32_rows(scales, 3)
+            and (isinstance(offsets, types.NoneType) or (four_bit and float32_rows(offsets, 3)))
+            and float32_rows(x, 2) and float32_rows(y, 2) and isinstance(rows, types.IntegerLiteral)):
         return None
     count, has_offsets = rows.literal_value, not isinstance(offsets, types.NoneType)
     sets = 4 if count <= 4 else 2 if count <= 8 else 1        # sums per row of x (see the module docstring)
@@ -161,18 +162,9 @@ def _panel_block(typingctx, codes, scales, offsets, panel, x, first, y, rows, ac
             for which in range(1, sets):
                 total = builder.fadd(total, builder.load(sums[which][m]), flags=("fast",))
             target = builder.gep(y_data, [builder.add(builder.mul(builder.add(first_, intp(m)), y_width), column)])
-            with builder.if_else(add) as (adding, storing):
-                with adding:
-                    store_lanes(builder, builder.fadd(load_lanes(builder, target), total, flags=("fast",)), target)
-                with storing:
-                    store_lanes(builder, total, target)
+            store_or_add_lanes(builder, total, target, add)
         return context.get_dummy_value()
     return types.void(codes, scales, offsets, panel, x, first, y, rows, accumulate), codegen
-
-
-def _float32_rows(array, ndim: int) -> bool:
-    return (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"
-            and array.dtype == types.float32)
 
 
 @njit(fastmath=True, cache=True, nogil=True)

@@ -236,6 +236,15 @@ def store_lanes(builder, lanes, pointer, offset=0):
                   align=4)
 
 
+def store_or_add_lanes(builder, lanes, pointer, add):
+    """Store 16 lanes at pointer, or add them to the 16 values there where `add` (an LLVM boolean) holds."""
+    with builder.if_else(add) as (adding, storing):
+        with adding:
+            store_lanes(builder, builder.fadd(load_lanes(builder, pointer), lanes, flags=("fast",)), pointer)
+        with storing:
+            store_lanes(builder, lanes, pointer)
+
+
 def prefetch_line(builder, pointer):
     """Ask for the cache line holding *pointer, into every cache level (llvm.prefetch: a hint, never a fault)."""
     byte_pointer = ir.IntType(8).as_pointer()

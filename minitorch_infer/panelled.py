@@ -82,10 +82,7 @@ class PanelledWeight:
 
     def take_rows(self, part: slice) -> PanelledWeight:
         """Rows part.start .. part.stop - 1 of w, whole panels of them, as a view (a packed weight's parts)."""
-        if part.start % PANEL or part.stop % PANEL:
-            raise MinitorchError(f"rows {part.start}..{part.stop} of a weight in panels are not whole panels of "
-                                 f"{PANEL}")
-        return PanelledWeight(self.panels[part.start // PANEL:part.stop // PANEL])
+        return PanelledWeight(self.panels[panels_of_rows(part)])
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of w, [len(ids), K] (an embedding table's lookup): each a column of one panel."""
@@ -93,6 +90,13 @@ class PanelledWeight:
 
     def __repr__(self) -> str:
         return f"PanelledWeight(f32{list(self.shape)} in panels of {PANEL})"
+
+
+def panels_of_rows(part: slice) -> slice:
+    """The panels that hold rows part.start .. part.stop - 1 of a weight, which must be whole panels of them."""
+    if part.start % PANEL or part.stop % PANEL:
+        raise MinitorchError(f"rows {part.start}..{part.stop} of a weight in panels are not whole panels of {PANEL}")
+    return slice(part.start // PANEL, part.stop // PANEL)
 
 
 def fits(w) -> bool:

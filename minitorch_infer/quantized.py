@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import MinitorchError
-from .panelled import PANEL
+from .panelled import PANEL, panels_of_rows
 
 BLOCK = 32               # values per block, in every type here
 
@@ -218,10 +218,7 @@ class QuantizedPanels:
 
     def take_rows(self, part: slice) -> QuantizedPanels:
         """Rows part.start .. part.stop - 1, whole panels of them, as a view (a packed weight's parts)."""
-        if part.start % PANEL or part.stop % PANEL:
-            raise MinitorchError(f"rows {part.start}..{part.stop} of a weight in panels are not whole panels of "
-                                 f"{PANEL}")
-        panels = slice(part.start // PANEL, part.stop // PANEL)
+        panels = panels_of_rows(part)
         return QuantizedPanels(self.kind, self.codes[panels], self.scales[panels],
                                None if self.offsets is None else self.offsets[panels])
 

@@ -23,6 +23,22 @@ def missing(what: str):
     pytest.skip(f"{what} not available")
 
 
+def kinds_of_steps(model) -> tuple:
+    """Logits of a 5-token prompt, of one decode token, and of a batched step of three sequences (for comparing
+    two ways of computing the same model)."""
+    sequences = [model.kv_cache.open() for _ in range(3)]
+    try:
+        for s in sequences:
+            s.reserve(8)
+        prompt = model.step(sequences[:1], [[1, 5, 9, 200, 7]]).copy()
+        decode = model.step(sequences[:1], [[11]]).copy()
+        batched = model.step(sequences, [[12, 13], [7, 8], [9, 10]]).copy()
+        return prompt, decode, batched
+    finally:
+        for s in sequences:
+            s.close()
+
+
 def require_model(name: str) -> Path:
     try:
         return find_model(name)

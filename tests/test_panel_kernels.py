@@ -11,6 +11,7 @@ from minitorch_infer.backends import panel_kernels
 from minitorch_infer.errors import MinitorchError
 from minitorch_infer.formats.weights import WeightStore
 from minitorch_infer.panelled import PanelledWeight
+from tests.conftest import kinds_of_steps
 
 ROWS = [1, 2, 3, 4, 5, 8, 9, 16, 17, 33]
 needs_avx512 = pytest.mark.skipif(not numpy_backend._has_avx512(),
@@ -183,21 +184,6 @@ def _counting_panel_kernels(monkeypatch) -> list:
     return used
 
 
-def _steps(model) -> tuple[np.ndarray, ...]:
-    """Logits of a 5-token prompt, of one decode token, and of a batched step of three sequences."""
-    sequences = [model.kv_cache.open() for _ in range(3)]
-    try:
-        for s in sequences:
-            s.reserve(8)
-        prompt = model.step(sequences[:1], [[1, 5, 9, 200, 7]]).copy()
-        decode = model.step(sequences[:1], [[11]]).copy()
-        batched = model.step(sequences, [[12, 13], [7, 8], [9, 10]]).copy()
-        return prompt, decode, batched
-    finally:
-        for s in sequences:
-            s.close()
-
-
 def _products_per_step(model) -> int:
     return sum(node.op in ("matmul", "matmul_add") for node in model.graph.nodes)
 
@@ -212,7 +198,7 @@ def plain_story_steps(monkeypatch):
         without_avx512.setattr(numpy_backend, "_has_avx512", lambda: False)
         used = _counting_panel_kernels(without_avx512)
         plain = minitorch_infer.load(require_model("story"))
-        steps = _steps(plain)
+        steps = kinds_of_steps(plain)
         assert used == [] and all(isinstance(plain.weights[name], np.ndarray) for name in plain.graph.params)
     return steps
 
@@ -233,7 +219,7 @@ def test_a_large_model_holds_its_float_weights_once_in_panels(monkeypatch, plain
     for name in names:
         assert isinstance(model.weights[name], PanelledWeight) and model.program.params[name] is model.weights[name]
     used.clear()
-    for ours, theirs in zip(_steps(model), plain_story_steps):
+    for ours, theirs in zip(kinds_of_steps(model), plain_story_steps):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert len(used) == 3 * _products_per_step(model)
 
@@ -250,7 +236,7 @@ def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_once_it_batc
     model = minitorch_infer.load(require_model("story"))
     assert all(isinstance(model.weights[name], np.ndarray) for name in model.graph.params)
     used.clear()
-    for ours, theirs in zip(_steps(model), plain_story_steps):
+    for ours, theirs in zip(kinds_of_steps(model), plain_story_steps):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert len(used) == _products_per_step(model)           # the batched step's only
     copies = model.program.batch_panels()
@@ -258,7 +244,7 @@ def test_a_small_model_keeps_arrays_and_multiplies_copies_in_panels_once_it_batc
                                if node.op in ("matmul", "matmul_add")})
     assert model.program.batch_panels() is copies
     used.clear()
-    for ours, theirs in zip(_steps(model), plain_story_steps):
+    for ours, theirs in zip(kinds_of_steps(model), plain_story_steps):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     assert len(used) == 3 * _products_per_step(model)       # the prompt and decode too, now
 

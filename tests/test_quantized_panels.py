@@ -9,7 +9,7 @@ import minitorch_infer
 from minitorch_infer.backends import numpy as numpy_backend, quantized
 from minitorch_infer.formats.weights import WeightStore
 from minitorch_infer.quantized import QuantizedPanels, QuantizedTensor, quantize
-from tests.conftest import require_model
+from tests.conftest import kinds_of_steps, require_model
 from tests.test_quantized import KINDS, assert_matches_float_product, awkward_values
 
 needs_avx512 = pytest.mark.skipif(not numpy_backend._has_avx512(), reason="weights go in panels only with AVX-512")
@@ -93,21 +93,7 @@ def test_a_model_in_panels_computes_what_the_row_major_kernels_compute(kind, mon
         without_avx512.setattr(numpy_backend, "_has_avx512", lambda: False)
         row_major = minitorch_infer.load(require_model("story"), weights=kind)
         assert not any(isinstance(row_major.weights[name], QuantizedPanels) for name in row_major.weights)
-        expected = _steps(row_major)
-    for found, wanted in zip(_steps(model), expected, strict=True):
+        expected = kinds_of_steps(row_major)
+    for found, wanted in zip(kinds_of_steps(model), expected, strict=True):
         np.testing.assert_allclose(found, wanted, rtol=1e-4, atol=1e-4)
 
-
-def _steps(model) -> tuple[np.ndarray, ...]:
-    """Logits of a 5-token prompt, of one decode token, and of a batched step of three sequences."""
-    sequences = [model.kv_cache.open() for _ in range(3)]
-    try:
-        for s in sequences:
-            s.reserve(8)
-        prompt = model.step(sequences[:1], [[1, 5, 9, 200, 7]]).copy()
-        decode = model.step(sequences[:1], [[11]]).copy()
-        batched = model.step(sequences, [[12, 13], [7, 8], [9, 10]]).copy()
-        return prompt, decode, batched
-    finally:
-        for s in sequences:
-            s.close()
