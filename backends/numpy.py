@@ -749,8 +749,9 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
         attend(q_row, k, v, out_row)
 
     scale = np.float32(node.attrs["scale"])
-    paged_kernel = "paged_decode_attention_threaded" if step.products_in_numba else "paged_decode_attention"
-    if rows == 1 and step.products_in_numba:
+    numba_step = step.products_in_numba                 # as bound: a cached binding does not set it again
+    paged_kernel = "paged_decode_attention_threaded" if numba_step else "paged_decode_attention"
+    if rows == 1 and numba_step:
         # One sequence's decode with its products in Numba: the threaded paged kernel shares its kv heads among
         # Numba's threads, idle between the products otherwise (SmolLM2 decode 1.04x native, 1.055x Q8_0, one
         # process, eight alternating turns each, to ~200 positions; more for longer contexts). The kernels are
@@ -780,8 +781,22 @@ def _attention(node: Node, ins, outs, scratch, step) -> Kernel:
                 one_query(layout, i, grouped(q, first_row), grouped(out, first_row))
             else:
                 k, v = keys_and_values(layout, i, 0, total)
+                blas_threads = numba_step and (stop_row - first_row) * total * heads * head_dim >= BLAS_ATTENTION
+                if blas_threads:                       # the cores go to OpenBLAS for this call (thread_handover)
+                    thread_handover.before_blas_step()
                 _many_queries_attention(node, q[first_row:stop_row], k, v, out[first_row:stop_row], scratch)
+                if blas_threads:
+                    thread_handover.before_numba_step()
     return call
+
+
+# A prompt's attention is BLAS's products of its queries by every key. In a step whose products run in Numba's
+# threads, OpenBLAS is held to one thread (thread_handover), which late in a long prompt leaves half the
+# machine idle for most of the step: from this many multiply-adds of q·kᵀ (new rows × keys × heads ×
+# head_dim) the call gets OpenBLAS's threads back, ~0.2 ms of handing over each way. SmolLM2 native, a
+# 2,048-token prompt in chunks of 128, alternating processes: 1.06-1.25x (3.04-3.07 against 3.23-3.31 s in one
+# round, 2.49-2.57 against 3.09-3.14 in another); 128 and 512 tokens unchanged (the first chunk stays below).
+BLAS_ATTENTION = 10_000_000
 
 
 def _one_query_attention(node: Node, heads: int, head_dim: int, kv_heads: int, context: int, scratch):

@@ -125,3 +125,18 @@ def test_a_step_hands_the_cores_to_the_library_that_runs_its_products(monkeypatc
     monkeypatch.setattr(thread_handover, "before_blas_step", lambda: calls.append("blas"))
     model.generate("Once upon a time", max_new_tokens=3, greedy=True)
     assert calls == ["numba" if numba_steps else "blas"] * 3       # the prompt's prefill and two decode steps
+
+
+def test_a_long_prompt_s_attention_in_a_numba_step_gets_openblas_s_threads(monkeypatch):
+    """A prompt's attention past BLAS_ATTENTION multiply-adds, in a step whose products run in Numba, hands the
+    cores to OpenBLAS for that call and back after it, and computes what it computes without the handover."""
+    model = minitorch_infer.load(require_model("story"), weights="q8_0", context=128)
+    prompt = model.encode("Once upon a time, there was a little girl named Lily. She liked to play outside.")
+    expected = model.logits(prompt)                     # below the bar: no handover
+    monkeypatch.setattr(numpy_backend, "BLAS_ATTENTION", 1)
+    calls = []
+    monkeypatch.setattr(thread_handover, "before_numba_step", lambda: calls.append("numba"))
+    monkeypatch.setattr(thread_handover, "before_blas_step", lambda: calls.append("blas"))
+    np.testing.assert_allclose(model.logits(prompt), expected, rtol=1e-5, atol=1e-5)
+    layers = model.config.num_layers
+    assert calls == ["numba"] + ["blas", "numba"] * layers      # the step's own, then each layer's attention
