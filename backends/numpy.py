@@ -95,11 +95,10 @@ class Program:
                 raise GraphError(f"param @{name} is declared {value.type.dtype} but the weights hold "
                                  f"{weight_type(self.params[name])}: compile with the quantize_weights pass first")
         quantized.warm_up({v.type.dtype for v in graph.params.values() if v.type.is_quantized})
-        weight_is_quantized = [node.inputs[1].type.is_quantized for node in graph.nodes
-                               if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"]
-        self._quantized_products = bool(weight_is_quantized) and all(weight_is_quantized)
+        quantized_weights = _matmul_weight_names(graph, quantized=True)
+        self._quantized_products = bool(quantized_weights) and not _matmul_weight_names(graph, quantized=False)
         # A program of float32 weights in panels: every step's products run in Numba (as a quantised program's do).
-        self._panelled_products = bool(floats_in_panels) and not any(weight_is_quantized)
+        self._panelled_products = bool(floats_in_panels) and not quantized_weights
         if self._panelled_products:
             _panel_kernels().warm_up()
         if any(isinstance(self.params[name], QuantizedPanels) for name in held_in_panels):
@@ -238,8 +237,8 @@ class Program:
         load goes between one request and several does not hand the cores between BLAS's threads and Numba's
         at each change (the first step after such a handover took 3 ms more than the next on the story model)."""
         if self._batch_panels is None:
-            self._batch_panels = {id(self.params[name]): PanelledWeight.of(self.params[name])
-                                  for name in _panel_candidates(self.params, _float_weight_names(self.graph))}
+            names = _panel_candidates(self.params, _matmul_weight_names(self.graph, quantized=False))
+            self._batch_panels = {id(self.params[name]): PanelledWeight.of(self.params[name]) for name in names}
             self._bound.clear()                # bindings made before multiply by the arrays
         return self._batch_panels
 
@@ -271,9 +270,7 @@ def params_held_in_panels(graph: Graph, params: Mapping[str, object]) -> list[st
     by that is whole panels of rows (quantised panels beat the row-major kernels at every number of rows:
     SmolLM2's chain of products from memory at 1 / 16 / 128 rows, Q8_0 1.23 / 1.77 / 1.15x, Q4_1 1.17 / 1.69 /
     1.36x, AMD EPYC)."""
-    quantized_names = sorted({node.inputs[1].name for node in graph.nodes
-                              if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
-                              and node.inputs[1].type.is_quantized})
+    quantized_names = _matmul_weight_names(graph, quantized=True)
     if quantized_names and _has_avx512():
         quantized_names = [name for name in quantized_names
                            if isinstance(params[name], QuantizedPanels) or blocks_fit_in_panels(params[name])]
@@ -301,7 +298,7 @@ def _float_weights_in_panels(graph: Graph, params: Mapping[str, object]) -> list
     Numba's kernels (~0.5 s; ~9 s to compile them the first time): its weights stay arrays for BLAS until it
     batches, which runs Numba anyway, and from then on its steps multiply by copies in panels
     (Program.batch_panels)."""
-    names = _float_weight_names(graph)
+    names = _matmul_weight_names(graph, quantized=False)
     if sum(params[name].nbytes for name in names) < PANELS_MIN_BYTES:
         return []                        # asked first: a small model's single stream need not load llvmlite
     return _panel_candidates(params, names)
@@ -317,11 +314,11 @@ def _panel_candidates(params: Mapping[str, object], names: list[str]) -> list[st
     return []
 
 
-def _float_weight_names(graph: Graph) -> list[str]:
-    """The float32 params a matmul multiplies by."""
+def _matmul_weight_names(graph: Graph, quantized: bool) -> list[str]:
+    """The params a matmul multiplies by: the quantised ones, or the float32 ones."""
     return sorted({node.inputs[1].name for node in graph.nodes
                    if node.op in ("matmul", "matmul_add") and node.inputs[1].kind == "param"
-                   and not node.inputs[1].type.is_quantized})
+                   and node.inputs[1].type.is_quantized == quantized})
 
 
 # --- views ----------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ them again (~0.1 ms each way; a call with nothing to end costs ~1 µs):
   products that follow. Prompts prefilled one after another, their products in panel kernels: the story
   model's 128 tokens took 9.1 ms with OpenBLAS's two threads and 0.50 with one; SmolLM2 float32's 512 tokens
   1,851 and 411 ms. (Late in a long prompt, where one attention call outweighs a handover, the attention
-  kernel hands the cores to OpenBLAS and back around that call: numpy.BLAS_ATTENTION.) That is safe only while no other thread is inside a BLAS call, so it runs only in a
-  process whose other threads are known not to call BLAS: one with a single Python thread, or one whose entry
-  point said so for as long as it runs (`claimed()`: the minitorch-infer command). Elsewhere, and with any
-  BLAS but OpenBLAS's own threads, it does nothing.
+  kernel hands the cores to OpenBLAS and back around that call: numpy.BLAS_ATTENTION.) That is safe only
+  while no other thread is inside a BLAS call, so it runs only in a process whose other threads are known
+  not to call BLAS: one with a single Python thread, or one whose entry point said so for as long as it
+  runs (`claimed()`: the minitorch-infer command). Elsewhere, and with any BLAS but OpenBLAS's own threads,
+  it does nothing.
 - `before_blas_step` pauses OpenMP (omp_pause_resource_all), which ends the workers of the calling thread's
   own parallel loops only, so it is safe whatever other threads do, and gives OpenBLAS back the threads
   before_numba_step took.

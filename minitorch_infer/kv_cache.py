@@ -116,7 +116,7 @@ class KVSequence:
         """The pool slot of each position 0..total-1 (a copy)."""
         if total > len(self.blocks) * self.cache.block_size:
             raise ValueError(f"a sequence of {len(self.blocks)} blocks has no slots for {total} positions")
-        return self.cache._slot_table[self.table_row, :total].copy()
+        return self.cache.slot_rows([self], total)[0]
 
     @property
     def run_start(self) -> int | None:
