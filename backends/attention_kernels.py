@@ -7,8 +7,10 @@ products cost 40% of the whole step. Here each key and value row is read from it
 query heads of its group at once: one pass over the row feeds two sums, which LLVM vectorises along the
 row (per head, or per group of any size, it did not: 1.6x slower for the story model's 16-wide heads).
 Heads of exactly 16 values are shorter than LLVM's vector loop and take 16-lane vector operations of our own
-instead (vector_lanes): the story model's attention 1.3-1.6x. The softmax is 16 lanes for every head width,
-its exp a polynomial (libm's ran one value at a time): another 1.1-1.3x. The weighted sum of the values keeps
+instead (vector_lanes): the story model's attention 1.3-1.6x, then 1.3-1.4x more once a block of 16 keys was
+multiplied and summed in registers for both heads of a pair, with no view made per pair (block_scores). The
+softmax is 16 lanes for every head width, its exp a polynomial (libm's ran one value at a time): another
+1.1-1.3x; it divides once per head, the weighted sum of the values, not each weight. The weighted sum of the values keeps
 its sums in registers across positions for heads of 16, 32, 64 or 128 values (`weighted_values`), where a
 loop summing into the output loaded and stored it at every position: the kernel on SmolLM2's shape 1.3-1.5x
 (1.9x threaded at 190 positions), on the story model's 0.96-1.1x (min of 15 turns, one process).
@@ -27,8 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .vector_lanes import (LANES, VALUE_WIDTHS, lane_buffer, multiply_lanes, softmax_lanes, sums_of_rows,
-                           weighted_values)
+from .vector_lanes import LANES, VALUE_WIDTHS, block_scores, exponentials, largest, weighted_values
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -38,10 +39,10 @@ def paged_decode_attention(q, k_pool, v_pool, slots, totals, window, scale, out)
     values sit in slots[r, t] of k_pool and v_pool [kv_heads, slots, head_dim]. Query head h reads kv head
     h // (heads // kv_heads)."""
     q = np.ascontiguousarray(q)               # the vector path reads query heads as 16 contiguous lanes
-    weights, lanes = _buffers(q, k_pool, slots)
+    weights, peaks = _buffers(q, k_pool, slots)
     for r in range(q.shape[0]):
         for g in range(k_pool.shape[0]):
-            _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, lanes)
+            _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, peaks)
 
 
 def paged_decode_attention_threaded(q, k_pool, v_pool, slots, totals, window, scale, out):
@@ -60,79 +61,76 @@ def _attention_in_runs(q, k_pool, v_pool, slots, totals, window, scale, out, run
     kv_heads = k_pool.shape[0]
     pairs = q.shape[0] * kv_heads
     for run in prange(runs):
-        weights, lanes = _buffers(q, k_pool, slots)
+        weights, peaks = _buffers(q, k_pool, slots)
         for pair in range(run * pairs // runs, (run + 1) * pairs // runs):
             _attend(q, k_pool, v_pool, slots, totals, window, scale, out, pair // kv_heads, pair % kv_heads,
-                    weights, lanes)
-
-
-# Two query heads' rows of 16 partial products, 16 positions each (the vector path's scores), on the stack.
-LANE_BUFFER = 2 * LANES * LANES
+                    weights, peaks)
 
 
 @njit(inline="always")
 def _buffers(q, k_pool, slots):
-    """Scores, then attention weights, of one kv head's group of query heads over a sequence's positions
-    (16 more than the longest: the lanes store 16 at a time, past the last position too); and the lanes,
-    zeroed once, so that rows a short last block of positions leaves unwritten hold finite numbers."""
-    weights = np.empty((q.shape[1] // k_pool.shape[0], slots.shape[1] + LANES), np.float32)
-    lanes = lane_buffer(LANE_BUFFER, np.float32)
-    for i in range(LANE_BUFFER):
-        lanes[i] = 0
-    return weights, lanes
+    """Scores, then attention weights, of one kv head's group of query heads over a sequence's positions (16
+    more than the longest: a block of scores is stored whole, past the last position too); and each head's
+    largest score, then 1 / its sum of weights."""
+    group = q.shape[1] // k_pool.shape[0]
+    return np.empty((group, slots.shape[1] + LANES), np.float32), np.empty(group, np.float32)
 
 
 @njit(inline="always")
-def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, lanes):
+def _attend(q, k_pool, v_pool, slots, totals, window, scale, out, r, g, weights, peaks):
     """Sequence r's query heads of kv head g's group, two at a time (and a last one alone in an odd group).
     Scores of 16-value heads take the vector path (vector_lanes): LLVM's own vector loops cover 32 values (8
     lanes, 4 interleaved) and left them scalar. Wider heads it vectorises itself, and there the lanes measured
-    no faster for scores (SmolLM2's 64: within the noise, or slower). The softmax is lanes for all widths, and
-    so are the values for the widths weighted_values takes."""
+    no faster for scores (SmolLM2's 64: within the noise, or slower). The exponentials are lanes for all widths,
+    and so are the values for the widths weighted_values takes. A head's softmax divides once, at the end: its
+    weighted sum of values by the sum of its weights."""
     group = q.shape[1] // k_pool.shape[0]
     total = totals[r]
     first = max(0, total - window) if window > 0 else 0
     head = g * group
-    sixteen_wide = q.shape[2] == LANES
     for j in range(0, group, 2):
         heads = min(2, group - j)
-        if sixteen_wide:
-            _scores_in_blocks(k_pool, slots, r, g, first, total, scale, heads, q[r, head + j],
-                              q[r, head + j + heads - 1], weights[j], weights[j + heads - 1], lanes)
+        if q.shape[2] == LANES:
+            peaks[j], peaks[j + heads - 1] = _scores_in_blocks(q, k_pool, slots, r, g, head + j, first, total, scale,
+                                                              heads, weights, j)
         elif heads == 2:
             _scores_of_two(q, k_pool, slots, r, g, head + j, first, total, scale, weights[j], weights[j + 1])
+            peaks[j], peaks[j + 1] = largest(weights, j, first, total), largest(weights, j + 1, first, total)
         else:
             _scores_of_one(q, k_pool, slots, r, g, head + j, first, total, scale, weights[j])
+            peaks[j] = largest(weights, j, first, total)
     for j in range(group):
-        softmax_lanes(weights[j], first, total)
+        peaks[j] = 1 / exponentials(weights, j, first, total, peaks[j])        # now each head's 1 / Σ weights
     for j in range(0, group, 2):
         heads = min(2, group - j)
-        out_a, out_b = out[r, head + j], out[r, head + j + heads - 1]
         if q.shape[2] in VALUE_WIDTHS:
-            weighted_values(v_pool[g], slots, r, first, total, weights[j], weights[j + heads - 1], heads, out_a,
-                            out_b)
+            weighted_values(v_pool, g, slots, r, first, total, weights, j, j + heads - 1, heads, out, head + j,
+                            head + j + heads - 1, peaks[j], peaks[j + heads - 1])
         elif heads == 2:
-            _values_of_two(v_pool, slots, r, g, first, total, weights[j], weights[j + 1], out_a, out_b)
+            _values_of_two(v_pool, slots, r, g, first, total, weights[j], weights[j + 1], peaks[j], peaks[j + 1],
+                           out[r, head + j], out[r, head + j + 1])
         else:
-            _values_of_one(v_pool, slots, r, g, first, total, weights[j], out_a)
+            _values_of_one(v_pool, slots, r, g, first, total, weights[j], peaks[j], out[r, head + j])
 
 
 @njit(inline="always")
-def _scores_in_blocks(k_pool, slots, r, g, first, total, scale, heads, q_a, q_b, scores_a, scores_b, lanes):
-    """Query heads q_a (and q_b when heads is 2) of 16 values against sequence r's keys in kv head g, 16
-    positions at a time: each key's products with a query head fill one row of 16 lanes, and sums_of_rows
-    turns 16 rows into 16 scores. 1.2-1.4x the scalar loops' four positions at a time."""
-    keys = k_pool[g]
-    second = LANES * LANES                                   # where q_b's rows start
+def _scores_in_blocks(q, k_pool, slots, r, g, h, first, total, scale, heads, scores, row):
+    """Query heads h (and h + 1 when heads is 2) of 16 values against sequence r's keys in kv head g, into rows
+    `row` (and row + 1) of scores, a block of 16 positions at a time (block_scores). Returns each head's
+    largest score (the first head's twice when heads is 1)."""
+    peak_a = peak_b = np.float32(np.finfo(np.float32).min)
     for block in range(first, total, LANES):
-        for i in range(min(LANES, total - block)):
-            slot = slots[r, block + i]
-            multiply_lanes(lanes, LANES * i, q_a, keys, slot)
-            if heads == 2:
-                multiply_lanes(lanes, second + LANES * i, q_b, keys, slot)
-        sums_of_rows(lanes, 0, scale, scores_a, block)
-        if heads == 2:
-            sums_of_rows(lanes, second, scale, scores_b, block)
+        whole = block + LANES <= total
+        if heads == 2 and whole:
+            a, b = block_scores(q, r, h, 2, k_pool, g, slots, block, total, True, scale, scores, row)
+        elif heads == 2:
+            a, b = block_scores(q, r, h, 2, k_pool, g, slots, block, total, False, scale, scores, row)
+        elif whole:
+            a, b = block_scores(q, r, h, 1, k_pool, g, slots, block, total, True, scale, scores, row)
+        else:
+            a, b = block_scores(q, r, h, 1, k_pool, g, slots, block, total, False, scale, scores, row)
+        peak_a, peak_b = max(peak_a, a), max(peak_b, b)
+    return peak_a, peak_b
 
 
 @njit(inline="always")
@@ -196,8 +194,8 @@ def _scores_of_one(q, k_pool, slots, r, g, h, first, total, scale, scores_h):
 
 
 @njit(inline="always")
-def _values_of_two(v_pool, slots, r, g, first, total, weights_h, weights_next, out_h, out_next):
-    """out_h = Σ_t weights_h[t] · value t, and likewise for the next head (the scalar loops)."""
+def _values_of_two(v_pool, slots, r, g, first, total, weights_h, weights_next, scale_h, scale_next, out_h, out_next):
+    """out_h = scale_h · Σ_t weights_h[t] · value t, and likewise for the next head (the scalar loops)."""
     out_h[:] = 0
     out_next[:] = 0
     for t in range(first, total):
@@ -207,13 +205,16 @@ def _values_of_two(v_pool, slots, r, g, first, total, weights_h, weights_next, o
             value = v_pool[g, slot, d]
             out_h[d] += a * value
             out_next[d] += b * value
+    out_h *= scale_h
+    out_next *= scale_next
 
 
 @njit(inline="always")
-def _values_of_one(v_pool, slots, r, g, first, total, weights_h, out_h):
+def _values_of_one(v_pool, slots, r, g, first, total, weights_h, scale_h, out_h):
     out_h[:] = 0
     for t in range(first, total):
         slot = slots[r, t]
         a = weights_h[t]
         for d in range(out_h.shape[0]):
             out_h[d] += a * v_pool[g, slot, d]
+    out_h *= scale_h

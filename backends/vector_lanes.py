@@ -7,11 +7,14 @@ value at a time. These intrinsics state the vector operation outright: LLVM emit
 two 256-bit ones where AVX-512 is missing.
 
 They read 16-value rows of C-contiguous float32 arrays (an attention head's query, a key or value row of the
-pool), write 16 values into such a row, and work on `lane_buffer`s, small float32 arrays on the stack. The
+pool), write 16 values into such a row, and work on `lane_buffer`s, small float32 arrays on the stack. A row
+is named by its array and indices, never passed as a view: a view made per call in a kernel's loop costs two
+calls to Numba's reference counting (the story model's attention ran 1.3-1.5x faster without them). The
 caller keeps every access in bounds: there are no checks.
 
-Numba's disk cache keys a kernel on its own source file only: after editing this module, clear the cache
-(or touch the kernels' files), or the kernels keep the old code.
+Numba's disk cache keys a kernel on the contents of its own source file only (Numba 0.68 hashes them; touching
+the file does nothing): after editing this module, clear the cache (backends/__pycache__/*.nbi, *.nbc), or
+the kernels keep the old code.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ EXP_POLYNOMIAL = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.166579589
                   5.0000001201e-1)
 VECTOR = ir.VectorType(ir.FloatType(), LANES)
 _LANE_INDICES = ir.VectorType(ir.IntType(32), LANES)
+_LOWEST = ir.Constant(VECTOR, [float(np.finfo(np.float32).min)] * LANES)   # finite: fast-math flags hold
 
 
 @intrinsic
@@ -48,133 +52,171 @@ def lane_buffer(typingctx, size, dtype):
     return types.CPointer(dtype.dtype)(size, dtype), codegen
 
 
-@intrinsic
-def multiply_lanes(typingctx, buffer, at, x, rows, row):
-    """buffer[at : at + 16] = x[0 : 16] · rows[row, 0 : 16]."""
-    if not (float32_rows(x, 1) and float32_rows(rows, 2)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        product = builder.fmul(_first_lanes(context, builder, signature.args[2], args[2]),
-                               _row_lanes(context, builder, signature, args, 3), flags=("fast",))
-        builder.store(product, _buffer_lanes(context, builder, signature, args), align=4)
-        return context.get_dummy_value()
-    return types.void(buffer, at, x, rows, row), codegen
-
-
 # Head widths weighted_values takes: 1, 2, 4 or 8 vectors of 16 lanes.
 VALUE_WIDTHS = (16, 32, 64, 128)
 
 
 @intrinsic
-def weighted_values(typingctx, values, slots, r, first, total, weights_a, weights_b, heads, out_a, out_b):
-    """out_a = Σ_t weights_a[t] · values[slots[r, t]] over positions first..total-1 (and out_b from weights_b when
-    heads is 2; heads may be 1 or 2), for rows of a width in VALUE_WIDTHS: the sums stay in registers, one
-    vector per 16 values and head, across every position. Summed into the output arrays instead, each position
-    loaded and stored them again, and waited on the stores: two thirds of SmolLM2's attention."""
-    if not (float32_rows(values, 2) and float32_rows(weights_a, 1) and float32_rows(weights_b, 1)
-            and float32_rows(out_a, 1) and float32_rows(out_b, 1) and isinstance(slots, types.Array)
-            and slots.ndim == 2 and slots.layout == "C" and slots.dtype == types.intp):
+def weighted_values(typingctx, values, g, slots, r, first, total, weights, row_a, row_b, heads, out, head_a, head_b,
+                    scale_a, scale_b):
+    """out[r, head_a] = scale_a · Σ_t weights[row_a, t] · values[g, slots[r, t]] over positions first..total-1
+    (and out[r, head_b] from weights[row_b] and scale_b when heads is 2; heads may be 1 or 2), for rows of a
+    width in VALUE_WIDTHS: the sums stay in registers, one vector per 16 values and head, across every
+    position. Summed into the output arrays instead, each position loaded and stored them again, and waited on
+    the stores: two thirds of SmolLM2's attention."""
+    if not (float32_rows(values, 3) and float32_rows(weights, 2) and float32_rows(out, 3)
+            and isinstance(slots, types.Array) and slots.ndim == 2 and slots.layout == "C"
+            and slots.dtype == types.intp):
         return None
 
     def codegen(context, builder, signature, args):
-        values_data, (_, width) = data_and_shape(context, builder, signature.args[0], args[0])
-        slots_data, (_, slot_columns) = data_and_shape(context, builder, signature.args[1], args[1])
-        r, first, total, heads_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3, 4, 7))
-        weights = [_data(context, builder, signature.args[i], args[i]) for i in (5, 6)]
-        outs = [_data(context, builder, signature.args[i], args[i]) for i in (8, 9)]
+        _, (_, _, width) = data_and_shape(context, builder, signature.args[0], args[0])
+        value_rows = row_pointer(context, builder, signature, args, 0, (1,))     # values[g, 0]
+        slot_row = row_pointer(context, builder, signature, args, 2, (3,))      # slots[r]
+        first, total, heads_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (4, 5, 9))
+        weights = [row_pointer(context, builder, signature, args, 6, (i,)) for i in (7, 8)]
+        outs = [row_pointer(context, builder, signature, args, 10, (3, i)) for i in (11, 12)]
+        scales = [splat(builder, context.cast(builder, args[i], signature.args[i], types.float32)) for i in (13, 14)]
         intp = width.type
-        slot_row = builder.gep(slots_data, [builder.mul(r, slot_columns)])
         for heads_wanted in (1, 2):
             for head_width in VALUE_WIDTHS:
                 chunks = head_width // LANES
                 wanted = builder.and_(builder.icmp_signed("==", heads_, intp(heads_wanted)),
                                       builder.icmp_signed("==", width, intp(head_width)))
                 with builder.if_then(wanted):
-                    sums = [[cgutils.alloca_once_value(builder, ir.Constant(VECTOR, [0.0] * LANES))
-                             for _ in range(chunks)] for _ in range(heads_wanted)]
-                    with cgutils.for_range(builder, builder.sub(total, first)) as loop:
-                        t = builder.add(first, loop.index)
-                        row = builder.gep(values_data, [builder.mul(builder.load(builder.gep(slot_row, [t])), width)])
-                        scales = [splat(builder, builder.load(builder.gep(weights[h], [t])))
-                                  for h in range(heads_wanted)]
+                    # Sums in `sets` interleaved sets (positions take turns), so that at least four chains of
+                    # adds run side by side: a head of 16 values alone had one, each position's add waiting on
+                    # the last's (the story model's attention 1.05-1.1x).
+                    sets = max(1, 4 // (chunks * heads_wanted))
+                    sums = [[[cgutils.alloca_once_value(builder, ir.Constant(VECTOR, [0.0] * LANES))
+                              for _ in range(chunks)] for _ in range(heads_wanted)] for _ in range(sets)]
+
+                    def add_position(t, into):
+                        row = builder.gep(value_rows, [builder.mul(builder.load(builder.gep(slot_row, [t])), width)])
+                        position_weights = [splat(builder, builder.load(builder.gep(weights[h], [t])))
+                                            for h in range(heads_wanted)]
                         for c in range(chunks):
                             lanes = load_lanes(builder, builder.gep(row, [intp(LANES * c)]))
                             for h in range(heads_wanted):
-                                accumulate_lanes(builder, sums[h][c], scales[h], lanes)
+                                accumulate_lanes(builder, into[h][c], position_weights[h], lanes)
+                    count = builder.sub(total, first)
+                    rounds = builder.udiv(count, intp(sets))
+                    with cgutils.for_range(builder, rounds) as loop:
+                        t = builder.add(first, builder.mul(loop.index, intp(sets)))
+                        for k in range(sets):
+                            add_position(builder.add(t, intp(k)), sums[k])
+                    with cgutils.for_range(builder, builder.sub(count, builder.mul(rounds, intp(sets)))) as loop:
+                        add_position(builder.add(builder.add(first, builder.mul(rounds, intp(sets))), loop.index),
+                                     sums[0])
                     for h in range(heads_wanted):
                         for c in range(chunks):
-                            store_lanes(builder, builder.load(sums[h][c]), outs[h], LANES * c)
+                            total_sum = builder.load(sums[0][h][c])
+                            for k in range(1, sets):
+                                total_sum = builder.fadd(total_sum, builder.load(sums[k][h][c]), flags=("fast",))
+                            store_lanes(builder, builder.fmul(total_sum, scales[h], flags=("fast",)), outs[h],
+                                        LANES * c)
         return context.get_dummy_value()
-    return types.void(values, slots, r, first, total, weights_a, weights_b, heads, out_a, out_b), codegen
+    return types.void(values, g, slots, r, first, total, weights, row_a, row_b, heads, out, head_a, head_b, scale_a,
+                      scale_b), codegen
 
 
 @intrinsic
-def sums_of_rows(typingctx, buffer, at, scale, out, out_start):
-    """out[out_start : +16] = scale · (the sum of row i) for the 16 rows of 16 values in buffer[at : at + 256]:
-    sixteen dot products finished at once by a tree of 15 shuffle-and-add steps, where sixteen separate
-    reductions take four steps each and use one lane of each result."""
-    if not float32_rows(out, 1):
+def block_scores(typingctx, q, r, h, heads, keys, g, slots, block, total, whole, scale, out, out_row):
+    """out[out_row + j, block + i] = scale · q[r, h + j] · keys[g, slots[r, block + i]] for i < 16 and j < heads
+    (1 or 2, a literal): the scores of a block of 16 positions, each key read once for both heads, the products
+    kept in registers and summed 16 at once by row_sums' tree (where 16 separate sums take four shuffle-and-add
+    steps each and use one lane of each result). Through a buffer on the stack instead (each product stored,
+    then loaded by the tree) and each head reading the keys again, the story model's attention ran 1.25-1.4x
+    slower. Unless `whole` (a literal: the block ends by total), positions from `total` on repeat the last one's
+    key (reading no slot past it), so their scores, written too (`out` needs room for them), leave the largest as
+    it is. Returns the largest score of each head (the first head's twice when heads is 1)."""
+    if not (float32_rows(q, 3) and float32_rows(keys, 3) and float32_rows(out, 2)
+            and isinstance(heads, types.IntegerLiteral) and isinstance(whole, types.BooleanLiteral)):
         return None
+    count, clamp = heads.literal_value, not whole.literal_value
 
     def codegen(context, builder, signature, args):
-        first = builder.bitcast(_buffer_lanes(context, builder, signature, args), ir.FloatType().as_pointer())
-        sums = row_sums(builder, [load_lanes(builder, builder.gep(first, [ir.IntType(64)(LANES * i)]))
-                                  for i in range(LANES)])
-        start = context.cast(builder, args[4], signature.args[4], types.intp)
-        target = builder.bitcast(builder.gep(_data(context, builder, signature.args[3], args[3]), [start]),
-                                 VECTOR.as_pointer())
-        builder.store(builder.fmul(sums, splat(builder, args[2]), flags=("fast",)), target, align=4)
-        return context.get_dummy_value()
-    return types.void(buffer, at, scale, out, out_start), codegen
+        first_query = row_pointer(context, builder, signature, args, 0, (1, 2))
+        _, (_, _, width) = data_and_shape(context, builder, signature.args[4], args[4])    # of q's heads too
+        queries = [load_lanes(builder, builder.gep(first_query, [builder.mul(width, width.type(j))]))
+                   for j in range(count)]
+        key_rows = row_pointer(context, builder, signature, args, 4, (5,))
+        slot_row = row_pointer(context, builder, signature, args, 6, (1,))
+        start, total_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (7, 8))
+        last = builder.sub(total_, total_.type(1))
+        products = [[] for _ in range(count)]
+        for i in range(LANES):
+            position = builder.add(start, start.type(i))
+            if clamp:
+                position = builder.select(builder.icmp_signed("<", position, total_), position, last)
+            slot = builder.load(builder.gep(slot_row, [position]))
+            key = load_lanes(builder, builder.gep(key_rows, [builder.mul(slot, width)]))
+            for j in range(count):
+                products[j].append(builder.fmul(queries[j], key, flags=("fast",)))
+        _, (_, out_width) = data_and_shape(context, builder, signature.args[11], args[11])
+        first_out = builder.gep(row_pointer(context, builder, signature, args, 11, (12,)), [start])
+        peaks = []
+        for j in range(count):
+            scores = builder.fmul(row_sums(builder, products[j]), splat(builder, args[10]), flags=("fast",))
+            store_lanes(builder, scores, builder.gep(first_out, [builder.mul(out_width, out_width.type(j))]))
+            peaks.append(_reduce(builder, "llvm.vector.reduce.fmax", scores))
+        return context.make_tuple(builder, signature.return_type, peaks + [peaks[0]] * (2 - count))
+    peaks_type = types.UniTuple(types.float32, 2)
+    return peaks_type(q, r, h, heads, keys, g, slots, block, total, whole, scale, out, out_row), codegen
 
 
 @intrinsic
-def softmax_lanes(typingctx, scores, first, total):
-    """scores[first:total] = softmax(scores[first:total]), 16 values at a time (three passes: the largest, the
-    exps and their sum, the division). The last 16 may reach past total: `scores` must have room for 16
-    values beyond it, where this writes zeros. The exp is _exp's polynomial as a vector (row_kernels)."""
-    if not float32_rows(scores, 1):
+def largest(typingctx, scores, row, first, total):
+    """The largest of scores[row, first:total], 16 values at a time."""
+    if not float32_rows(scores, 2):
         return None
 
     def codegen(context, builder, signature, args):
-        data = _data(context, builder, signature.args[0], args[0])
-        first_, total_ = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
+        data = row_pointer(context, builder, signature, args, 0, (1,))
+        first_, total_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3))
         intp = first_.type
         chunks = builder.udiv(builder.add(builder.sub(total_, first_), intp(LANES - 1)), intp(LANES))
-        lowest = ir.Constant(VECTOR, [float(np.finfo(np.float32).min)] * LANES)   # finite: fast-math flags hold
+        peak = cgutils.alloca_once_value(builder, _LOWEST)
+        with cgutils.for_range(builder, chunks) as loop:
+            start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
+            inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
+                                         splat(builder, total_))
+            lanes = load_lanes(builder, builder.gep(data, [start]))
+            builder.store(_vector_call(builder, "llvm.maxnum",
+                                       [builder.load(peak), builder.select(inside, lanes, _LOWEST)]), peak)
+        return _reduce(builder, "llvm.vector.reduce.fmax", builder.load(peak))
+    return types.float32(scores, row, first, total), codegen
+
+
+@intrinsic
+def exponentials(typingctx, scores, row, first, total, peak):
+    """scores[row, first:total] = e**(scores - peak), 16 values at a time; returns their sum. With the largest
+    score as the peak these are a softmax's weights before its division, which the caller makes once, on the
+    weighted sum of the values, not on every weight. The last 16 may reach past total: `scores` must have room
+    for 16 values beyond it, where this writes zeros. The exp is _exp's polynomial as a vector (row_kernels)."""
+    if not float32_rows(scores, 2):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = row_pointer(context, builder, signature, args, 0, (1,))
+        first_, total_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3))
+        peak_ = splat(builder, context.cast(builder, args[4], signature.args[4], types.float32))
+        intp = first_.type
+        chunks = builder.udiv(builder.add(builder.sub(total_, first_), intp(LANES - 1)), intp(LANES))
         zeros = ir.Constant(VECTOR, [0.0] * LANES)
-
-        def each_chunk(body):
-            with cgutils.for_range(builder, chunks) as loop:
-                start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
-                pointer = builder.bitcast(builder.gep(data, [start]), VECTOR.as_pointer())
-                inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
-                                             splat(builder, total_))
-                body(pointer, inside)
-
-        largest = cgutils.alloca_once_value(builder, lowest)
-        each_chunk(lambda pointer, inside: builder.store(
-            _vector_call(builder, "llvm.maxnum", [builder.load(largest),
-                                                  builder.select(inside, builder.load(pointer, align=4), lowest)]),
-            largest))
-        peak = splat(builder, _reduce(builder, "llvm.vector.reduce.fmax", builder.load(largest)))
-
         total_sum = cgutils.alloca_once_value(builder, zeros)
-
-        def exponentiate(pointer, inside):
-            shifted = builder.fsub(builder.load(pointer, align=4), peak, flags=("fast",))
+        with cgutils.for_range(builder, chunks) as loop:
+            start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
+            pointer = builder.bitcast(builder.gep(data, [start]), VECTOR.as_pointer())
+            inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
+                                         splat(builder, total_))
+            shifted = builder.fsub(builder.load(pointer, align=4), peak_, flags=("fast",))
             weights = builder.select(inside, _exp_lanes(builder, shifted), zeros)
             builder.store(weights, pointer, align=4)
             builder.store(builder.fadd(builder.load(total_sum), weights, flags=("fast",)), total_sum)
-        each_chunk(exponentiate)
-        inverse = splat(builder, builder.fdiv(ir.Constant(ir.FloatType(), 1.0),
-                                               _reduce(builder, "llvm.vector.reduce.fadd", builder.load(total_sum),
-                                                       ir.Constant(ir.FloatType(), -0.0))))
-        each_chunk(lambda pointer, inside: builder.store(
-            builder.fmul(builder.load(pointer, align=4), inverse, flags=("fast",)), pointer, align=4))
-        return context.get_dummy_value()
-    return types.void(scores, first, total), codegen
+        return _reduce(builder, "llvm.vector.reduce.fadd", builder.load(total_sum),
+                       ir.Constant(ir.FloatType(), -0.0))
+    return types.float32(scores, row, first, total, peak), codegen
 
 
 def _exp_lanes(builder, x):
@@ -208,7 +250,7 @@ def _vector_call(builder, name, operands):
 def _reduce(builder, name, vector, *start):
     function = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()] * len(start) + [VECTOR]), f"{name}.v16f32")
-    return builder.call(function, [*start, vector])
+    return builder.call(function, [*start, vector], fastmath=("fast",))   # a tree, not one add after another
 
 
 def _lane_numbers(integer):
@@ -272,10 +314,6 @@ def float32_rows(array, ndim: int) -> bool:
             and array.dtype == types.float32)
 
 
-def _data(context, builder, array_type, array):
-    return context.make_array(array_type)(context, builder, array).data
-
-
 def data_and_shape(context, builder, array_type, array):
     """(pointer to the first value, the shape's values) of an array argument."""
     structure = context.make_array(array_type)(context, builder, array)
@@ -288,26 +326,15 @@ def accumulate_lanes(builder, accumulator, a, b):
     builder.store(builder.fadd(builder.load(accumulator), product, flags=("fast",)), accumulator)
 
 
-def _first_lanes(context, builder, array_type, array):
-    """The first 16 values of a 1-D array."""
-    return builder.load(builder.bitcast(_data(context, builder, array_type, array), VECTOR.as_pointer()), align=4)
-
-
-def _row_lanes(context, builder, signature, args, position):
-    """The first 16 values of row `row` of the 2-D array, for the (rows, row) arguments at `position`. Taking
-    the array and the row, not the row as a view, matters: a view made in a loop costs two calls to Numba's
-    reference counting each time (a story-model step's attention ran 1.7x slower)."""
-    array_type = signature.args[position]
-    array = context.make_array(array_type)(context, builder, args[position])
-    row = context.cast(builder, args[position + 1], signature.args[position + 1], types.intp)
-    pointer = cgutils.get_item_pointer(context, builder, array_type, array, [row, row.type(0)], wraparound=False)
-    return builder.load(builder.bitcast(pointer, VECTOR.as_pointer()), align=4)
-
-
-def _buffer_lanes(context, builder, signature, args):
-    """Pointer to buffer[at : at + 16] for the (buffer, at) arguments first."""
-    at = context.cast(builder, args[1], signature.args[1], types.intp)
-    return builder.bitcast(builder.gep(args[0], [at]), VECTOR.as_pointer())
+def row_pointer(context, builder, signature, args, array_at, index_at):
+    """A float pointer to array[i_1, .., i_n, 0, ..] for the array argument at position `array_at` and the
+    index arguments at the positions `index_at` (zeros for the axes after them): a row indexed in place, where
+    a view would cost reference counting (see the module's docstring)."""
+    array_type = signature.args[array_at]
+    array = context.make_array(array_type)(context, builder, args[array_at])
+    index = [context.cast(builder, args[i], signature.args[i], types.intp) for i in index_at]
+    index += [index[0].type(0)] * (array_type.ndim - len(index))
+    return cgutils.get_item_pointer(context, builder, array_type, array, index, wraparound=False)
 
 
 def splat(builder, value):

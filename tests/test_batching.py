@@ -353,25 +353,31 @@ def test_paged_attention_kernel_takes_a_strided_query(kernel):
 
 @pytest.mark.parametrize("first, total", [(0, 1), (0, 16), (3, 40), (17, 18), (5, 69)])
 def test_the_sixteen_lane_softmax_is_numpys(first, total):
-    """softmax_lanes over scores[first:total]: a short last chunk, scores spread past exp's clamp at -87, and
-    zeros (not stale numbers) in the lanes it writes past total."""
+    """largest, then exponentials, then the division by their sum, over scores[row, first:total]: a short last
+    chunk, scores spread past exp's clamp at -87, and zeros (not stale numbers) in the lanes written past total."""
     from numba import njit
 
-    from minitorch_infer.backends.vector_lanes import softmax_lanes
+    from minitorch_infer.backends.vector_lanes import exponentials, largest
 
     @njit
     def softmax(scores, first, total):
-        softmax_lanes(scores, first, total)
+        peak = largest(scores, 1, first, total)
+        inverse = 1 / exponentials(scores, 1, first, total, peak)
+        for t in range(first, total):
+            scores[1, t] *= inverse
+        return peak
 
     rng = np.random.default_rng(total)
-    scores = (rng.standard_normal(total + 16) * 40).astype(np.float32)
-    expected = scores.astype(np.float64)[first:total]
-    expected = np.exp(expected - expected.max())
+    scores = (rng.standard_normal((2, total + 16)) * 40).astype(np.float32)
+    other_row = scores[0].copy()
+    row = scores[1].astype(np.float64)[first:total]
+    expected = np.exp(row - row.max())
     expected /= expected.sum()
-    softmax(scores, first, total)
-    np.testing.assert_allclose(scores[first:total], expected, rtol=1e-5, atol=1e-30)   # float32 score - max
+    assert softmax(scores, first, total) == scores.dtype.type(row.max())
+    np.testing.assert_allclose(scores[1, first:total], expected, rtol=1e-5, atol=1e-30)   # float32 score - max
     end = first + -(-(total - first) // 16) * 16
-    assert not scores[total:end].any()
+    assert not scores[1, total:end].any()
+    np.testing.assert_array_equal(scores[0], other_row)
 
 
 @settings(max_examples=50, deadline=None)
