@@ -221,6 +221,7 @@ class DecodeRecorder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self.decoder = tokenizer.decoder
         self.decoded_lengths: list[int] = []
 
     def get_added_tokens_decoder(self):
@@ -252,6 +253,8 @@ class PanicException(BaseException):
 class FailingDecoder:
     """A tokenizer whose decode fails as a damaged tokenizer.json can make the real one fail."""
 
+    decoder = None
+
     def __init__(self, failure: BaseException):
         self.failure = failure
 
@@ -275,3 +278,86 @@ def test_a_decoder_that_fails_is_a_format_error_naming_the_file(failure):
 def test_ctrl_c_inside_decode_is_not_turned_into_an_error():
     with pytest.raises(KeyboardInterrupt):
         IncrementalDetokenizer(FailingDecoder(KeyboardInterrupt())).push(7)
+
+
+# --- a plain token's text, known once ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Tokenizer:
+    from minitorch_infer.formats.gguf_file import open_gguf
+    from minitorch_infer.formats.gguf_tokenizer import build_tokenizer
+
+    return build_tokenizer(open_gguf(require_model("smollm2-135m-instruct")))
+
+
+def _steady_push_written_plainly(tokenizer, context_id: int, token_id: int) -> str:
+    """What pushing token_id emits after the context token alone, by the stream's rule, from two decodes."""
+    context = tokenizer.decode([context_id], skip_special_tokens=False)
+    text = tokenizer.decode([context_id, token_id], skip_special_tokens=False)
+    return "" if len(text) <= len(context) or text.endswith("\ufffd") else text[len(context):]
+
+
+def build_strip_two() -> Tokenizer:
+    """A decoder that strips two leading spaces, so that a first token whose text is one space leaves the
+    second token's space to strip."""
+    tokenizer = Tokenizer(models.WordLevel({"▁": 0, "▁a": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 2, 0)])
+    return tokenizer
+
+
+STRIP_TWO = build_strip_two()
+
+
+@pytest.mark.parametrize("name", ["byte-level", "byte-fallback", "strip-two", "story", "smollm2"])
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_steady_push_emits_what_decoding_its_pair_gives(request, name, data):
+    """Every steady push (one token of context, nothing held back), through the plain tokens' texts where both
+    tokens are plain, against decoding the pair: random pairs of five tokenizers' vocabularies, byte and added
+    tokens among them, tokens whose text the decoder strips away, and the same token twice."""
+    tokenizer = ({"byte-level": BYTE_LEVEL, "byte-fallback": BYTE_FALLBACK, "strip-two": STRIP_TWO}.get(name)
+                 or request.getfixturevalue(name))
+    vocabulary = st.integers(0, tokenizer.get_vocab_size() - 1)
+    context_id, token_id = data.draw(vocabulary), data.draw(st.one_of(vocabulary, st.just(None)))
+    token_id = context_id if token_id is None else token_id
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=False)
+    detokenizer._window, detokenizer._read_offset = [context_id], 1      # the steady state, on context_id
+    detokenizer._context_text = tokenizer.decode([context_id], skip_special_tokens=False)
+    assert detokenizer.push(token_id) == _steady_push_written_plainly(tokenizer, context_id, token_id)
+
+
+def test_a_plain_token_after_any_plain_token_costs_no_decode(story):
+    """Once plain tokens have been pushed, pushing them after one another decodes nothing, in pairs never seen
+    before too; after a token that is not plain (a lone "▁", whose text the decoder strips alone), it does."""
+    recorder = DecodeRecorder(story)
+    dog, ran, space = story.token_to_id("dog▁"), story.token_to_id("ran"), story.token_to_id("▁")
+    detokenizer = IncrementalDetokenizer(recorder, skip_special_tokens=False)
+    assert [detokenizer.push(token) for token in (dog, ran)] == ["dog ", "ran"]
+    decodes = len(recorder.decoded_lengths)
+    pairs = [(ran, ran), (ran, dog), (dog, dog), (dog, ran)]
+    assert ([detokenizer.push(token) for _, token in pairs]
+            == [_steady_push_written_plainly(story, *pair) for pair in pairs] == ["ran", "dog ", "dog ", "ran"])
+    assert len(recorder.decoded_lengths) == decodes
+    assert [detokenizer.push(token) for token in (space, dog)] == [" ", "dog "]
+    assert len(recorder.decoded_lengths) > decodes
+
+
+@pytest.mark.parametrize("decoder, joins", [
+    (decoders.ByteLevel(), True),
+    (decoders.Metaspace(), True),
+    (decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                        decoders.Strip(" ", 1, 0)]), True),
+    (decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X")]), False),   # could replace across two
+    (decoders.Sequence([decoders.Fuse(), decoders.Strip(" ", 0, 1)]), False),    # strips the last token's end
+    (decoders.Sequence([decoders.ByteLevel(), decoders.Fuse()]), False),          # a second join
+    (decoders.CTC(), False),                                                       # drops repeated tokens
+    (decoders.WordPiece(), False),                                                 # joins "##" pieces
+    (None, False),                                                                 # joins with spaces
+])
+def test_only_decoders_that_join_texts_end_to_end_use_the_plain_texts(decoder, joins):
+    from minitorch_infer.generation.detokenizer import _joins_texts_end_to_end
+
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.decoder = decoder
+    assert _joins_texts_end_to_end(tokenizer) is joins
