@@ -127,6 +127,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop_thread: threading.Event | None = None   # each background thread has its own
         self._numbers = iter(range(1 << 62))
+        self._speculating = 0                  # requests not yet finished that speculate (most steps have none)
         self.steps = 0
 
     # --- requests ---------------------------------------------------------------------------------
@@ -151,6 +152,7 @@ class Engine:
             request = Request(next(self._numbers), prompt_ids, decoder, pending=list(prompt_ids))
             handle = RequestHandle(self, request)
             self._handles[request] = handle
+            self._speculating += decoder.speculator is not None
             if max_new_tokens == 0:
                 self._finish(request, FinishReason.LENGTH.value)
             else:
@@ -174,11 +176,9 @@ class Engine:
             batch = self.scheduler.schedule()
             if not batch:
                 return self._unblock()
-            sequences, tokens, rows_wanted = [], [], []
-            for request, count in batch:
-                sequences.append(request.sequence)
-                tokens.append(request.pending[:count])
-                rows_wanted.append(request.logit_rows)
+            sequences = [request.sequence for request, _ in batch]
+            tokens = [request.pending[:count] for request, count in batch]
+            rows_wanted = [request.logit_rows for request, _ in batch]
             began = time.perf_counter()
             logits = self.model.step(sequences, tokens, rows_wanted)
             now = time.perf_counter()
@@ -200,6 +200,8 @@ class Engine:
     def _draft(self) -> None:
         """Give each decoding request that speculates its guesses for this step, as many as the step's
         sequences leave room for (each guess is a row of logits, and a step has max_sequences of those)."""
+        if not self._speculating:
+            return
         scheduler = self.scheduler
         spare_rows = None                        # counted at the first request that speculates, if any does
         for request in scheduler.running:
@@ -282,9 +284,8 @@ class Engine:
         return True
 
     def _finish(self, request: Request, reason: str) -> None:
-        self.scheduler.retire(request)
+        self._retire(request)
         decoder = request.decoder
-        decoder.close()
         tail = decoder.tail(reason) if reason != FinishReason.INTERRUPTED.value else ""
         handle = self._handles.pop(request)
         if tail:
@@ -341,9 +342,14 @@ class Engine:
 
     def _fail(self, request: Request, error: BaseException) -> None:
         """End a request with an error, which its handle raises; its blocks go back to the pool."""
+        self._retire(request)
+        self._handles.pop(request)._finish(None, error)
+
+    def _retire(self, request: Request) -> None:
+        """The request leaves the scheduler, returning its blocks, and its decoder what it holds."""
         self.scheduler.retire(request)
         request.decoder.close()
-        self._handles.pop(request)._finish(None, error)
+        self._speculating -= request.decoder.speculator is not None
 
     def __enter__(self) -> Engine:
         return self
