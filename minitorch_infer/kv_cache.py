@@ -56,7 +56,7 @@ class KVSequence:
         self.blocks: list[int] = []
         self.length = 0
         self.tokens: list[int] = []            # the token at each position, for prefix sharing
-        self._run_start: int | None = None     # the first slot, when the blocks are consecutive
+        self.run_start: int | None = None      # the first slot when the blocks are consecutive in the pool, else None
         self._registered = 0                   # how many leading full blocks are registered for sharing
         self._write_block_checked = True       # False when the next write may land in a shared block
         self.closed = False
@@ -118,11 +118,6 @@ class KVSequence:
             raise ValueError(f"a sequence of {len(self.blocks)} blocks has no slots for {total} positions")
         return self.cache.slot_rows([self], total)[0]
 
-    @property
-    def run_start(self) -> int | None:
-        """The first slot when the sequence's blocks are consecutive in the pool, else None."""
-        return self._run_start
-
     def close(self) -> None:
         """Return every block (and its slot table row) to the pool; the sequence then holds nothing and
         refuses to grow."""
@@ -130,7 +125,7 @@ class KVSequence:
         self.closed = True
         self.length = self._registered = 0
         self.tokens = []
-        self._run_start = 0
+        self.run_start = 0
 
     def _blocks_changed(self, first_changed: int) -> None:
         """The blocks from index first_changed on are new (or gone): write their slots into the sequence's table
@@ -142,7 +137,7 @@ class KVSequence:
             np.add(offsets, blocks[index] * size, out=row[index * size:(index + 1) * size])
         first = blocks[0] if blocks else 0
         consecutive = blocks == list(range(first, first + len(blocks)))
-        self._run_start = first * size if consecutive else None
+        self.run_start = first * size if consecutive else None
 
 
 class KVCache:
