@@ -166,6 +166,29 @@ def block_scores(typingctx, q, r, h, heads, keys, g, slots, block, total, whole,
 
 
 @intrinsic
+def rotate_pairs(typingctx, x, i, h, c, table, y):
+    """y[i, h, c : c + 16] = x[i, h, c : c + 16] with each adjacent pair (a, b) rotated by the angle whose (cos,
+    sin) are the pair's own two values of table[i, c : c + 16]: (a·cos - b·sin, a·sin + b·cos). x and y may be
+    strided views (rows of q or k in a q|k|v row), but the caller checks that their last axis and table's
+    rows are contiguous. Two shuffles spread each (cos, sin) over its pair, a third swaps each pair's values."""
+    if not all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (x, table, y)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        lanes = load_lanes(builder, row_pointer(context, builder, signature, args, 0, (1, 2, 3)))
+        cos_sin = load_lanes(builder, row_pointer(context, builder, signature, args, 4, (1, 3)))
+        cos = _shuffled(builder, cos_sin, [k - k % 2 for k in range(LANES)])             # c0 c0 c1 c1 ...
+        sin = _shuffled(builder, cos_sin, [k - k % 2 + 1 for k in range(LANES)])         # s0 s0 s1 s1 ...
+        sin = builder.fmul(sin, ir.Constant(VECTOR, [-1.0, 1.0] * (LANES // 2)), flags=("fast",))
+        swapped = _shuffled(builder, lanes, [k + 1 - 2 * (k % 2) for k in range(LANES)])  # b0 a0 b1 a1 ...
+        rotated = builder.fadd(builder.fmul(lanes, cos, flags=("fast",)), builder.fmul(swapped, sin, flags=("fast",)),
+                               flags=("fast",))
+        store_lanes(builder, rotated, row_pointer(context, builder, signature, args, 5, (1, 2, 3)))
+        return context.get_dummy_value()
+    return types.void(x, i, h, c, table, y), codegen
+
+
+@intrinsic
 def largest(typingctx, scores, row, first, total):
     """The largest of scores[row, first:total], 16 values at a time."""
     if not float32_rows(scores, 2):
@@ -251,6 +274,11 @@ def _reduce(builder, name, vector, *start):
     function = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType()] * len(start) + [VECTOR]), f"{name}.v16f32")
     return builder.call(function, [*start, vector], fastmath=("fast",))   # a tree, not one add after another
+
+
+def _shuffled(builder, lanes, order):
+    """The 16 lanes in the given order (lane k of the result is lanes[order[k]])."""
+    return builder.shuffle_vector(lanes, ir.Constant(VECTOR, ir.Undefined), ir.Constant(_LANE_INDICES, order))
 
 
 def _lane_numbers(integer):

@@ -58,12 +58,13 @@ def test_the_compiled_exp_is_numpys_to_float32_rounding():
     assert 0 <= _exp(np.float32(-200)) < 1e-37
 
 
+@pytest.mark.parametrize("head_dim", [8, 16, 64])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_rope_rotates_each_adjacent_pair_as_the_complex_product_does(strided):
+def test_rope_rotates_each_adjacent_pair_as_the_complex_product_does(strided, head_dim):
     """Against NumPy's complex product (the backend's other path), on rows of q taken from a q|k|v row as the
-    graph hands them over, and in place."""
+    graph hands them over, and in place: heads of 8 values a pair at a time, of 16 and 64 in 16 lanes."""
     rng = np.random.default_rng(11)
-    rows, heads, head_dim = 5, 3, 8
+    rows, heads = 5, 3
     qkv = rng.standard_normal((rows, 2 * heads * head_dim)).astype(np.float32)
     x = qkv[:, :heads * head_dim].reshape(rows, heads, head_dim) if strided else \
         np.ascontiguousarray(qkv[:, :heads * head_dim]).reshape(rows, heads, head_dim)
@@ -78,3 +79,14 @@ def test_rope_rotates_each_adjacent_pair_as_the_complex_product_does(strided):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     row_kernels.rope(x, table, x)
     np.testing.assert_array_equal(x, y)
+
+
+def test_rope_takes_pairs_one_at_a_time_where_the_values_are_not_contiguous():
+    """Heads of 16 values, but every other value of a wider row: the 16-lane path would read the wrong values."""
+    rng = np.random.default_rng(12)
+    wide = rng.standard_normal((4, 2, 32)).astype(np.float32)
+    x, table = wide[:, :, ::2], rng.standard_normal((4, 16)).astype(np.float32)
+    y, expected = np.empty((4, 2, 16), np.float32), np.empty((4, 2, 16), np.float32)
+    row_kernels.rope(x, table, y)
+    row_kernels.rope(np.ascontiguousarray(x), table, expected)
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
