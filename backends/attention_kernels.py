@@ -10,10 +10,10 @@ Heads of exactly 16 values are shorter than LLVM's vector loop and take 16-lane 
 instead (vector_lanes): the story model's attention 1.3-1.6x, then 1.3-1.4x more once a block of 16 keys was
 multiplied and summed in registers for both heads of a pair, with no view made per pair (block_scores). The
 softmax is 16 lanes for every head width, its exp a polynomial (libm's ran one value at a time): another
-1.1-1.3x; it divides once per head, the weighted sum of the values, not each weight. The weighted sum of the values keeps
-its sums in registers across positions for heads of 16, 32, 64 or 128 values (`weighted_values`), where a
-loop summing into the output loaded and stored it at every position: the kernel on SmolLM2's shape 1.3-1.5x
-(1.9x threaded at 190 positions), on the story model's 0.96-1.1x (min of 15 turns, one process).
+1.1-1.3x; it divides once per head, the weighted sum of the values, not each weight. The weighted sum of the
+values keeps its sums in registers across positions for heads of 16, 32, 64 or 128 values (`weighted_values`),
+where a loop summing into the output loaded and stored it at every position: the kernel on SmolLM2's shape
+1.3-1.5x (1.9x threaded at 190 positions), on the story model's 0.96-1.1x (min of 15 turns, one process).
 
 One thread (no `prange`) when the step's products run in OpenBLAS's threads just before and after: a second
 pool of spinning threads would starve them (see quantized_kernels; sharing the sequences out ran a story-model
