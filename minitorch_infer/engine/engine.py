@@ -152,7 +152,8 @@ class Engine:
             request = Request(next(self._numbers), prompt_ids, decoder, pending=list(prompt_ids))
             handle = RequestHandle(self, request)
             self._handles[request] = handle
-            self._speculating += decoder.speculator is not None
+            if decoder.speculator is not None:
+                self._speculating += 1
             if max_new_tokens == 0:
                 self._finish(request, FinishReason.LENGTH.value)
             else:
@@ -349,7 +350,8 @@ class Engine:
         """The request leaves the scheduler, returning its blocks, and its decoder what it holds."""
         self.scheduler.retire(request)
         request.decoder.close()
-        self._speculating -= request.decoder.speculator is not None
+        if request.decoder.speculator is not None:
+            self._speculating -= 1
 
     def __enter__(self) -> Engine:
         return self

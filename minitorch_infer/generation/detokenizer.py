@@ -48,12 +48,12 @@ _plain_texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # most a Strip of the text's start (which a plain first token keeps from reaching the next). A Replace or a
 # Strip of the end after the join could act across two tokens' texts; CTC's decoder drops repeated tokens.
 _PER_TOKEN_STEPS = {"Replace", "Strip", "Metaspace", "ByteFallback"}
+_JOINING_STEPS = {"Fuse", "ByteLevel"}
 # A vocabulary this small has its plain texts found all at once, by its first detokenizer (the story model's 2,048
 # tokens: ~4 ms), rather than each token at its first push (~4 us; in the bench's short story runs, ~0.4 us a
 # token on average). SmolLM2's 49,152 would take ~64 ms, which its first request would wait for: a larger
 # vocabulary's texts are found as its tokens come.
 _WHOLE_TABLE_TOKENS = 8192
-_JOINING_STEPS = {"Fuse", "ByteLevel"}
 
 
 class IncrementalDetokenizer:
@@ -86,7 +86,7 @@ class IncrementalDetokenizer:
             _plain_texts[tokenizer] = {} if _joins_texts_end_to_end(tokenizer) else None
         plain_texts = _plain_texts[tokenizer]            # None for another kind of decoder
         self._plain_texts = None if plain_texts is None else plain_texts.setdefault(skip_special_tokens, {})
-        if self._plain_texts == {} and tokenizer.get_vocab_size() <= _WHOLE_TABLE_TOKENS:
+        if self._plain_texts == {} and tokenizer.get_vocab_size() <= _WHOLE_TABLE_TOKENS:   # not None: joins
             for token_id in range(tokenizer.get_vocab_size()):
                 self._plain_text(token_id)
         self._window = self._prompt_context(prompt_ids)
