@@ -101,7 +101,13 @@ class IncrementalDetokenizer:
         if len(window) != 1 or self._read_offset != 1:
             return self._push(token_id)
         key = (window[0], token_id)
-        seen = self._steady_pushes.get(key) if self._plain_texts is None else self._plain_push(*key)
+        texts = self._plain_texts
+        if texts is None:
+            seen = self._steady_pushes.get(key)
+        else:
+            seen = texts.get(token_id)
+            if not (seen and texts.get(key[0])):     # both plain (known so) takes the new token's texts at once
+                seen = self._plain_push(*key)
         if seen is not None:
             piece, self._context_text = seen
             window[0] = token_id
