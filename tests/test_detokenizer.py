@@ -348,6 +348,16 @@ def test_a_plain_token_after_any_plain_token_costs_no_decode(story):
     assert len(recorder.decoded_lengths) > decodes
 
 
+class JoinedInPython:
+    """A decoder written in Python (tokenizers' Decoder.custom), which cannot be serialised."""
+
+    def decode(self, tokens):
+        return "".join(tokens)
+
+    def decode_chain(self, tokens):
+        return tokens
+
+
 @pytest.mark.parametrize("decoder, joins", [
     (decoders.ByteLevel(), True),
     (decoders.Metaspace(), True),
@@ -359,6 +369,7 @@ def test_a_plain_token_after_any_plain_token_costs_no_decode(story):
     (decoders.CTC(), False),                                                       # drops repeated tokens
     (decoders.WordPiece(), False),                                                 # joins "##" pieces
     (None, False),                                                                 # joins with spaces
+    (decoders.Decoder.custom(JoinedInPython()), False),                            # nothing to read
 ])
 def test_only_decoders_that_join_texts_end_to_end_use_the_plain_texts(decoder, joins):
     from minitorch_infer.generation.detokenizer import _joins_texts_end_to_end
@@ -366,3 +377,9 @@ def test_only_decoders_that_join_texts_end_to_end_use_the_plain_texts(decoder, j
     tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tokenizer.decoder = decoder
     assert _joins_texts_end_to_end(tokenizer) is joins
+
+
+def test_a_decoder_written_in_python_streams_by_the_pair_memo():
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.decoder = decoders.Decoder.custom(JoinedInPython())
+    assert "".join(stream_pieces(tokenizer, [0, 1, 0, 0])) == tokenizer.decode([0, 1, 0, 0]) == "abaa"

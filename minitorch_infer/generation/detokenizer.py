@@ -205,7 +205,10 @@ def _joins_texts_end_to_end(tokenizer: Tokenizer) -> bool:
     most Strips of the start (see _plain_texts)."""
     if tokenizer.decoder is None:
         return False                            # no decoder: decode joins the tokens with spaces between
-    config = json.loads(tokenizer.decoder.__getstate__())
+    try:
+        config = json.loads(tokenizer.decoder.__getstate__())
+    except Exception:                           # a decoder written in Python has no configuration to read
+        return False
     steps = config["decoders"] if config.get("type") == "Sequence" else [config]
     joined = False
     for step in steps:
