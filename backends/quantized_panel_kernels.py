@@ -20,6 +20,8 @@ decode in one process, panels against the row-major kernels: 2 KiB ahead Q8_0 0.
 Checked against dequantise-then-x·wᵀ in float64 by tests/test_quantized_panels.py.
 """
 
+# Compiled with the helpers of fingerprint d7737f526d45 (vector_lanes.py; tests/test_kernel_caches.py).
+
 from __future__ import annotations
 
 import numpy as np

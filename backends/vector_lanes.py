@@ -13,8 +13,8 @@ calls to Numba's reference counting (the story model's attention ran 1.3-1.5x fa
 caller keeps every access in bounds: there are no checks.
 
 Numba's disk cache keys a kernel on the contents of its own source file only (Numba 0.68 hashes them; touching
-the file does nothing): after editing this module, clear the cache (backends/__pycache__/*.nbi, *.nbc), or
-the kernels keep the old code.
+the file does nothing): after editing this module, put the new fingerprint that tests/test_kernel_caches.py
+asks for into each kernel module that compiles it in, or their kernels keep the old code.
 """
 
 from __future__ import annotations
