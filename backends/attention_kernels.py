@@ -24,7 +24,7 @@ backend imports them only for a program that runs Numba already or a step of sev
 model on a machine without AVX-512 that never batches never loads Numba.
 """
 
-# Compiled with the helpers of fingerprint d7737f526d45 (vector_lanes.py; tests/test_kernel_caches.py).
+# Compiled with the helpers of fingerprint 39d855ea8b68 (vector_lanes.py; tests/test_kernel_caches.py).
 
 from __future__ import annotations
 

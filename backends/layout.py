@@ -56,12 +56,12 @@ class StepLayout:
             raise ValueError(f"every sequence needs 1..total new rows, got {list(new_tokens)} for totals {totals}")
         if key_starts is None:
             key_starts = [run_start(np.asarray(s)) for s in slots]
-        padded = None
-        if all(n == 1 for n in new_tokens) or None in key_starts:
+        decode_step, padded = all(n == 1 for n in new_tokens), None
+        if decode_step or None in key_starts:
             padded = np.zeros((len(slots), max(totals)), np.intp)
             for row, sequence_slots in zip(padded, slots):
                 row[:len(sequence_slots)] = sequence_slots
-        if all(n == 1 for n in new_tokens):
+        if decode_step:
             return cls.decode(totals, list(key_starts), padded)
         stops = np.cumsum(new_tokens)
         row_starts, row_stops = [int(stop - n) for stop, n in zip(stops, new_tokens)], [int(s) for s in stops]

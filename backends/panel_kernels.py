@@ -24,7 +24,7 @@ every product down to its o projection (128 x 128) ran the story model's 16-sequ
 Checked against x · wᵀ in float64 by tests/test_panel_kernels.py.
 """
 
-# Compiled with the helpers of fingerprint d7737f526d45 (vector_lanes.py; tests/test_kernel_caches.py).
+# Compiled with the helpers of fingerprint 39d855ea8b68 (vector_lanes.py; tests/test_kernel_caches.py).
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ signature on first use (seconds) and keeps the machine code in its cache (`__pyc
 NUMBA_CACHE_DIR), so later processes load it in milliseconds.
 """
 
-# Compiled with the helpers of fingerprint c29fe672de98 (dot_tiles.py, vector_lanes.py; tests/test_kernel_caches.py).
+# Compiled with the helpers of fingerprint 69e31d2c2dff (dot_tiles.py, vector_lanes.py; tests/test_kernel_caches.py).
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ decode in one process, panels against the row-major kernels: 2 KiB ahead Q8_0 0.
 Checked against dequantise-then-x·wᵀ in float64 by tests/test_quantized_panels.py.
 """
 
-# Compiled with the helpers of fingerprint d7737f526d45 (vector_lanes.py; tests/test_kernel_caches.py).
+# Compiled with the helpers of fingerprint 39d855ea8b68 (vector_lanes.py; tests/test_kernel_caches.py).
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ and has float32 weights never loads these (nor Numba): its ops stay in NumPy (ba
 tests/test_row_kernels.py checks these against the ops written plainly in float64.
 """
 
-# Compiled with the helpers of fingerprint d7737f526d45 (vector_lanes.py; tests/test_kernel_caches.py).
+# Compiled with the helpers of fingerprint 39d855ea8b68 (vector_lanes.py; tests/test_kernel_caches.py).
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ asks for into each kernel module that compiles it in, or their kernels keep the 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -197,13 +199,8 @@ def largest(typingctx, scores, row, first, total):
     def codegen(context, builder, signature, args):
         data = row_pointer(context, builder, signature, args, 0, (1,))
         first_, total_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3))
-        intp = first_.type
-        chunks = builder.udiv(builder.add(builder.sub(total_, first_), intp(LANES - 1)), intp(LANES))
         peak = cgutils.alloca_once_value(builder, _LOWEST)
-        with cgutils.for_range(builder, chunks) as loop:
-            start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
-            inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
-                                         splat(builder, total_))
+        with _each_chunk(builder, first_, total_) as (start, inside):
             lanes = load_lanes(builder, builder.gep(data, [start]))
             builder.store(_vector_call(builder, "llvm.maxnum",
                                        [builder.load(peak), builder.select(inside, lanes, _LOWEST)]), peak)
@@ -224,15 +221,10 @@ def exponentials(typingctx, scores, row, first, total, peak):
         data = row_pointer(context, builder, signature, args, 0, (1,))
         first_, total_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (2, 3))
         peak_ = splat(builder, context.cast(builder, args[4], signature.args[4], types.float32))
-        intp = first_.type
-        chunks = builder.udiv(builder.add(builder.sub(total_, first_), intp(LANES - 1)), intp(LANES))
         zeros = ir.Constant(VECTOR, [0.0] * LANES)
         total_sum = cgutils.alloca_once_value(builder, zeros)
-        with cgutils.for_range(builder, chunks) as loop:
-            start = builder.add(first_, builder.mul(loop.index, intp(LANES)))
+        with _each_chunk(builder, first_, total_) as (start, inside):
             pointer = builder.bitcast(builder.gep(data, [start]), VECTOR.as_pointer())
-            inside = builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
-                                         splat(builder, total_))
             shifted = builder.fsub(builder.load(pointer, align=4), peak_, flags=("fast",))
             weights = builder.select(inside, _exp_lanes(builder, shifted), zeros)
             builder.store(weights, pointer, align=4)
@@ -240,6 +232,18 @@ def exponentials(typingctx, scores, row, first, total, peak):
         return _reduce(builder, "llvm.vector.reduce.fadd", builder.load(total_sum),
                        ir.Constant(ir.FloatType(), -0.0))
     return types.float32(scores, row, first, total, peak), codegen
+
+
+@contextmanager
+def _each_chunk(builder, first, total):
+    """A loop over positions first..total-1, 16 at a time: yields (the chunk's first position, which of its 16
+    lanes are before total)."""
+    intp = first.type
+    chunks = builder.udiv(builder.add(builder.sub(total, first), intp(LANES - 1)), intp(LANES))
+    with cgutils.for_range(builder, chunks) as loop:
+        start = builder.add(first, builder.mul(loop.index, intp(LANES)))
+        yield start, builder.icmp_signed("<", builder.add(splat(builder, start), _lane_numbers(intp)),
+                                         splat(builder, total))
 
 
 def _exp_lanes(builder, x):
